@@ -1,0 +1,32 @@
+"""The `janus-job` command. Each area registers its own subcommands from janus_job.commands."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from janus_job.commands import features, monitor, spec, train
+from janus_job.errors import JobError
+
+app = typer.Typer(
+    name="janus-job",
+    help="Validate, render, precompute, train and monitor janus-train jobs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for area in (spec, features, train, monitor):
+    area.register(app)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except JobError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Subcommands of janus-job, one module per area."""

@@ -1,0 +1,7 @@
+"""CLI commands of the spec area."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Adds this area's commands to the main app."""
