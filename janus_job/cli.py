@@ -16,6 +16,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps `janus-job` a command group whatever is registered."""
+
+
 for area in (spec, features, train, monitor):
     area.register(app)
 

@@ -1,0 +1,39 @@
+# janus-train image: CUDA + the exact pins of constraints.txt (the lock), DeepSpeed's CPU-Adam and
+# fused-Adam ops compiled at build time, a non-root user, `janus-job` as entrypoint.
+# Build: docker build -t ghcr.io/janus-train/janus-train:0.1.0 .
+
+ARG CUDA_DEVEL=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+ARG CUDA_RUNTIME=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+FROM ${CUDA_DEVEL} AS build
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential ninja-build git \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/janus && /opt/janus/bin/python -m pip install "pip==25.3"
+ENV PATH=/opt/janus/bin:$PATH
+WORKDIR /src
+COPY constraints.txt pyproject.toml README.md ./
+# torch first, CUDA build of the locked version (the lock's torch==X matches X+cu128)
+RUN pip install -c constraints.txt --index-url https://download.pytorch.org/whl/cu128 \
+      --extra-index-url https://pypi.org/simple "torch==2.13.0"
+# DeepSpeed with the two optimizer ops prebuilt (no JIT compile on the GPU nodes)
+ENV TORCH_CUDA_ARCH_LIST="8.0;9.0" DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1
+RUN pip install -c constraints.txt --no-build-isolation "deepspeed==0.19.8"
+COPY janus_job ./janus_job
+RUN pip install -c constraints.txt . \
+ && pip check \
+ && ds_report | grep -E "cpu_adam|fused_adam"
+
+FROM ${CUDA_RUNTIME}
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 1000 janus && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin janus
+COPY --from=build /opt/janus /opt/janus
+ENV PATH=/opt/janus/bin:$PATH HF_HOME=/home/janus/.cache/huggingface PYTHONUNBUFFERED=1
+USER 1000:1000
+WORKDIR /home/janus
+ENTRYPOINT ["janus-job"]
+CMD ["--help"]

@@ -1,0 +1,655 @@
+"""JanusVLN on transformers' Qwen2.5-VL: spatial merger, lam blend, feature sources, restricted loss.
+
+`JanusVLNForConditionalGeneration` subclasses transformers' `Qwen2_5_VLForConditionalGeneration`
+and adds only what JanusVLN adds: a `merger` (the spatial merger, same parameter names as
+JanusVLN's VGGTMerger), an optional frozen VGGT aggregator under `vggt.aggregator`, and a forward
+that blends `lam * merger(spatial map of the sample's last frame)` into every image embedding of
+the same sample. Its forward takes the batch contract of docs/architecture.md directly
+(`model(**batch)`), and computes the LM head and cross-entropy only where a label exists.
+
+torch and transformers are imported lazily: the CLI imports nothing from here at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from janus_job.errors import JobError
+
+IGNORE_INDEX = -100
+DEFAULT_LAM = 0.2
+SPATIAL_CHANNELS = 2048  # VGGT-1B: frame and global halves of the aggregator output, concatenated
+SPATIAL_MERGER_HIDDEN = 4096
+QWEN_VISION_CHANNELS = 1280
+
+# Public config.json of Qwen/Qwen2.5-VL-7B-Instruct, written out so benches need no download.
+QWEN25_VL_7B_TEXT = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    hidden_act="silu",
+    max_position_embeddings=128000,
+    max_window_layers=28,
+    rms_norm_eps=1e-6,
+    use_sliding_window=False,
+    sliding_window=32768,
+    attention_dropout=0.0,
+    initializer_range=0.02,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+QWEN25_VL_7B_VISION = dict(
+    depth=32,
+    hidden_act="silu",
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    in_channels=3,
+    out_hidden_size=3584,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+)
+QWEN25_VL_7B_TOKENS = dict(
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)
+
+
+def qwen25_vl_7b_config():
+    """Qwen2.5-VL-7B-Instruct's architecture as a transformers config (no weights, no download)."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(QWEN25_VL_7B_TEXT),
+        vision_config=dict(QWEN25_VL_7B_VISION),
+        tie_word_embeddings=False,
+        **QWEN25_VL_7B_TOKENS,
+    )
+
+
+def janus_config(qwen_config, lam: float = DEFAULT_LAM, spatial_channels: int = SPATIAL_CHANNELS,
+                 merger_hidden: int = SPATIAL_MERGER_HIDDEN):
+    """Adds JanusVLN's extra config keys (`lam`, `vggt_merger_hidden_dim`, `reference_frame`)."""
+    qwen_config.lam = float(lam)
+    qwen_config.vggt_merger_hidden_dim = int(merger_hidden)
+    qwen_config.spatial_channels = int(spatial_channels)
+    qwen_config.reference_frame = getattr(qwen_config, "reference_frame", "first")
+    return qwen_config
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _build_classes():
+    """Defines the nn.Module classes on first use (keeps torch out of CLI start-up)."""
+    import torch
+    from torch import nn
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.modeling_outputs import ModelOutput
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+    class SpatialMerger(nn.Module):
+        """RMSNorm per token, 2x2 neighbours concatenated, MLP to the LLM width.
+
+        Parameter names (`ln_q.weight`, `mlp.0.*`, `mlp.2.*`) and merge order are JanusVLN's.
+        """
+
+        def __init__(self, out_dim: int, hidden_dim: int = SPATIAL_MERGER_HIDDEN,
+                     context_dim: int = SPATIAL_CHANNELS, merge_size: int = 2):
+            super().__init__()
+            self.context_dim = context_dim
+            self.merge_size = merge_size
+            self.input_dim = context_dim * merge_size * merge_size
+            self.ln_q = Qwen2_5_VLRMSNorm(context_dim, eps=1e-6)
+            self.mlp = nn.Sequential(
+                nn.Linear(self.input_dim, hidden_dim),
+                nn.GELU(),
+                nn.Linear(hidden_dim, out_dim),
+            )
+
+        def reset_parameters(self) -> None:
+            nn.init.ones_(self.ln_q.weight)
+            for layer in (self.mlp[0], self.mlp[2]):
+                layer.reset_parameters()
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            """(n, H, W, C) with H, W even -> (n, H/2 * W/2, out_dim)."""
+            n, h, w, c = features.shape
+            m = self.merge_size
+            if c != self.context_dim:
+                raise JobError(
+                    f"spatial features have {c} channels but the spatial merger takes "
+                    f"{self.context_dim}: the features were computed by another VGGT (re-run precompute "
+                    "with this model's VGGT)"
+                )
+            if h % m or w % m:
+                raise JobError(
+                    f"spatial features have a {h}x{w} patch grid; the spatial merger needs it even "
+                    f"(multiples of {m}): crop the grid when computing them (vggt.spatial_features does)"
+                )
+            grouped = features.view(n, h // m, m, w // m, m, c).permute(0, 1, 3, 2, 4, 5)
+            grouped = self.ln_q(grouped.contiguous()).reshape(n, (h // m) * (w // m), self.input_dim)
+            return self.mlp(grouped)
+
+    class VGGTHolder(nn.Module):
+        """Gives the frozen aggregator JanusVLN's key prefix `vggt.aggregator.`."""
+
+        def __init__(self, aggregator: nn.Module):
+            super().__init__()
+            self.aggregator = aggregator
+
+    @dataclass
+    class JanusVLNOutput(ModelOutput):
+        loss: torch.Tensor | None = None
+        num_label_tokens: torch.Tensor | None = None
+        logits: torch.Tensor | None = None  # restricted: (num_label_tokens, vocab) when requested
+        computed_spatial: list | None = None  # per sample (Hp, Wp, C) computed online, else None
+        computed_vision: torch.Tensor | None = None  # (sum patches, 1280) when computed online
+
+    class JanusVLNForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+        """Qwen2.5-VL + JanusVLN's spatial branch. Trainable: LLM, vision merger, spatial merger."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            janus_config(
+                config,
+                lam=getattr(config, "lam", DEFAULT_LAM),
+                spatial_channels=getattr(config, "spatial_channels", SPATIAL_CHANNELS),
+                merger_hidden=getattr(config, "vggt_merger_hidden_dim", SPATIAL_MERGER_HIDDEN),
+            )
+            self.merger = SpatialMerger(
+                out_dim=config.text_config.hidden_size,
+                hidden_dim=config.vggt_merger_hidden_dim,
+                context_dim=config.spatial_channels,
+                merge_size=config.vision_config.spatial_merge_size,
+            )
+            self.vggt = None
+            self.spatial_mode = "batched"
+            self.freeze_encoders()
+
+        @property
+        def lam(self) -> float:
+            return float(self.config.lam)
+
+        def attach_aggregator(self, aggregator: nn.Module, mode: str = "batched") -> None:
+            """Makes the frozen VGGT aggregator available for `vggt_frames` batches."""
+            self.vggt = VGGTHolder(aggregator)
+            self.spatial_mode = mode
+            self.freeze_encoders()
+
+        def freeze_encoders(self) -> None:
+            visual = self.model.visual
+            for name, param in visual.named_parameters():
+                param.requires_grad = name.startswith("merger.")
+            if self.vggt is not None:
+                self.vggt.eval()
+                for param in self.vggt.parameters():
+                    param.requires_grad = False
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            if self.vggt is not None:
+                self.vggt.eval()
+            return self
+
+        # ---- image embeddings -------------------------------------------------------------
+        def _vision_embeddings(self, image_grid_thw, pixel_values, vision_features, keep_hidden):
+            """Merged image embeddings (placeholder order) and, if asked, the online hidden states.
+
+            Online, transformers' own tower runs (frozen blocks record no graph; only the merger
+            does): it is the reference the cached path (`vision_tower_features`) must match.
+            """
+            merger = self.model.visual.merger
+            if vision_features is not None:
+                return merger(vision_features.to(merger.mlp[0].weight.dtype)), None
+            if pixel_values is None:
+                raise JobError("batch has neither `vision_features` nor `pixel_values`")
+            visual = self.model.visual
+            out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=image_grid_thw)
+            hidden = None
+            if keep_hidden:
+                hidden = _natural_order(visual, out.last_hidden_state.detach(), image_grid_thw)
+            return out.pooler_output, hidden
+
+        def _spatial_maps(self, batch_size, spatial_features, vggt_frames):
+            """Per sample (Hp, Wp, C) map of its last frame, from the cache or the aggregator."""
+            maps: list = [None] * batch_size
+            computed: list = [None] * batch_size
+            if spatial_features is not None:
+                for b in range(batch_size):
+                    maps[b] = spatial_features[b]
+            missing = [b for b in range(batch_size) if maps[b] is None]
+            if missing:
+                if vggt_frames is None:
+                    raise JobError("batch has samples without `spatial_features` and no `vggt_frames`")
+                if self.vggt is None:
+                    raise JobError(
+                        "spatial features must be computed online but the model has no VGGT "
+                        "aggregator: build it with a vggt checkpoint (spec model.vggt) or use a "
+                        "feature store"
+                    )
+                from janus_job.vggt import spatial_features as run_aggregator
+
+                device = self.model.visual.patch_embed.proj.weight.device
+                for b in missing:
+                    frames = vggt_frames[b].to(device)
+                    with torch.no_grad(), _autocast_like(self.dtype, device):
+                        maps[b] = run_aggregator(self.vggt.aggregator, frames[None], self.spatial_mode)[0]
+                    computed[b] = maps[b]
+            return maps, computed
+
+        def image_embeddings(self, input_ids, image_grid_thw, images_per_sample, pixel_values=None,
+                             vision_features=None, spatial_features=None,
+                             vggt_frames=None, sample_ids=None, keep_computed: bool = False):
+            """(image tokens of the batch, hidden) in placeholder order, JanusVLN blend applied."""
+            dtype = self.model.visual.merger.mlp[0].weight.dtype
+            image_embeds, computed_vision = self._vision_embeddings(
+                image_grid_thw, pixel_values, vision_features, keep_computed)
+            batch_size = input_ids.shape[0]
+            maps, computed_spatial = self._spatial_maps(batch_size, spatial_features, vggt_frames)
+            spatial = [None] * batch_size
+            if len({tuple(m.shape) for m in maps}) == 1:
+                stacked = self.merger(torch.stack(maps).to(dtype))
+                spatial = list(stacked.unbind(0))
+            else:
+                spatial = [self.merger(m[None].to(dtype))[0] for m in maps]
+            tokens_per_image = (image_grid_thw.prod(-1) // self.model.visual.spatial_merge_unit).tolist()
+            owners = [b for b, n in enumerate(images_per_sample.tolist()) for _ in range(n)]
+            for b in set(owners):
+                for i in (i for i, o in enumerate(owners) if o == b):
+                    if tokens_per_image[i] != spatial[b].shape[0]:
+                        sid = sample_ids[b] if sample_ids else f"#{b}"
+                        raise JobError(
+                            f"sample {sid}: image {i} has {tokens_per_image[i]} visual tokens but its "
+                            f"spatial map merges to {spatial[b].shape[0]}; the Qwen image and the VGGT "
+                            "frame must share one patch grid (check max_pixels/min_pixels: they must "
+                            "not resize the frames)"
+                        )
+            blend = torch.cat([spatial[o] for o in owners]) if owners else image_embeds[:0]
+            image_embeds = image_embeds + self.lam * blend
+            return image_embeds, computed_spatial, computed_vision
+
+        # ---- forward ------------------------------------------------------------------------
+        def forward(self, input_ids=None, attention_mask=None, labels=None, image_grid_thw=None,
+                    images_per_sample=None, pixel_values=None, vision_features=None,
+                    spatial_features=None, vggt_frames=None, sample_ids=None,
+                    return_logits: bool = False, return_computed_features: bool = False, **unused):
+            embed = self.model.get_input_embeddings()
+            inputs_embeds = embed(input_ids)
+            computed_spatial = computed_vision = None
+            if image_grid_thw is not None and image_grid_thw.shape[0] > 0:
+                if images_per_sample is None:
+                    images_per_sample = torch.tensor([image_grid_thw.shape[0]])
+                image_embeds, computed_spatial, computed_vision = self.image_embeddings(
+                    input_ids, image_grid_thw, images_per_sample, pixel_values, vision_features,
+                    spatial_features, vggt_frames, sample_ids, return_computed_features)
+                image_mask = input_ids == self.config.image_token_id
+                n_slots = int(image_mask.sum())
+                if n_slots != image_embeds.shape[0]:
+                    raise JobError(
+                        f"batch {sample_ids}: {n_slots} image placeholder tokens but "
+                        f"{image_embeds.shape[0]} image embeddings (tokenisation and image grid disagree)"
+                    )
+                inputs_embeds = inputs_embeds.masked_scatter(
+                    image_mask.unsqueeze(-1), image_embeds.to(inputs_embeds.dtype))
+                mm_token_type_ids = image_mask.int()
+                position_ids, _ = self.model.get_rope_index(
+                    input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                    attention_mask=attention_mask)
+            else:
+                position_ids = None
+            hidden = self.model.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                position_ids=position_ids, use_cache=False).last_hidden_state
+            loss = n_tokens = logits = None
+            if labels is not None:
+                loss, n_tokens, logits = restricted_lm_loss(self.lm_head, hidden, labels, return_logits)
+            return JanusVLNOutput(
+                loss=loss, num_label_tokens=n_tokens, logits=logits,
+                computed_spatial=computed_spatial if return_computed_features else None,
+                computed_vision=computed_vision if return_computed_features else None,
+            )
+
+    return SpatialMerger, JanusVLNForConditionalGeneration, JanusVLNOutput
+
+
+_CLASSES: tuple | None = None
+
+
+def _classes():
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _build_classes()
+    return _CLASSES
+
+
+def __getattr__(name: str) -> Any:
+    """`from janus_job.model import SpatialMerger` etc. work without importing torch at CLI start."""
+    names = ("SpatialMerger", "JanusVLNForConditionalGeneration", "JanusVLNOutput")
+    if name in names:
+        return _classes()[names.index(name)]
+    raise AttributeError(name)
+
+
+def _autocast_like(dtype, device):
+    torch = _torch()
+    device = torch.device(device)
+    enabled = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def restricted_lm_loss(lm_head, hidden, labels, return_logits: bool = False):
+    """Mean next-token cross-entropy, computing logits only where the shifted label is set.
+
+    Equal to full-vocabulary cross-entropy over all positions with ignore_index -100 (JanusVLN's
+    loss), without materialising (B, L, vocab) logits. Returns (loss, label count, logits or None).
+    """
+    torch = _torch()
+    target = labels[:, 1:]
+    select = target != IGNORE_INDEX
+    n_tokens = select.sum()
+    picked = hidden[:, :-1][select]
+    logits = lm_head(picked).float()
+    if picked.shape[0] == 0:
+        loss = hidden.sum() * 0.0
+    else:
+        loss = torch.nn.functional.cross_entropy(logits, target[select])
+    return loss, n_tokens, (logits if return_logits else None)
+
+
+def vision_tower_features(visual, pixel_values, grid_thw) -> list:
+    """Runs the frozen Qwen vision blocks; per image (patches, 1280) in natural (processor) order.
+
+    `visual.merger(cat(result))` equals the image embeddings of transformers' online tower.
+    """
+    torch = _torch()
+    with torch.no_grad():
+        dtype = visual.patch_embed.proj.weight.dtype
+        hidden = visual(pixel_values.to(dtype), grid_thw=grid_thw).last_hidden_state
+        hidden = _natural_order(visual, hidden, grid_thw)
+    return list(hidden.split(grid_thw.prod(-1).tolist()))
+
+
+def _natural_order(visual, hidden, grid_thw):
+    """Undo the tower's window permutation of merge units (the order its blocks run in)."""
+    torch = _torch()
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(
+        grid_thw, spatial_merge_size=visual.spatial_merge_size,
+        window_size=visual.window_size, patch_size=visual.patch_size)
+    unit = visual.spatial_merge_unit
+    channels = hidden.shape[-1]
+    restore = torch.argsort(window_index.to(hidden.device))
+    return hidden.reshape(-1, unit, channels)[restore].reshape(-1, channels)
+
+
+# ---- construction ---------------------------------------------------------------------------
+
+def model_from_config(qwen_config, vggt_config=None, dtype=None, device="cpu",
+                      attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
+                      lam: float = DEFAULT_LAM, spatial_mode: str = "batched", vggt_dtype=None,
+                      spatial_channels: int | None = None):
+    """Random-weight JanusVLN (for tests and benches), initialised directly on `device`.
+
+    spatial_channels defaults to 2 x the VGGT width (2048 for VGGT-1B, also without a VGGT).
+    """
+    torch = _torch()
+    _, cls, _ = _classes()
+    dtype = dtype or torch.float32
+    channels = spatial_channels or _spatial_channels(vggt_config)
+    config = janus_config(qwen_config, lam=lam, spatial_channels=channels)
+    config._attn_implementation = attn_implementation
+    with _default_dtype(dtype), torch.device(device):
+        model = cls(config)
+    if vggt_config is not None:
+        from janus_job.vggt import FrameCausalAggregator
+
+        with _default_dtype(vggt_dtype or torch.float32), torch.device(device):
+            model.attach_aggregator(FrameCausalAggregator(vggt_config), mode=spatial_mode)
+    return _finish(model, gradient_checkpointing)
+
+
+class _default_dtype:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        torch = _torch()
+        self.previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        _torch().set_default_dtype(self.previous)
+
+
+def _spatial_channels(vggt_config) -> int:
+    if vggt_config is None:
+        return SPATIAL_CHANNELS
+    return 2 * int(vggt_config.embed_dim)
+
+
+def _finish(model, gradient_checkpointing: bool):
+    model.freeze_encoders()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in model.model.visual.modules():  # frozen blocks keep no activations anyway
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+    model.config.use_cache = False
+    return model
+
+
+def local_copy(path_or_url: str, cache_dir: str | None = None) -> str:
+    """A local directory for a model given as a path or an fsspec URL (downloaded once)."""
+    if "://" not in str(path_or_url) or str(path_or_url).startswith("file://"):
+        local = str(path_or_url).removeprefix("file://")
+        if not os.path.isdir(local):
+            raise JobError(f"model path {local} is not a directory: point it at the Qwen2.5-VL "
+                           "checkpoint directory or an fsspec URL of one")
+        return local
+    import shutil
+
+    import fsspec
+
+    root = cache_dir or os.environ.get("JANUS_MODEL_CACHE", os.path.expanduser("~/.cache/janus-train/models"))
+    target = os.path.join(root, str(path_or_url).split("://", 1)[1].strip("/").replace("/", "__"))
+    if os.path.exists(os.path.join(target, ".complete")):
+        return target
+    partial = target + f".partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        fs, _, paths = fsspec.get_fs_token_paths(path_or_url)
+        fs.get(paths[0].rstrip("/") + "/", partial + "/", recursive=True)
+    except Exception as err:  # fsspec backends raise many types
+        shutil.rmtree(partial, ignore_errors=True)
+        raise JobError(f"cannot download model from {path_or_url}: {err}") from err
+    open(os.path.join(partial, ".complete"), "w").close()
+    try:
+        os.replace(partial, target)
+    except OSError:  # another process renamed its copy first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: str = "sdpa",
+                gradient_checkpointing: bool = False, lam: float = DEFAULT_LAM,
+                spatial_mode: str = "batched", vggt_dtype=None, cache_dir: str | None = None):
+    """JanusVLN from pretrained weights (paths or fsspec URLs) or from configs (random weights).
+
+    qwen: Qwen2.5-VL-7B-Instruct directory/URL, or a `Qwen2_5_VLConfig` for random weights.
+    vggt: VGGT-1B checkpoint path/URL (`janus_job.vggt.load_aggregator`), a `VGGTAggregatorConfig`
+          (random weights), or None when spatial features always come from the store.
+    VGGT keeps fp32 weights by default and runs under bf16 autocast on GPU, as JanusVLN does.
+    """
+    torch = _torch()
+    dtype = dtype or torch.bfloat16
+    vggt_dtype = vggt_dtype or torch.float32
+    vggt_is_path = isinstance(vggt, (str, os.PathLike))
+    if not isinstance(qwen, (str, os.PathLike)):
+        model = model_from_config(qwen, None if vggt_is_path else vggt, dtype, device,
+                                  attn_implementation, False, lam, spatial_mode, vggt_dtype)
+    else:
+        _, cls, _ = _classes()
+        from transformers import AutoConfig
+
+        local = local_copy(str(qwen), cache_dir)
+        config = janus_config(AutoConfig.from_pretrained(local), lam=lam)
+        model = cls.from_pretrained(local, config=config, dtype=dtype,
+                                    attn_implementation=attn_implementation).to(device)
+        model.merger.reset_parameters()  # not in the Qwen checkpoint
+        if vggt is not None and not vggt_is_path:
+            from janus_job.vggt import FrameCausalAggregator
+
+            with _default_dtype(vggt_dtype), torch.device(device):
+                model.attach_aggregator(FrameCausalAggregator(vggt), mode=spatial_mode)
+    if vggt_is_path:
+        from janus_job.vggt import load_aggregator
+
+        model.attach_aggregator(load_aggregator(str(vggt), device=device, dtype=vggt_dtype),
+                                mode=spatial_mode)
+    return _finish(model, gradient_checkpointing)
+
+
+# ---- optimisation ---------------------------------------------------------------------------
+
+def param_groups(model, lr: float, merger_lr: float | None = None, vision_lr: float | None = None,
+                 weight_decay: float = 0.0) -> list[dict]:
+    """JanusVLN's optimizer groups: names with `merger` (vision and spatial) at merger_lr, other
+    `visual` parameters at vision_lr, the rest (LLM) at lr; no weight decay on biases."""
+    groups: dict[tuple[str, bool], list] = {}
+    names: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "merger" in name and merger_lr:
+            kind = "merger"
+        elif "visual" in name and vision_lr:
+            kind = "vision"
+        else:
+            kind = "llm"
+        decay = "bias" not in name
+        groups.setdefault((kind, decay), []).append(param)
+        names.setdefault((kind, decay), []).append(name)
+    rates = {"llm": lr, "merger": merger_lr, "vision": vision_lr}
+    return [
+        {"params": params, "lr": rates[kind], "weight_decay": weight_decay if decay else 0.0,
+         "name": f"{kind}{'' if decay else '_no_decay'}", "param_names": names[(kind, decay)]}
+        for (kind, decay), params in sorted(groups.items())
+    ]
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+# transformers 5 nests the LLM and vision tower under `model.`; JanusVLN (transformers 4.50) has
+# `model.` = the language model and `visual.` at top level.
+_EXPORT_RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def janusvln_key(name: str) -> str:
+    """Our parameter name -> the name in a JanusVLN checkpoint."""
+    for ours, theirs in _EXPORT_RENAMES:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
+def export_janusvln_checkpoint(model, out_dir: str, tokenizer=None, image_processor=None,
+                               max_shard_bytes: int = 5 * 1024**3) -> list[str]:
+    """Writes a directory JanusVLN's `Qwen2_5_VLForConditionalGenerationForJanusVLN.from_pretrained`
+    and its evaluation can load: config.json (flat, 4.50-style, with lam/reference_frame),
+    sharded model-*.safetensors + index, tokenizer and preprocessor files. Atomic: written to a
+    temporary directory, then renamed. Returns the tensor keys written.
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    torch = _torch()
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        state[janusvln_key(name)] = tensor.detach().to("cpu").contiguous()
+    if model.config.tie_word_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+
+    shards: list[dict] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        # shared storage (tied weights) cannot be saved twice by safetensors
+        save_file({k: v.clone() for k, v in shard.items()}, os.path.join(tmp, fname),
+                  metadata={"format": "pt"})
+        for key, value in shard.items():
+            weight_map[key] = fname
+            total += value.numel() * value.element_size()
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(janusvln_config_dict(model.config, dtype=next(model.parameters()).dtype), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if image_processor is not None:
+        image_processor.save_pretrained(tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    del torch
+    return sorted(state)
+
+
+def janusvln_config_dict(config, dtype=None) -> dict:
+    """Flat Qwen2.5-VL config (text keys at top level, as transformers 4.50 saves it) + JanusVLN keys."""
+    text = config.text_config.to_dict()
+    vision = config.vision_config.to_dict()
+    flat = {k: v for k, v in text.items() if k not in ("architectures", "model_type", "transformers_version")}
+    rope = dict(flat.pop("rope_parameters", {}) or {})
+    flat["rope_theta"] = rope.get("rope_theta", 1000000.0)
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope.get("mrope_section", [16, 24, 24])}
+    vision["in_chans"] = vision.get("in_channels", 3)
+    vision["spatial_patch_size"] = vision.get("patch_size", 14)
+    flat.update(
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
+        model_type="qwen2_5_vl",
+        vision_config=vision,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+        vision_end_token_id=config.vision_end_token_id,
+        vision_token_id=getattr(config, "vision_token_id", 151654),
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        lam=float(config.lam),
+        reference_frame=getattr(config, "reference_frame", "first"),
+        vggt_merger_hidden_dim=int(config.vggt_merger_hidden_dim),
+        torch_dtype=str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16",
+        transformers_version="4.50.0",
+    )
+    return flat

@@ -1,0 +1,80 @@
+"""The Dockerfile installs exactly the lock's pins, prebuilds the Adam ops and runs as non-root."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def instructions() -> list[str]:
+    """Dockerfile instructions with continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE)
+    return [l.strip() for l in joined.splitlines() if l.strip() and not l.strip().startswith("#")]
+
+
+def pip_installs() -> list[list[str]]:
+    commands = []
+    for line in instructions():
+        if line.startswith("RUN"):
+            for part in re.split(r"&&|;", line[3:]):
+                words = shlex.split(part)
+                if "pip" in " ".join(words[:3]) and "install" in words:
+                    commands.append(words)
+    return commands
+
+
+def test_every_pip_install_is_constrained_by_the_lock():
+    installs = pip_installs()
+    assert len(installs) >= 3
+    for words in installs:
+        if words[-1] == "pip==25.3":  # the installer itself, pinned like scripts/install.sh
+            continue
+        assert "-c" in words and words[words.index("-c") + 1] == "constraints.txt", words
+
+
+def test_explicit_pins_equal_the_lock():
+    pins = lock()
+    explicit = {}
+    for words in pip_installs():
+        for word in words:
+            m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([^\s]+)", word)
+            if m and m.group(1) != "pip":
+                explicit[m.group(1).lower().replace("_", "-")] = m.group(2)
+    assert explicit["torch"] == pins["torch"]
+    assert explicit["deepspeed"] == pins["deepspeed"]
+    assert all(pins[name] == version for name, version in explicit.items()), explicit
+    # transformers comes in through the project with -c constraints.txt: the lock pins it
+    assert "transformers" in pins
+    assert explicit.get("transformers", pins["transformers"]) == pins["transformers"]
+    assert "COPY constraints.txt" in DOCKERFILE
+
+
+def test_deepspeed_ops_are_prebuilt_for_cuda():
+    lines = instructions()
+    assert lines[0].startswith("ARG CUDA_DEVEL=nvidia/cuda:") and "devel" in lines[0]
+    env = " ".join(l for l in lines if l.startswith("ENV"))
+    assert "DS_BUILD_CPU_ADAM=1" in env and "DS_BUILD_FUSED_ADAM=1" in env
+    deepspeed_install = next(w for w in pip_installs() if any(x.startswith("deepspeed==") for x in w))
+    assert "--no-build-isolation" in deepspeed_install  # builds against the locked torch
+
+
+def test_runs_as_non_root_with_janus_job_entrypoint():
+    lines = instructions()
+    users = [l.split()[1] for l in lines if l.startswith("USER")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert lines[-2] == 'ENTRYPOINT ["janus-job"]' or 'ENTRYPOINT ["janus-job"]' in lines
+    assert "1000" in users[-1]  # matches the chart's runAsUser
