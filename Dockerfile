@@ -23,13 +23,14 @@ RUN pip install -c constraints.txt --no-build-isolation "deepspeed==0.19.8"
 COPY janus_job ./janus_job
 RUN pip install -c constraints.txt . \
  && pip check \
- && ds_report | grep -E "cpu_adam|fused_adam"
+ && python -c "from deepspeed.git_version_info import installed_ops as o; assert o['cpu_adam'] and o['fused_adam'], o"
 
 FROM ${CUDA_RUNTIME}
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
+ && (userdel --remove ubuntu 2>/dev/null || true) \
  && groupadd --gid 1000 janus && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin janus
 COPY --from=build /opt/janus /opt/janus
 ENV PATH=/opt/janus/bin:$PATH HF_HOME=/home/janus/.cache/huggingface PYTHONUNBUFFERED=1

@@ -95,6 +95,8 @@ def main() -> int:
     parser.add_argument("--weights", default="autocast,bf16",
                         help="fp32 weights under bf16 autocast, and/or bf16 weights")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd batched rows (chunked impl)")
     parser.add_argument("--out", help="output folder (default $OUT, else bench/results)")
     args = parser.parse_args()
 
@@ -173,6 +175,17 @@ def main() -> int:
                 add("ours batched", weights, impl, batch,
                     measure(lambda: ours(batched, "batched"), batch, device, warmup, iters))
         run_model.causal_impl = "chunked"
+        if args.compile:
+            compiled = torch.compile(run_model, dynamic=False)
+            for batch in batch_sizes:
+                batched = frames[None].expand(batch, -1, -1, -1, -1).contiguous()
+
+                def run_compiled(x=batched):
+                    with torch.autocast(device.type, dtype=bf16, enabled=autocast):
+                        return spatial_features(compiled, x, mode="batched")
+
+                add("ours batched", weights, "compiled", batch,
+                    measure(run_compiled, batch, device, warmup + 1, iters))
         if not autocast:
             model = run_model.float()
 

@@ -207,9 +207,10 @@ def check_preprocessing(ref_pkg, tiny: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i, size in enumerate(sizes):
             rgb = synthetic_frame(100 + i, size)
-            for kind, img in (("rgb", Image.fromarray(rgb)),
-                              ("rgba", Image.fromarray(np.dstack([rgb, rgb[..., :1]])))):
-                path = f"{tmp}/frame{i}_{kind}.png"
+            for kind, img in (("png", Image.fromarray(rgb)),
+                              ("jpg", Image.fromarray(rgb)),
+                              ("rgba png", Image.fromarray(np.dstack([rgb, rgb[..., :1]])))):
+                path = f"{tmp}/frame{i}.{kind.split()[-1]}"
                 img.save(path)
                 expected = load_fn.load_and_preprocess_images([path])[0]
                 got = preprocess_for_vggt(load_frame(path))
@@ -281,8 +282,10 @@ def main() -> int:
             baseline = (reference_stream(ref, frames, autocast_dtype) if ref is not None
                         else ours(model, frames, "streaming", None))
             against = "reference streamed" if ref is not None else "ours streaming fp32"
-            for mode in ("batched", "streaming"):
-                got = ours(model, frames, mode, autocast_dtype)
+            for mode in ("batched", "batched-mask", "streaming"):
+                model.causal_impl = "mask" if mode == "batched-mask" else "chunked"
+                got = ours(model, frames, mode.split("-")[0], autocast_dtype)
+                model.causal_impl = "chunked"
                 err = rel_error(got, baseline)
                 result["rows"].append({"frames": s, "precision": precision, "mode": mode,
                                        "against": against, "shape": list(got.shape),
@@ -324,8 +327,13 @@ def main() -> int:
         sd = result["state_dict"]
         print(f"reference state dict: {sd['reference_keys']} keys, missing {len(sd['missing'])}, "
               f"unexpected {len(sd['unexpected'])}")
-    if "preprocessing" in result:
-        print(f"preprocessing vs reference: {result['preprocessing']}")
+    prep = result.get("preprocessing")
+    if prep and "cases" in prep:
+        bad = [c["source"] for c in prep["cases"] if not c["bit_equal"]]
+        print(f"preprocessing vs reference load_and_preprocess_images: "
+              f"{len(prep['cases']) - len(bad)}/{len(prep['cases'])} bit-equal {bad or ''}")
+    elif prep:
+        print(f"preprocessing vs reference: {prep['skipped']}")
     print(f"{'frames':>6} {'precision':>12} {'mode':>10} {'rel_error':>11} {'limit':>7}  ok")
     for r in result["rows"]:
         limit = "-" if r["limit"] is None else f"{r['limit']:.0e}"

@@ -83,19 +83,20 @@ def load_processor(qwen_dir: str, min_pixels: int | None = None,
 # ---- annotations ----------------------------------------------------------------------------
 
 def _turns(sample) -> list[tuple[str, str]]:
-    """(role, content) turns; a leading non-human turn is dropped, as JanusVLN does."""
+    """(role, content) turns as JanusVLN reads them: `<image>\n` -> `<image>` in the first turn,
+    then a leading non-human turn is dropped."""
     turns = []
-    for turn in sample.conversations:
+    for n, turn in enumerate(sample.conversations):
         role = turn.get("from", turn.get("role"))
         content = turn.get("value", turn.get("content"))
         if role not in ROLES or not isinstance(content, str):
             raise JobError(f"sample {sample.id}: conversation turn {turn!r} needs from/value "
                            "(human or gpt) with text")
+        if n == 0:
+            content = content.replace(IMAGE_TAG + "\n", IMAGE_TAG)
         turns.append((ROLES[role], content))
     if turns and turns[0][0] != "user":
         turns = turns[1:]
-    if turns:
-        turns[0] = (turns[0][0], turns[0][1].replace(IMAGE_TAG + "\n", IMAGE_TAG))
     return turns
 
 
@@ -192,7 +193,8 @@ class JanusDataset:
         return len(self.samples)
 
     # -- lengths for the sampler
-    def tokens_per_image(self, sample) -> int:
+    def tokens_per_image(self, sample=None) -> int:
+        """Visual tokens of one frame: from `frame_size` if set, else the sample's first image header."""
         from janus_job import frames
 
         if self.frame_size is not None:
@@ -203,9 +205,15 @@ class JanusDataset:
                                      self.merge).tokens_per_image
 
     def token_lengths(self) -> list[int]:
-        """Estimated tokens per sample (text + visual), for the token-balanced sampler."""
-        per_image = self.tokens_per_image(self.samples[0]) if self.frame_size or not self.samples else None
-        return [sample_token_length(s, per_image or self.tokens_per_image(s)) for s in self.samples]
+        """Estimated tokens per sample (text + visual), for the token-balanced sampler.
+
+        Without `frame_size` one image header per sample is read; set it for large datasets or
+        when only the feature store (not the frames) is available.
+        """
+        if self.frame_size is not None:
+            per_image = self.tokens_per_image()
+            return [sample_token_length(s, per_image) for s in self.samples]
+        return [sample_token_length(s, self.tokens_per_image(s)) for s in self.samples]
 
     # -- items
     def __getitem__(self, index: int) -> dict:

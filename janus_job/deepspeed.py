@@ -111,6 +111,12 @@ def _rule_problems(spec: JobSpec, config: dict[str, Any]) -> list[Problem]:
     ds = spec.deepspeed
     problems: list[Problem] = []
     extra = ds.extra_config
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if section in extra and not isinstance(extra[section], dict):
+            problems.append(Problem(f"deepspeed.extra_config.{section}", "must be a mapping",
+                                    "write it as key: value lines, as in DeepSpeed's config"))
+    if problems:
+        return problems
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
 

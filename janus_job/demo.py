@@ -104,6 +104,8 @@ def demo_spec(workdir: Path, annotations: Path, qwen_dir: Path, vggt_path: Path,
         "data": {
             "annotations": str(annotations),
             "image_root": str(annotations.parent / "images"),
+            # the tiny encoders work at 112 px frames; keep the Qwen processor from resizing them
+            "min_pixels": 4 * 28 * 28,
             "num_workers": 0,
             "pin_memory": gpu,
             "persistent_workers": False,
@@ -160,15 +162,16 @@ def precompute_features(spec_path: Path) -> None:
 
 def run_demo(workdir: str | None = None, steps: int = 6) -> Path:
     """Runs the demo end to end; returns the work directory."""
+    started = time.perf_counter()
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="janus-demo-"))
+    if root.exists() and any(root.iterdir()):
+        raise JobError(f"--workdir {root} is not empty; give a new or empty directory")
+    root.mkdir(parents=True, exist_ok=True)
+
     import torch
 
     from janus_job.train import run as train
 
-    started = time.perf_counter()
-    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="janus-demo-"))
-    root.mkdir(parents=True, exist_ok=True)
-    if any(root.iterdir()):
-        raise JobError(f"--workdir {root} is not empty; give a new or empty directory")
     gpu = torch.cuda.is_available()
     print(f"demo: working in {root} ({'GPU' if gpu else 'CPU'})", flush=True)
     spec_path = prepare_job(root, steps=steps, gpu=gpu)

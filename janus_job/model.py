@@ -7,16 +7,25 @@ that blends `lam * merger(spatial map of the sample's last frame)` into every im
 the same sample. Its forward takes the batch contract of docs/architecture.md directly
 (`model(**batch)`), and computes the LM head and cross-entropy only where a label exists.
 
-torch and transformers are imported lazily: the CLI imports nothing from here at start-up.
+Imports torch and transformers: import this module inside CLI command functions, not at start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+from transformers.vision_utils import get_vision_window_index
 
 from janus_job.errors import JobError
+from janus_job.vggt import FrameCausalAggregator, load_aggregator
+from janus_job.vggt import spatial_features as vggt_spatial_features
 
 IGNORE_INDEX = -100
 DEFAULT_LAM = 0.2
@@ -67,10 +76,8 @@ QWEN25_VL_7B_TOKENS = dict(
 )
 
 
-def qwen25_vl_7b_config():
+def qwen25_vl_7b_config() -> Qwen2_5_VLConfig:
     """Qwen2.5-VL-7B-Instruct's architecture as a transformers config (no weights, no download)."""
-    from transformers import Qwen2_5_VLConfig
-
     return Qwen2_5_VLConfig(
         text_config=dict(QWEN25_VL_7B_TEXT),
         vision_config=dict(QWEN25_VL_7B_VISION),
@@ -89,265 +96,269 @@ def janus_config(qwen_config, lam: float = DEFAULT_LAM, spatial_channels: int = 
     return qwen_config
 
 
-def _torch():
-    import torch
+class SpatialMerger(nn.Module):
+    """RMSNorm per token, 2x2 neighbours concatenated, MLP to the LLM width.
 
-    return torch
+    Parameter names (`ln_q.weight`, `mlp.0.*`, `mlp.2.*`) and merge order are JanusVLN's.
+    """
 
+    def __init__(self, out_dim: int, hidden_dim: int = SPATIAL_MERGER_HIDDEN,
+                 context_dim: int = SPATIAL_CHANNELS, merge_size: int = 2):
+        super().__init__()
+        self.context_dim = context_dim
+        self.merge_size = merge_size
+        self.input_dim = context_dim * merge_size * merge_size
+        self.ln_q = Qwen2_5_VLRMSNorm(context_dim, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.input_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
 
-def _build_classes():
-    """Defines the nn.Module classes on first use (keeps torch out of CLI start-up)."""
-    import torch
-    from torch import nn
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.modeling_outputs import ModelOutput
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
-
-    class SpatialMerger(nn.Module):
-        """RMSNorm per token, 2x2 neighbours concatenated, MLP to the LLM width.
-
-        Parameter names (`ln_q.weight`, `mlp.0.*`, `mlp.2.*`) and merge order are JanusVLN's.
-        """
-
-        def __init__(self, out_dim: int, hidden_dim: int = SPATIAL_MERGER_HIDDEN,
-                     context_dim: int = SPATIAL_CHANNELS, merge_size: int = 2):
-            super().__init__()
-            self.context_dim = context_dim
-            self.merge_size = merge_size
-            self.input_dim = context_dim * merge_size * merge_size
-            self.ln_q = Qwen2_5_VLRMSNorm(context_dim, eps=1e-6)
-            self.mlp = nn.Sequential(
-                nn.Linear(self.input_dim, hidden_dim),
-                nn.GELU(),
-                nn.Linear(hidden_dim, out_dim),
-            )
-
-        def reset_parameters(self) -> None:
-            nn.init.ones_(self.ln_q.weight)
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """The init JanusVLN's merger gets (transformers' Qwen2.5-VL `_init_weights`)."""
+        with torch.no_grad():
+            self.ln_q.weight.fill_(1.0)
             for layer in (self.mlp[0], self.mlp[2]):
-                layer.reset_parameters()
+                layer.weight.normal_(0.0, std)
+                layer.bias.zero_()
 
-        def forward(self, features: torch.Tensor) -> torch.Tensor:
-            """(n, H, W, C) with H, W even -> (n, H/2 * W/2, out_dim)."""
-            n, h, w, c = features.shape
-            m = self.merge_size
-            if c != self.context_dim:
-                raise JobError(
-                    f"spatial features have {c} channels but the spatial merger takes "
-                    f"{self.context_dim}: the features were computed by another VGGT (re-run precompute "
-                    "with this model's VGGT)"
-                )
-            if h % m or w % m:
-                raise JobError(
-                    f"spatial features have a {h}x{w} patch grid; the spatial merger needs it even "
-                    f"(multiples of {m}): crop the grid when computing them (vggt.spatial_features does)"
-                )
-            grouped = features.view(n, h // m, m, w // m, m, c).permute(0, 1, 3, 2, 4, 5)
-            grouped = self.ln_q(grouped.contiguous()).reshape(n, (h // m) * (w // m), self.input_dim)
-            return self.mlp(grouped)
-
-    class VGGTHolder(nn.Module):
-        """Gives the frozen aggregator JanusVLN's key prefix `vggt.aggregator.`."""
-
-        def __init__(self, aggregator: nn.Module):
-            super().__init__()
-            self.aggregator = aggregator
-
-    @dataclass
-    class JanusVLNOutput(ModelOutput):
-        loss: torch.Tensor | None = None
-        num_label_tokens: torch.Tensor | None = None
-        logits: torch.Tensor | None = None  # restricted: (num_label_tokens, vocab) when requested
-        computed_spatial: list | None = None  # per sample (Hp, Wp, C) computed online, else None
-        computed_vision: torch.Tensor | None = None  # (sum patches, 1280) when computed online
-
-    class JanusVLNForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-        """Qwen2.5-VL + JanusVLN's spatial branch. Trainable: LLM, vision merger, spatial merger."""
-
-        def __init__(self, config):
-            super().__init__(config)
-            janus_config(
-                config,
-                lam=getattr(config, "lam", DEFAULT_LAM),
-                spatial_channels=getattr(config, "spatial_channels", SPATIAL_CHANNELS),
-                merger_hidden=getattr(config, "vggt_merger_hidden_dim", SPATIAL_MERGER_HIDDEN),
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, H, W, C) with H, W even -> (n, H/2 * W/2, out_dim)."""
+        n, h, w, c = features.shape
+        m = self.merge_size
+        if c != self.context_dim:
+            raise JobError(
+                f"spatial features have {c} channels but the spatial merger takes "
+                f"{self.context_dim}: the features were computed by another VGGT (re-run precompute "
+                "with this model's VGGT)"
             )
-            self.merger = SpatialMerger(
-                out_dim=config.text_config.hidden_size,
-                hidden_dim=config.vggt_merger_hidden_dim,
-                context_dim=config.spatial_channels,
-                merge_size=config.vision_config.spatial_merge_size,
+        if h % m or w % m:
+            raise JobError(
+                f"spatial features have a {h}x{w} patch grid; the spatial merger needs it even "
+                f"(multiples of {m}): crop the grid when computing them (vggt.spatial_features does)"
             )
+        grouped = features.view(n, h // m, m, w // m, m, c).permute(0, 1, 3, 2, 4, 5)
+        grouped = self.ln_q(grouped.contiguous()).reshape(n, (h // m) * (w // m), self.input_dim)
+        return self.mlp(grouped)
+
+class VGGTHolder(nn.Module):
+    """Gives the frozen aggregator JanusVLN's key prefix `vggt.aggregator.`."""
+
+    def __init__(self, aggregator: nn.Module):
+        super().__init__()
+        self.aggregator = aggregator
+
+@dataclass
+class JanusVLNOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    num_label_tokens: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # restricted: (num_label_tokens, vocab) when requested
+    computed_spatial: list | None = None  # per sample (Hp, Wp, C) computed online, else None
+    computed_vision: torch.Tensor | None = None  # (sum patches, 1280) when computed online
+
+class JanusVLNForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL + JanusVLN's spatial branch. Trainable: LLM, vision merger, spatial merger."""
+
+    @classmethod
+    def register_checkpoint_layout(cls) -> None:
+        """Lets from_pretrained read Qwen's published (4.x) key layout into this subclass.
+
+        transformers renames `model.*` / `visual.*` only for its own classes; a subclass defined
+        outside it counts as custom code unless its class name is registered.
+        """
+        from transformers.conversion_mapping import (USER_REGISTERED_MAPPINGS,
+                                                     get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+
+        if cls.__name__ not in USER_REGISTERED_MAPPINGS:
+            layout = get_checkpoint_conversion_mapping(Qwen2_5_VLForConditionalGeneration.__name__)
+            register_checkpoint_conversion_mapping(cls.__name__, layout, overwrite=True)
+
+    def __init__(self, config):
+        super().__init__(config)
+        janus_config(
+            config,
+            lam=getattr(config, "lam", DEFAULT_LAM),
+            spatial_channels=getattr(config, "spatial_channels", SPATIAL_CHANNELS),
+            merger_hidden=getattr(config, "vggt_merger_hidden_dim", SPATIAL_MERGER_HIDDEN),
+        )
+        self.merger = SpatialMerger(
+            out_dim=config.text_config.hidden_size,
+            hidden_dim=config.vggt_merger_hidden_dim,
+            context_dim=config.spatial_channels,
+            merge_size=config.vision_config.spatial_merge_size,
+        )
+        self.merger.reset_parameters(config.text_config.initializer_range)
+        self.vggt = None
+        self._detached_aggregator = None
+        self.spatial_mode = "batched"
+        self.freeze_encoders()
+
+    @property
+    def lam(self) -> float:
+        return float(self.config.lam)
+
+    @property
+    def aggregator(self):
+        """The frozen VGGT aggregator (registered or detached), or None."""
+        return self.vggt.aggregator if self.vggt is not None else self._detached_aggregator
+
+    def attach_aggregator(self, aggregator: nn.Module, mode: str = "batched",
+                          register: bool = True) -> None:
+        """Makes the frozen VGGT aggregator available for `vggt_frames` batches.
+
+        register=True puts it under `vggt.aggregator` (JanusVLN's layout, part of
+        parameters()/state_dict()); register=False keeps it outside the module tree so a
+        DeepSpeed engine neither partitions nor gathers it (export still writes it).
+        """
+        aggregator.eval()
+        for param in aggregator.parameters():
+            param.requires_grad = False
+        if register:
+            self.vggt, self._detached_aggregator = VGGTHolder(aggregator), None
+        else:
             self.vggt = None
-            self.spatial_mode = "batched"
-            self.freeze_encoders()
+            object.__setattr__(self, "_detached_aggregator", aggregator)
+        self.spatial_mode = mode
 
-        @property
-        def lam(self) -> float:
-            return float(self.config.lam)
+    def freeze_encoders(self) -> None:
+        for name, param in self.model.visual.named_parameters():
+            param.requires_grad = name.startswith("merger.")
+        if self.aggregator is not None:
+            self.aggregator.eval()
+            for param in self.aggregator.parameters():
+                param.requires_grad = False
 
-        def attach_aggregator(self, aggregator: nn.Module, mode: str = "batched") -> None:
-            """Makes the frozen VGGT aggregator available for `vggt_frames` batches."""
-            self.vggt = VGGTHolder(aggregator)
-            self.spatial_mode = mode
-            self.freeze_encoders()
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.aggregator is not None:
+            self.aggregator.eval()
+        return self
 
-        def freeze_encoders(self) -> None:
-            visual = self.model.visual
-            for name, param in visual.named_parameters():
-                param.requires_grad = name.startswith("merger.")
-            if self.vggt is not None:
-                self.vggt.eval()
-                for param in self.vggt.parameters():
-                    param.requires_grad = False
+    # ---- image embeddings -------------------------------------------------------------
+    def _vision_embeddings(self, image_grid_thw, pixel_values, vision_features, keep_hidden):
+        """Merged image embeddings (placeholder order) and, if asked, the online hidden states.
 
-        def train(self, mode: bool = True):
-            super().train(mode)
-            if self.vggt is not None:
-                self.vggt.eval()
-            return self
+        Online, transformers' own tower runs (frozen blocks record no graph; only the merger
+        does): it is the reference the cached path (`vision_tower_features`) must match.
+        """
+        merger = self.model.visual.merger
+        if vision_features is not None:
+            return merger(vision_features.to(merger.mlp[0].weight.dtype)), None
+        if pixel_values is None:
+            raise JobError("batch has neither `vision_features` nor `pixel_values`")
+        visual = self.model.visual
+        out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=image_grid_thw)
+        hidden = None
+        if keep_hidden:
+            hidden = _natural_order(visual, out.last_hidden_state.detach(), image_grid_thw)
+        return out.pooler_output, hidden
 
-        # ---- image embeddings -------------------------------------------------------------
-        def _vision_embeddings(self, image_grid_thw, pixel_values, vision_features, keep_hidden):
-            """Merged image embeddings (placeholder order) and, if asked, the online hidden states.
+    def _spatial_maps(self, batch_size, spatial_features, vggt_frames):
+        """Per sample (Hp, Wp, C) map of its last frame, from the cache or the aggregator."""
+        maps: list = [None] * batch_size
+        computed: list = [None] * batch_size
+        if spatial_features is not None:
+            for b in range(batch_size):
+                maps[b] = spatial_features[b]
+        missing = [b for b in range(batch_size) if maps[b] is None]
+        if missing:
+            if vggt_frames is None:
+                raise JobError("batch has samples without `spatial_features` and no `vggt_frames`")
+            if self.aggregator is None:
+                raise JobError(
+                    "spatial features must be computed online but the model has no VGGT "
+                    "aggregator: build it with a vggt checkpoint (spec model.vggt) or use a "
+                    "feature store"
+                )
+            device = self.model.visual.patch_embed.proj.weight.device
+            groups: dict[tuple, list[int]] = {}
+            for b in missing:  # samples with equal frame stacks run as one batch
+                groups.setdefault(tuple(vggt_frames[b].shape), []).append(b)
+            for members in groups.values():
+                frames = torch.stack([vggt_frames[b] for b in members]).to(device)
+                with torch.no_grad(), encoder_autocast(self.dtype, device):
+                    out = vggt_spatial_features(self.aggregator, frames, self.spatial_mode)
+                for b, spatial_map in zip(members, out):
+                    maps[b] = computed[b] = spatial_map
+        return maps, computed
 
-            Online, transformers' own tower runs (frozen blocks record no graph; only the merger
-            does): it is the reference the cached path (`vision_tower_features`) must match.
-            """
-            merger = self.model.visual.merger
-            if vision_features is not None:
-                return merger(vision_features.to(merger.mlp[0].weight.dtype)), None
-            if pixel_values is None:
-                raise JobError("batch has neither `vision_features` nor `pixel_values`")
-            visual = self.model.visual
-            out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=image_grid_thw)
-            hidden = None
-            if keep_hidden:
-                hidden = _natural_order(visual, out.last_hidden_state.detach(), image_grid_thw)
-            return out.pooler_output, hidden
+    def image_embeddings(self, input_ids, image_grid_thw, images_per_sample, pixel_values=None,
+                         vision_features=None, spatial_features=None,
+                         vggt_frames=None, sample_ids=None, keep_computed: bool = False):
+        """(image tokens of the batch, hidden) in placeholder order, JanusVLN blend applied."""
+        dtype = self.model.visual.merger.mlp[0].weight.dtype
+        image_embeds, computed_vision = self._vision_embeddings(
+            image_grid_thw, pixel_values, vision_features, keep_computed)
+        batch_size = input_ids.shape[0]
+        maps, computed_spatial = self._spatial_maps(batch_size, spatial_features, vggt_frames)
+        if len({tuple(m.shape) for m in maps}) == 1:
+            stacked = self.merger(torch.stack(maps).to(dtype))
+            spatial = list(stacked.unbind(0))
+        else:
+            spatial = [self.merger(m[None].to(dtype))[0] for m in maps]
+        tokens_per_image = (image_grid_thw.prod(-1) // self.model.visual.spatial_merge_unit).tolist()
+        owners = [b for b, n in enumerate(images_per_sample.tolist()) for _ in range(n)]
+        for i, b in enumerate(owners):
+            if tokens_per_image[i] != spatial[b].shape[0]:
+                sid = sample_ids[b] if sample_ids else f"#{b}"
+                raise JobError(
+                    f"sample {sid}: image {i} has {tokens_per_image[i]} visual tokens but its "
+                    f"spatial map merges to {spatial[b].shape[0]}; the Qwen image and the VGGT "
+                    "frame must share one patch grid (check max_pixels/min_pixels: they must "
+                    "not resize the frames)"
+                )
+        blend = torch.cat([spatial[o] for o in owners]) if owners else image_embeds[:0]
+        image_embeds = image_embeds + self.lam * blend
+        return image_embeds, computed_spatial, computed_vision
 
-        def _spatial_maps(self, batch_size, spatial_features, vggt_frames):
-            """Per sample (Hp, Wp, C) map of its last frame, from the cache or the aggregator."""
-            maps: list = [None] * batch_size
-            computed: list = [None] * batch_size
-            if spatial_features is not None:
-                for b in range(batch_size):
-                    maps[b] = spatial_features[b]
-            missing = [b for b in range(batch_size) if maps[b] is None]
-            if missing:
-                if vggt_frames is None:
-                    raise JobError("batch has samples without `spatial_features` and no `vggt_frames`")
-                if self.vggt is None:
-                    raise JobError(
-                        "spatial features must be computed online but the model has no VGGT "
-                        "aggregator: build it with a vggt checkpoint (spec model.vggt) or use a "
-                        "feature store"
-                    )
-                from janus_job.vggt import spatial_features as run_aggregator
-
-                device = self.model.visual.patch_embed.proj.weight.device
-                for b in missing:
-                    frames = vggt_frames[b].to(device)
-                    with torch.no_grad(), _autocast_like(self.dtype, device):
-                        maps[b] = run_aggregator(self.vggt.aggregator, frames[None], self.spatial_mode)[0]
-                    computed[b] = maps[b]
-            return maps, computed
-
-        def image_embeddings(self, input_ids, image_grid_thw, images_per_sample, pixel_values=None,
-                             vision_features=None, spatial_features=None,
-                             vggt_frames=None, sample_ids=None, keep_computed: bool = False):
-            """(image tokens of the batch, hidden) in placeholder order, JanusVLN blend applied."""
-            dtype = self.model.visual.merger.mlp[0].weight.dtype
-            image_embeds, computed_vision = self._vision_embeddings(
-                image_grid_thw, pixel_values, vision_features, keep_computed)
-            batch_size = input_ids.shape[0]
-            maps, computed_spatial = self._spatial_maps(batch_size, spatial_features, vggt_frames)
-            spatial = [None] * batch_size
-            if len({tuple(m.shape) for m in maps}) == 1:
-                stacked = self.merger(torch.stack(maps).to(dtype))
-                spatial = list(stacked.unbind(0))
-            else:
-                spatial = [self.merger(m[None].to(dtype))[0] for m in maps]
-            tokens_per_image = (image_grid_thw.prod(-1) // self.model.visual.spatial_merge_unit).tolist()
-            owners = [b for b, n in enumerate(images_per_sample.tolist()) for _ in range(n)]
-            for b in set(owners):
-                for i in (i for i, o in enumerate(owners) if o == b):
-                    if tokens_per_image[i] != spatial[b].shape[0]:
-                        sid = sample_ids[b] if sample_ids else f"#{b}"
-                        raise JobError(
-                            f"sample {sid}: image {i} has {tokens_per_image[i]} visual tokens but its "
-                            f"spatial map merges to {spatial[b].shape[0]}; the Qwen image and the VGGT "
-                            "frame must share one patch grid (check max_pixels/min_pixels: they must "
-                            "not resize the frames)"
-                        )
-            blend = torch.cat([spatial[o] for o in owners]) if owners else image_embeds[:0]
-            image_embeds = image_embeds + self.lam * blend
-            return image_embeds, computed_spatial, computed_vision
-
-        # ---- forward ------------------------------------------------------------------------
-        def forward(self, input_ids=None, attention_mask=None, labels=None, image_grid_thw=None,
-                    images_per_sample=None, pixel_values=None, vision_features=None,
-                    spatial_features=None, vggt_frames=None, sample_ids=None,
-                    return_logits: bool = False, return_computed_features: bool = False, **unused):
-            embed = self.model.get_input_embeddings()
-            inputs_embeds = embed(input_ids)
-            computed_spatial = computed_vision = None
-            if image_grid_thw is not None and image_grid_thw.shape[0] > 0:
-                if images_per_sample is None:
-                    images_per_sample = torch.tensor([image_grid_thw.shape[0]])
-                image_embeds, computed_spatial, computed_vision = self.image_embeddings(
-                    input_ids, image_grid_thw, images_per_sample, pixel_values, vision_features,
-                    spatial_features, vggt_frames, sample_ids, return_computed_features)
-                image_mask = input_ids == self.config.image_token_id
-                n_slots = int(image_mask.sum())
-                if n_slots != image_embeds.shape[0]:
-                    raise JobError(
-                        f"batch {sample_ids}: {n_slots} image placeholder tokens but "
-                        f"{image_embeds.shape[0]} image embeddings (tokenisation and image grid disagree)"
-                    )
-                inputs_embeds = inputs_embeds.masked_scatter(
-                    image_mask.unsqueeze(-1), image_embeds.to(inputs_embeds.dtype))
-                mm_token_type_ids = image_mask.int()
-                position_ids, _ = self.model.get_rope_index(
-                    input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                    attention_mask=attention_mask)
-            else:
-                position_ids = None
-            hidden = self.model.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                position_ids=position_ids, use_cache=False).last_hidden_state
-            loss = n_tokens = logits = None
-            if labels is not None:
-                loss, n_tokens, logits = restricted_lm_loss(self.lm_head, hidden, labels, return_logits)
-            return JanusVLNOutput(
-                loss=loss, num_label_tokens=n_tokens, logits=logits,
-                computed_spatial=computed_spatial if return_computed_features else None,
-                computed_vision=computed_vision if return_computed_features else None,
-            )
-
-    return SpatialMerger, JanusVLNForConditionalGeneration, JanusVLNOutput
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, image_grid_thw=None,
+                images_per_sample=None, pixel_values=None, vision_features=None,
+                spatial_features=None, vggt_frames=None, sample_ids=None,
+                return_logits: bool = False, return_computed_features: bool = False, **unexpected):
+        if unexpected:
+            raise TypeError(f"JanusVLN forward got keys outside the batch contract: {sorted(unexpected)}")
+        embed = self.model.get_input_embeddings()
+        inputs_embeds = embed(input_ids)
+        computed_spatial = computed_vision = None
+        if image_grid_thw is not None and image_grid_thw.shape[0] > 0:
+            if images_per_sample is None:
+                images_per_sample = torch.tensor([image_grid_thw.shape[0]])
+            image_embeds, computed_spatial, computed_vision = self.image_embeddings(
+                input_ids, image_grid_thw, images_per_sample, pixel_values, vision_features,
+                spatial_features, vggt_frames, sample_ids, return_computed_features)
+            image_mask = input_ids == self.config.image_token_id
+            n_slots = int(image_mask.sum())
+            if n_slots != image_embeds.shape[0]:
+                raise JobError(
+                    f"batch {sample_ids}: {n_slots} image placeholder tokens but "
+                    f"{image_embeds.shape[0]} image embeddings (tokenisation and image grid disagree)"
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_mask.unsqueeze(-1), image_embeds.to(inputs_embeds.dtype))
+            mm_token_type_ids = image_mask.int()
+            position_ids, _ = self.model.get_rope_index(
+                input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                attention_mask=attention_mask)
+        else:
+            position_ids = None
+        hidden = self.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids, use_cache=False).last_hidden_state
+        loss = n_tokens = logits = None
+        if labels is not None:
+            loss, n_tokens, logits = restricted_lm_loss(self.lm_head, hidden, labels, return_logits)
+        return JanusVLNOutput(
+            loss=loss, num_label_tokens=n_tokens, logits=logits,
+            computed_spatial=computed_spatial if return_computed_features else None,
+            computed_vision=computed_vision if return_computed_features else None,
+        )
 
 
-_CLASSES: tuple | None = None
-
-
-def _classes():
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _build_classes()
-    return _CLASSES
-
-
-def __getattr__(name: str) -> Any:
-    """`from janus_job.model import SpatialMerger` etc. work without importing torch at CLI start."""
-    names = ("SpatialMerger", "JanusVLNForConditionalGeneration", "JanusVLNOutput")
-    if name in names:
-        return _classes()[names.index(name)]
-    raise AttributeError(name)
-
-
-def _autocast_like(dtype, device):
-    torch = _torch()
+def encoder_autocast(dtype, device):
+    """bf16/fp16 autocast on GPU for the frozen encoders (JanusVLN runs fp32 VGGT this way)."""
     device = torch.device(device)
     enabled = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
@@ -359,7 +370,6 @@ def restricted_lm_loss(lm_head, hidden, labels, return_logits: bool = False):
     Equal to full-vocabulary cross-entropy over all positions with ignore_index -100 (JanusVLN's
     loss), without materialising (B, L, vocab) logits. Returns (loss, label count, logits or None).
     """
-    torch = _torch()
     target = labels[:, 1:]
     select = target != IGNORE_INDEX
     n_tokens = select.sum()
@@ -377,7 +387,6 @@ def vision_tower_features(visual, pixel_values, grid_thw) -> list:
 
     `visual.merger(cat(result))` equals the image embeddings of transformers' online tower.
     """
-    torch = _torch()
     with torch.no_grad():
         dtype = visual.patch_embed.proj.weight.dtype
         hidden = visual(pixel_values.to(dtype), grid_thw=grid_thw).last_hidden_state
@@ -387,9 +396,6 @@ def vision_tower_features(visual, pixel_values, grid_thw) -> list:
 
 def _natural_order(visual, hidden, grid_thw):
     """Undo the tower's window permutation of merge units (the order its blocks run in)."""
-    torch = _torch()
-    from transformers.vision_utils import get_vision_window_index
-
     window_index, _ = get_vision_window_index(
         grid_thw, spatial_merge_size=visual.spatial_merge_size,
         window_size=visual.window_size, patch_size=visual.patch_size)
@@ -404,38 +410,33 @@ def _natural_order(visual, hidden, grid_thw):
 def model_from_config(qwen_config, vggt_config=None, dtype=None, device="cpu",
                       attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
                       lam: float = DEFAULT_LAM, spatial_mode: str = "batched", vggt_dtype=None,
-                      spatial_channels: int | None = None):
+                      spatial_channels: int | None = None, register_vggt: bool = True):
     """Random-weight JanusVLN (for tests and benches), initialised directly on `device`.
 
     spatial_channels defaults to 2 x the VGGT width (2048 for VGGT-1B, also without a VGGT).
     """
-    torch = _torch()
-    _, cls, _ = _classes()
     dtype = dtype or torch.float32
     channels = spatial_channels or _spatial_channels(vggt_config)
     config = janus_config(qwen_config, lam=lam, spatial_channels=channels)
     config._attn_implementation = attn_implementation
     with _default_dtype(dtype), torch.device(device):
-        model = cls(config)
+        model = JanusVLNForConditionalGeneration(config)
     if vggt_config is not None:
-        from janus_job.vggt import FrameCausalAggregator
-
         with _default_dtype(vggt_dtype or torch.float32), torch.device(device):
-            model.attach_aggregator(FrameCausalAggregator(vggt_config), mode=spatial_mode)
+            model.attach_aggregator(FrameCausalAggregator(vggt_config), mode=spatial_mode,
+                                    register=register_vggt)
     return _finish(model, gradient_checkpointing)
 
 
-class _default_dtype:
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def __enter__(self):
-        torch = _torch()
-        self.previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc):
-        _torch().set_default_dtype(self.previous)
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """Parameters created inside get `dtype` (so a 7B model is never materialised in fp32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _spatial_channels(vggt_config) -> int:
@@ -489,40 +490,40 @@ def local_copy(path_or_url: str, cache_dir: str | None = None) -> str:
 
 def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: str = "sdpa",
                 gradient_checkpointing: bool = False, lam: float = DEFAULT_LAM,
-                spatial_mode: str = "batched", vggt_dtype=None, cache_dir: str | None = None):
+                spatial_mode: str = "batched", vggt_dtype=None, register_vggt: bool = True,
+                vggt_config=None, cache_dir: str | None = None):
     """JanusVLN from pretrained weights (paths or fsspec URLs) or from configs (random weights).
 
     qwen: Qwen2.5-VL-7B-Instruct directory/URL, or a `Qwen2_5_VLConfig` for random weights.
     vggt: VGGT-1B checkpoint path/URL (`janus_job.vggt.load_aggregator`), a `VGGTAggregatorConfig`
           (random weights), or None when spatial features always come from the store.
+    vggt_config: the aggregator architecture of a vggt checkpoint (default VGGT-1B).
     VGGT keeps fp32 weights by default and runs under bf16 autocast on GPU, as JanusVLN does.
+    register_vggt=False keeps it out of the module tree (see attach_aggregator): use it with
+    DeepSpeed ZeRO-3, which would otherwise partition and re-gather the frozen 1B encoder.
     """
-    torch = _torch()
     dtype = dtype or torch.bfloat16
     vggt_dtype = vggt_dtype or torch.float32
-    vggt_is_path = isinstance(vggt, (str, os.PathLike))
-    if not isinstance(qwen, (str, os.PathLike)):
-        model = model_from_config(qwen, None if vggt_is_path else vggt, dtype, device,
-                                  attn_implementation, False, lam, spatial_mode, vggt_dtype)
+    if isinstance(vggt, (str, os.PathLike)):
+        aggregator = load_aggregator(str(vggt), config=vggt_config, device=device, dtype=vggt_dtype)
+    elif vggt is not None:
+        with _default_dtype(vggt_dtype), torch.device(device):
+            aggregator = FrameCausalAggregator(vggt)
     else:
-        _, cls, _ = _classes()
-        from transformers import AutoConfig
-
+        aggregator = None
+    channels = 2 * aggregator.config.embed_dim if aggregator is not None else SPATIAL_CHANNELS
+    if isinstance(qwen, (str, os.PathLike)):
         local = local_copy(str(qwen), cache_dir)
-        config = janus_config(AutoConfig.from_pretrained(local), lam=lam)
-        model = cls.from_pretrained(local, config=config, dtype=dtype,
-                                    attn_implementation=attn_implementation).to(device)
-        model.merger.reset_parameters()  # not in the Qwen checkpoint
-        if vggt is not None and not vggt_is_path:
-            from janus_job.vggt import FrameCausalAggregator
-
-            with _default_dtype(vggt_dtype), torch.device(device):
-                model.attach_aggregator(FrameCausalAggregator(vggt), mode=spatial_mode)
-    if vggt_is_path:
-        from janus_job.vggt import load_aggregator
-
-        model.attach_aggregator(load_aggregator(str(vggt), device=device, dtype=vggt_dtype),
-                                mode=spatial_mode)
+        config = janus_config(AutoConfig.from_pretrained(local), lam=lam, spatial_channels=channels)
+        JanusVLNForConditionalGeneration.register_checkpoint_layout()
+        model = JanusVLNForConditionalGeneration.from_pretrained(
+            local, config=config, dtype=dtype, attn_implementation=attn_implementation).to(device)
+        model.merger.reset_parameters(config.text_config.initializer_range)  # not in the checkpoint
+    else:
+        model = model_from_config(qwen, None, dtype, device, attn_implementation, lam=lam,
+                                  spatial_channels=channels)
+    if aggregator is not None:
+        model.attach_aggregator(aggregator, mode=spatial_mode, register=register_vggt)
     return _finish(model, gradient_checkpointing)
 
 
@@ -570,25 +571,39 @@ def janusvln_key(name: str) -> str:
 
 
 def export_janusvln_checkpoint(model, out_dir: str, tokenizer=None, image_processor=None,
+                               state_dict=None, aggregator=None, copy_from: str | None = None,
                                max_shard_bytes: int = 5 * 1024**3) -> list[str]:
     """Writes a directory JanusVLN's `Qwen2_5_VLForConditionalGenerationForJanusVLN.from_pretrained`
     and its evaluation can load: config.json (flat, 4.50-style, with lam/reference_frame),
     sharded model-*.safetensors + index, tokenizer and preprocessor files. Atomic: written to a
     temporary directory, then renamed. Returns the tensor keys written.
+
+    state_dict: the full (gathered) state dict when the model is sharded (ZeRO-3); default
+    `model.state_dict()`. The VGGT aggregator comes from the model (registered or detached) or
+    `aggregator`; JanusVLN's loader has no other source for it, so it is required.
+    copy_from: a local Qwen2.5-VL directory whose tokenizer/processor/generation files are copied
+    (what JanusVLN's evaluation loads with AutoTokenizer/AutoProcessor).
     """
     import json
     import shutil
 
     from safetensors.torch import save_file
 
-    torch = _torch()
     out_dir = os.path.abspath(out_dir)
     tmp = out_dir + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         state[janusvln_key(name)] = tensor.detach().to("cpu").contiguous()
+    if not any(key.startswith("vggt.aggregator.") for key in state):
+        aggregator = aggregator if aggregator is not None else model.aggregator
+        if aggregator is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise JobError("export needs the VGGT aggregator weights (JanusVLN's checkpoint carries "
+                           "them): build the model with its vggt checkpoint or pass aggregator=")
+        for name, tensor in aggregator.state_dict().items():
+            state["vggt.aggregator." + name] = tensor.detach().to("cpu").contiguous()
     if model.config.tie_word_embeddings and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
 
@@ -615,22 +630,34 @@ def export_janusvln_checkpoint(model, out_dir: str, tokenizer=None, image_proces
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(janusvln_config_dict(model.config, dtype=next(model.parameters()).dtype), f, indent=2)
+    if copy_from is not None:
+        for name in sorted(os.listdir(copy_from)):
+            source = os.path.join(copy_from, name)
+            weights = name.endswith((".safetensors", ".bin", ".pt")) or name.endswith(".index.json")
+            if os.path.isfile(source) and not weights and name != "config.json":
+                shutil.copyfile(source, os.path.join(tmp, name))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if image_processor is not None:
         image_processor.save_pretrained(tmp)
+    old = out_dir + f".old-{os.getpid()}"
     if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    del torch
+    shutil.rmtree(old, ignore_errors=True)
     return sorted(state)
 
 
 def janusvln_config_dict(config, dtype=None) -> dict:
     """Flat Qwen2.5-VL config (text keys at top level, as transformers 4.50 saves it) + JanusVLN keys."""
+    noise = {"architectures", "model_type", "transformers_version", "dtype", "id2label", "label2id",
+             "problem_type", "_name_or_path", "layer_types", "chunk_size_feed_forward",
+             "is_encoder_decoder", "output_attentions", "output_hidden_states", "return_dict"}
     text = config.text_config.to_dict()
-    vision = config.vision_config.to_dict()
-    flat = {k: v for k, v in text.items() if k not in ("architectures", "model_type", "transformers_version")}
+    vision = {k: v for k, v in config.vision_config.to_dict().items()
+              if k not in noise and k != "rope_parameters"}
+    vision["model_type"] = "qwen2_5_vl"
+    flat = {k: v for k, v in text.items() if k not in noise}
     rope = dict(flat.pop("rope_parameters", {}) or {})
     flat["rope_theta"] = rope.get("rope_theta", 1000000.0)
     flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope.get("mrope_section", [16, 24, 24])}

@@ -210,32 +210,37 @@ def load_qwen_visual(qwen: str, device: str, dtype: Any) -> tuple[Any, Any]:
                 for prefix in ("visual.", "model.visual."):
                     if key.startswith(prefix):
                         state[key[len(prefix):]] = handle.get_tensor(key)
-    with torch.device("meta"):
-        visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
-    result = visual.load_state_dict(state, strict=True, assign=True)
-    del result
+    # Built for real, not on "meta": non-persistent buffers (rotary tables) are not in the checkpoint.
+    visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+    try:
+        visual.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise JobError(f"model.qwen {qwen}: its visual.* tensors do not fit the vision config: {err}") from err
     return visual.to(device=device, dtype=dtype).eval(), config.vision_config
 
 
-def load_encoders(spec: Any, device: str, *, vision: bool | None = None) -> Encoders:
-    """The real encoders of a job spec (VGGT-1B aggregator, Qwen2.5-VL vision tower)."""
+def load_encoders(spec: Any, device: str, *, vision: bool | None = None, vggt_config: Any = None,
+                  target_width: int | None = None) -> Encoders:
+    """The real encoders of a job spec (VGGT-1B aggregator, Qwen2.5-VL vision tower).
+
+    ``vggt_config`` / ``target_width`` default to VGGT-1B and JanusVLN's 644; tests pass tiny ones.
+    """
     import torch
 
     from janus_job import frames as frame_ops
     from janus_job.vggt import VGGTAggregatorConfig, load_aggregator
 
-    config = VGGTAggregatorConfig()
+    config = vggt_config or VGGTAggregatorConfig()
+    width = target_width or frame_ops.VGGT_TARGET_WIDTH
     aggregator = load_aggregator(spec.model.vggt, config, device, torch.float32).eval()
     compute = _compute_mode(device)
     encoders = Encoders(
         device=device,
-        target_width=frame_ops.VGGT_TARGET_WIDTH,
+        target_width=width,
         patch=frame_ops.PATCH_SIZE,
         merge=frame_ops.MERGE_SIZE,
         spatial=_spatial_fn(aggregator, device),
-        spatial_fingerprint=spatial_fingerprint(
-            state_dict_digest(aggregator.state_dict()), config, frame_ops.VGGT_TARGET_WIDTH, compute
-        ),
+        spatial_fingerprint=spatial_fingerprint(state_dict_digest(aggregator.state_dict()), config, width, compute),
     )
     if spec.features.cache_vision if vision is None else vision:
         from janus_job.data import load_processor
@@ -246,9 +251,50 @@ def load_encoders(spec: Any, device: str, *, vision: bool | None = None) -> Enco
         processor = load_processor(local_copy(spec.model.qwen), spec.data.min_pixels, spec.data.max_pixels).image_processor
         encoders.vision = _vision_fn(visual, processor, device, frame_ops.PATCH_SIZE, frame_ops.MERGE_SIZE)
         encoders.vision_fingerprint = vision_fingerprint(
-            _frozen_visual_digest(visual), vision_config, processor, frame_ops.VGGT_TARGET_WIDTH, compute
+            _frozen_visual_digest(visual), vision_config, processor, width, compute
         )
     return encoders
+
+
+def expected_fingerprints(spec: Any, *, compute: str = "bf16-autocast", hash_weights: bool = True,
+                          stored: FeatureStore | None = None, tiny: bool = False) -> list[Fingerprint]:
+    """The fingerprints a consumer (trainer, verify) opens the store with.
+
+    ``hash_weights`` loads the spec's weights on CPU and hashes them (seconds to a minute for
+    VGGT-1B + the vision tower). Without it, the weight digests are taken from ``stored``'s
+    manifests and every other field (function version, architecture, geometry, dtype) is still
+    checked; use that where the weights are not at hand, knowing a weight swap goes unnoticed.
+    """
+    vision = bool(spec.features.cache_vision)
+    if tiny:
+        found = tiny_encoders("cpu", vision=vision).fingerprints()
+    elif hash_weights:
+        found = load_encoders(spec, "cpu", vision=vision).fingerprints()
+    else:
+        from janus_job import frames as frame_ops
+        from janus_job.vggt import VGGTAggregatorConfig
+
+        if stored is None:
+            raise JobError("expected_fingerprints without hash_weights needs the store to read weight digests from")
+
+        def digest(kind: str) -> str:
+            record = stored.manifest(kind)
+            if record is None:
+                raise JobError(f"feature store {stored.url} has no {kind} manifest: run `janus-job precompute` first")
+            return str(record["fields"].get("weights_sha256"))
+
+        found = [spatial_fingerprint(digest("spatial"), VGGTAggregatorConfig(), frame_ops.VGGT_TARGET_WIDTH, compute)]
+        if vision:
+            from transformers import AutoConfig
+
+            from janus_job.data import load_processor
+            from janus_job.model import local_copy
+
+            local = local_copy(spec.model.qwen)
+            processor = load_processor(local, spec.data.min_pixels, spec.data.max_pixels).image_processor
+            found.append(vision_fingerprint(digest("vision"), AutoConfig.from_pretrained(local).vision_config,
+                                            processor, frame_ops.VGGT_TARGET_WIDTH, compute))
+    return [Fingerprint(fp.kind, {**fp.fields, "compute": compute}) for fp in found]
 
 
 # ---------------------------------------------------------------- sharding
@@ -429,7 +475,7 @@ def run_worker(
     stream = stream or sys.stdout
     started = time.monotonic()
     annotations = annotations or load_spec_annotations(spec)
-    store = store or FeatureStore.from_spec(spec)
+    store = store or FeatureStore.from_spec(spec, local_cache=False)
     store.check_reachable()
     store.open(encoders.fingerprints(), create=True)
     store.clean_temp_files()
@@ -541,7 +587,7 @@ def finalize(spec: Any, encoders_fingerprints: list[Fingerprint], workers: int, 
     """Writes COMPLETE.json once every worker's marker exists and every sample is covered."""
     stream = stream or sys.stdout
     annotations = annotations or load_spec_annotations(spec)
-    store = store or FeatureStore.from_spec(spec)
+    store = store or FeatureStore.from_spec(spec, local_cache=False)
     store.open(encoders_fingerprints, create=False)
     prefix = store.marker_prefix(annotations.digest)
     present = {key.rsplit("/", 1)[-1] for key in store.list_keys(prefix)}
@@ -604,6 +650,10 @@ def run_pod(
     def build(device: str) -> Encoders:
         return tiny_encoders(device, vision=spec.features.cache_vision) if tiny else load_encoders(spec, device)
 
+    if local_worker is None:  # fail fast, once, before starting any worker
+        load_spec_annotations(spec)
+        FeatureStore.from_spec(spec, local_cache=False).check_reachable()
+
     reports: list[WorkerReport] = []
     if local_worker is not None or per_pod == 1:
         local = local_worker or 0
@@ -639,7 +689,7 @@ def run_pod(
 
 def _fingerprints_from_store(spec: Any) -> list[Fingerprint]:
     """The fingerprints the children just opened the store with (the parent loads no weights)."""
-    store = FeatureStore.from_spec(spec)
+    store = FeatureStore.from_spec(spec, local_cache=False)
     found = []
     for kind in ("spatial", "vision"):
         record = store.manifest(kind)

@@ -141,8 +141,8 @@ class _GlobalBatchSampler:
         if state["global_batch_size"] != self.global_batch_size:
             raise JobError(
                 f"the checkpoint used global batch size {state['global_batch_size']} but this run uses "
-                f"{self.global_batch_size}; resume keeps the global batch, so build the sampler with "
-                f"the checkpoint's value"
+                f"{self.global_batch_size}; resume keeps the global batch: set "
+                f"training.global_batch_size: {state['global_batch_size']} in the spec"
             )
         if state["seed"] != self.seed:
             raise JobError(

@@ -1,8 +1,10 @@
 """The job spec: one YAML file, validated here, that is also the Helm chart's values file.
 
 Structure (types, ranges, enums, unknown keys) is checked by pydantic; rules that relate several
-fields are plain functions (`spec_problems`) so that each refusal names the field and the fix.
-`values.schema.json` of the chart is generated from `JobSpec` (`janus-job schema`).
+fields are plain functions (`spec_problems`, `memory_problems`) so that each refusal names the field
+and the fix. The chart's `values.schema.json` and `values.yaml` are generated from `JobSpec`
+(`janus-job schema [--values]`); the rules are mirrored for Helm in
+`charts/janus-train/templates/_validate.tpl`, and tests/test_chart_parity.py keeps both sides equal.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ class FeaturesSpec(Section):
     credentials_secret: str | None = Field(
         None, description="Name of the Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (envFrom)."
     )
-    cache_dir: str = Field("/var/cache/janus-features", min_length=1, description="Node-local cache directory for features.")
-    cache_size_gib: float = Field(200, ge=0, description="Size limit of the node-local cache (0 disables it).")
+    cache_dir: str = Field("/var/cache/janus-features", min_length=1, description="Local feature cache: an emptyDir on the node's disk mounted here.")
+    cache_size_gib: float = Field(200, ge=0, description="Size limit of the local feature cache in GiB (0: no cache volume).")
     cache_vision: bool = Field(True, description="Also cache the frozen Qwen vision tower's output (else it runs online).")
 
 
@@ -90,11 +92,13 @@ class CheckpointSpec(Section):
 class ResizeSpec(Section):
     policy: Literal["elastic", "fixed"] = Field(
         "elastic",
-        description="elastic: PyTorchJob elasticPolicy with c10d rendezvous; the job restarts at a new node count "
-        "(kubectl scale / Worker replicas) within [min_nodes, max_nodes] and keeps the global batch. "
-        "fixed: static rendezvous at exactly training.nodes.",
+        description="elastic: a job of 2+ nodes gets the PyTorchJob elasticPolicy (c10d rendezvous) and restarts at a "
+        "new node count (kubectl scale / Worker replicas) within [min_nodes, max_nodes], keeping the global batch; "
+        "a 1-node job runs fixed. fixed: static rendezvous at exactly training.nodes.",
     )
-    min_nodes: int | None = Field(None, ge=1, description="Fewest nodes the job may run on (default: training.nodes).")
+    min_nodes: int | None = Field(
+        None, ge=1, description="Fewest nodes the job may run on (default: training.nodes; elastic jobs need >= 2: Master + 1 Worker)."
+    )
     max_nodes: int | None = Field(None, ge=1, description="Most nodes the job may run on (default: training.nodes).")
     max_restarts: int = Field(10, ge=0, le=1000, description="torchrun restarts of the worker group (elastic).")
 
@@ -154,8 +158,8 @@ class DeepSpeedSpec(Section):
 
 
 class ResourcesSpec(Section):
-    cpu: str | None = Field(None, description="CPU request=limit per training pod, e.g. '96'.")
-    memory: str | None = Field(None, description="Memory request=limit per training pod, e.g. '1500Gi'.")
+    cpu: str | None = Field(None, description="CPU request=limit of every GPU pod (training and precompute), e.g. '96'.")
+    memory: str | None = Field(None, description="Memory request=limit of every GPU pod (training and precompute), e.g. '1500Gi'.")
     gpu_resource_name: str = Field("nvidia.com/gpu", min_length=1, description="Extended resource name of the GPUs.")
     gpu_memory_gib: float = Field(80, gt=0, description="Memory of one GPU (H100/H800: 80), used by the fit check.")
 
@@ -178,6 +182,11 @@ class ClusterSpec(Section):
     nccl_socket_ifname: str | None = Field(None, description="NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, e.g. 'eth0'.")
     roce_gid_index: int = Field(3, ge=0, le=255, description="NCCL_IB_GID_INDEX for RoCE v2.")
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations (e.g. Multus networks).")
+    restart_policy: Literal["OnFailure", "ExitCode", "Never"] = Field(
+        "OnFailure",
+        description="Restart policy of the training replicas: OnFailure restarts a failed pod in place (the job "
+        "resumes from its newest checkpoint); ExitCode restarts only on signals/exit codes >= 128.",
+    )
     backoff_limit: int = Field(10, ge=0, le=1000, description="PyTorchJob runPolicy.backoffLimit (pod restarts before failure).")
     clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="PyTorchJob runPolicy.cleanPodPolicy.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished job after this many seconds.")
@@ -214,6 +223,11 @@ class JobSpec(Section):
         return self.training.nodes * self.training.gpus_per_node
 
     @property
+    def elastic(self) -> bool:
+        """Whether the PyTorchJob gets an elasticPolicy: policy elastic and room for more than one node."""
+        return self.training.resize.policy == "elastic" and self.max_nodes >= 2
+
+    @property
     def min_nodes(self) -> int:
         if self.training.resize.policy == "fixed":
             return self.training.nodes
@@ -248,6 +262,7 @@ class JobSpec(Section):
 
 
 DEFAULT_ACCUMULATION = 8  # JanusVLN's train.sh
+MIN_ELASTIC_NODES = 2  # Master + 1 Worker: the operator's webhook needs a Worker of >= 1 replica
 
 
 # -- cross-field rules ---------------------------------------------------------------------------
@@ -263,6 +278,7 @@ class Problem:
         return f"  - {self.path}: {self.message}\n    fix: {self.fix}"
 
 
+PRECOMPUTE_HASH_LEN = 8  # the chart names the precompute Job <name>-precompute-<8 hex>
 OBJECT_STORE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
 
 
@@ -271,8 +287,7 @@ def _longest_generated_suffix(spec: JobSpec) -> str:
     suffixes = [
         f"-worker-{max(spec.max_nodes - 2, 0)}",  # PyTorchJob pod and Service of the last worker
         "-master-0",
-        f"-precompute-{spec.precompute.pods - 1}",  # Indexed Job pod hostname
-        "-precompute",
+        f"-precompute-{'x' * PRECOMPUTE_HASH_LEN}-{spec.precompute.pods - 1}",  # Indexed Job pod hostname
         "-spec",
     ]
     return max(suffixes, key=len)
@@ -281,7 +296,7 @@ def _longest_generated_suffix(spec: JobSpec) -> str:
 def spec_problems(spec: JobSpec) -> list[Problem]:
     """Every cross-field rule; empty when the spec is consistent."""
     problems: list[Problem] = []
-    t, f, ds, c = spec.training, spec.features, spec.deepspeed, spec.cluster
+    t, f, c = spec.training, spec.features, spec.cluster
 
     suffix = _longest_generated_suffix(spec)
     if len(spec.name) + len(suffix) > DNS_LABEL_MAX:
@@ -292,9 +307,11 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
             f"use a name of at most {DNS_LABEL_MAX - len(suffix)} characters",
         ))
 
+    batch_problem = False
     if t.gradient_accumulation_steps is not None and t.global_batch_size is not None:
         expected = t.micro_batch_size * t.gradient_accumulation_steps * spec.world_size
         if expected != t.global_batch_size:
+            batch_problem = True
             problems.append(Problem(
                 "training.global_batch_size",
                 f"{t.global_batch_size} disagrees with micro_batch_size x gradient_accumulation_steps x nodes x "
@@ -302,6 +319,7 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
                 "set only one of global_batch_size and gradient_accumulation_steps (the other is derived)",
             ))
     elif t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * spec.world_size):
+        batch_problem = True
         problems.append(Problem(
             "training.global_batch_size",
             f"{t.global_batch_size} is not a multiple of micro_batch_size x nodes x gpus_per_node = "
@@ -315,12 +333,19 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
             "training.resize.min_nodes", "min_nodes/max_nodes have no effect with policy 'fixed'",
             "set training.resize.policy: elastic, or remove min_nodes/max_nodes",
         ))
-    if not spec.min_nodes <= t.nodes <= spec.max_nodes:
+    if spec.elastic and spec.min_nodes < MIN_ELASTIC_NODES:
+        problems.append(Problem(
+            "training.resize.min_nodes" if r.min_nodes is not None else "training.nodes",
+            f"an elastic job keeps a Master and at least one Worker (the training operator refuses 0 Worker "
+            f"replicas), so it cannot run on {spec.min_nodes} node",
+            "set training.resize.min_nodes (and training.nodes) >= 2, or training.resize.policy: fixed for one node",
+        ))
+    elif not spec.min_nodes <= t.nodes <= spec.max_nodes:
         problems.append(Problem(
             "training.nodes", f"{t.nodes} is outside training.resize [{spec.min_nodes}, {spec.max_nodes}]",
             "set min_nodes <= nodes <= max_nodes",
         ))
-    elif not problems or problems[-1].path != "training.global_batch_size":
+    elif not batch_problem:
         for nodes in range(spec.min_nodes, spec.max_nodes + 1):
             per_step = t.micro_batch_size * nodes * t.gpus_per_node
             if spec.global_batch_size % per_step:
@@ -384,7 +409,7 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
 QWEN_LLM_PARAMS = 7.62e9  # language model incl. embeddings and untied lm_head (trainable)
 QWEN_VISION_PARAMS = 0.63e9  # vision tower blocks (frozen by default)
 QWEN_MERGER_PARAMS = 0.045e9  # vision merger (trainable)
-SPATIAL_MERGER_PARAMS = 0.06e9  # JanusVLN's spatial merger (trainable)
+SPATIAL_MERGER_PARAMS = 0.048e9  # JanusVLN's spatial merger: 8192->4096->3584 MLP (trainable)
 VGGT_PARAMS = 1.26e9  # loaded only when VGGT runs online
 LLM_LAYERS, LLM_HIDDEN, LLM_INTERMEDIATE, LLM_VOCAB = 28, 3584, 18944, 152064
 TEXT_TOKENS = 512  # instruction + answer tokens per sample (rough)
@@ -572,6 +597,17 @@ def validate_spec(data: Any, source: str = "job spec") -> JobSpec:
     return spec
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: `2e-5` is a number (PyYAML's YAML 1.1 reads it as a string; Helm's toYaml writes it)."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Reads and validates a job spec YAML file (also the Helm values / the pod's ConfigMap)."""
     p = Path(path)
@@ -582,7 +618,7 @@ def load_spec(path: str | Path) -> JobSpec:
     except OSError as err:
         raise JobError(f"{p}: cannot read the job spec ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -315,13 +315,14 @@ class FeatureStore:
         self._fingerprints: dict[str, Fingerprint] = {}
 
     @classmethod
-    def from_spec(cls, spec: Any) -> FeatureStore:
+    def from_spec(cls, spec: Any, *, local_cache: bool = True) -> FeatureStore:
+        """The spec's store; ``local_cache=False`` for writers (precompute), which never re-read."""
         features = spec.features
         return cls(
             str(features.store),
             endpoint_url=getattr(features, "endpoint_url", None),
-            cache_dir=getattr(features, "cache_dir", None),
-            cache_size_gib=float(getattr(features, "cache_size_gib", 0) or 0),
+            cache_dir=getattr(features, "cache_dir", None) if local_cache else None,
+            cache_size_gib=float(getattr(features, "cache_size_gib", 0) or 0) if local_cache else 0.0,
         )
 
     def __getstate__(self) -> dict:
@@ -417,8 +418,10 @@ class FeatureStore:
 
     def get_bytes(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
+        # One GET: s3fs would otherwise send a HEAD first to decide on ranged parallel reads.
+        options = {"max_concurrency": 1} if self.protocol == "s3" else {}
         try:
-            return self._call(f"reading {key}", lambda: self.fs.cat_file(self._path(key)))
+            return self._call(f"reading {key}", lambda: self.fs.cat_file(self._path(key), **options))
         except FileNotFoundError:
             return None
 

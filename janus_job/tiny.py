@@ -156,7 +156,7 @@ class MemoryFeatureSource:
         import torch
 
         from janus_job import frames
-        from janus_job.model import vision_tower_features
+        from janus_job.model import encoder_autocast, vision_tower_features
         from janus_job.vggt import spatial_features
 
         self.spatial: dict[str, torch.Tensor] = {}
@@ -168,8 +168,8 @@ class MemoryFeatureSource:
             decoded = [frames.preprocess_for_vggt(frames.load_frame(path), target_width)
                        for path in sample.frame_paths]
             stacked = torch.stack(decoded)[None].to(device)
-            with torch.no_grad(), _autocast(model.dtype, device):
-                spatial = spatial_features(model.vggt.aggregator, stacked, mode)[0]
+            with torch.no_grad(), encoder_autocast(model.dtype, device):
+                spatial = spatial_features(model.aggregator, stacked, mode)[0]
             self.spatial[sample.id] = spatial.to("cpu", dtype or spatial.dtype)
             for ref, image in zip(sample.images, decoded):
                 if ref in self.vision:
@@ -194,8 +194,3 @@ class MemoryFeatureSource:
             raise JobError(f"vision features of frame {frame_ref} are missing")
         return self.vision[frame_ref]
 
-
-def _autocast(dtype, device):
-    from janus_job.model import _autocast_like
-
-    return _autocast_like(dtype, device)

@@ -330,20 +330,61 @@ def _wait_seconds(env: dict | None = None) -> float:
         raise JobError(f"{PRECOMPUTE_WAIT_ENV}={raw!r} is not a number of seconds") from None
 
 
-def _feature_source(spec: Any, annotations: Any, ranks: Ranks):
-    """(feature source, spatial source, vision source) for the spec's features.mode."""
-    from janus_job.store import FeatureStore, StoreFeatureSource
+def _open_completed_store(spec: Any, annotations: Any) -> Any:
+    """The feature store, once precompute has marked these annotations complete, opened with the
+    fingerprints that precompute recorded (so features of other weights/geometry are refused)."""
+    from janus_job.store import FeatureStore, Fingerprint
+
+    store = FeatureStore.from_spec(spec)
+    completion = store.wait_complete(annotations.digest, _wait_seconds(), poll_s=30.0)
+    recorded = completion.get("fingerprints", {})
+    kinds = ["spatial"] + (["vision"] if spec.features.cache_vision else [])
+    fingerprints = []
+    for kind in kinds:
+        if kind not in recorded:
+            raise JobError(
+                f"features.store {store.url} was precomputed without {kind} features; rerun `janus-job precompute` "
+                f"with this spec (features.cache_vision: {str(spec.features.cache_vision).lower()})"
+            )
+        manifest = store.manifest(kind)
+        if manifest is None:
+            raise JobError(f"features.store {store.url}: manifest-{kind}.json is missing; rerun `janus-job precompute`")
+        fingerprint = Fingerprint(manifest["kind"], manifest["fields"])
+        if fingerprint.id != recorded[kind]:
+            raise JobError(
+                f"features.store {store.url}: the {kind} manifest changed after precompute completed "
+                f"({fingerprint.id} != {recorded[kind]}); rerun `janus-job precompute`"
+            )
+        fingerprints.append(fingerprint)
+    store.open(fingerprints, create=False)
+    return store, fingerprints[0]
+
+
+@dataclass
+class Features:
+    """Where this run's encoder outputs come from."""
+
+    source: Any  # a janus_job.data.FeatureSource, or None when both encoders run online
+    spatial: str  # "cached" | "online"
+    vision: str  # "cached" | "online"
+    target_width: int | None = None  # frame width the cached features were computed at
+    spatial_channels: int | None = None  # channels of the cached spatial maps
+
+
+def _feature_source(spec: Any, annotations: Any, ranks: Ranks) -> Features:
+    """The features for the spec's features.mode; cached ones fix the frame width (frames read
+    online must match it) and the spatial merger's input channels."""
+    from janus_job.store import StoreFeatureSource
 
     mode = spec.features.mode
     if mode == "online":
-        return None, "online", "online"
+        return Features(None, "online", "online")
     if mode != "precomputed":
         raise JobError(
             f"features.mode {mode!r} is not supported by the trainer yet; use 'precomputed' (run "
             "`janus-job precompute` first) or 'online'"
         )
-    store = FeatureStore.from_spec(spec)
-    store.wait_complete(annotations.digest, _wait_seconds(), poll_s=30.0)
+    store, spatial_fingerprint = _open_completed_store(spec, annotations)
     problem = None
     frame_hashes: dict = {}
     if ranks.rank == 0:
@@ -353,24 +394,29 @@ def _feature_source(spec: Any, annotations: Any, ranks: Ranks):
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
             problem = (
                 f"features.store {store.url}: {len(missing)} of {len(annotations.samples)} samples have no "
-                f"precomputed features (first: {shown}); the precompute Job is incomplete for these "
-                f"annotations: rerun `janus-job precompute --spec ...` (it skips what exists), or use "
-                f"features.mode: online"
+                f"precomputed features (first: {shown}); the store is incomplete for these annotations: rerun "
+                f"`janus-job precompute --spec ...` (it computes only what is missing), or use features.mode: online"
             )
     _raise_everywhere(problem)
     frame_hashes = _same_on_all_ranks(frame_hashes)
     source = StoreFeatureSource(store, frame_hashes=frame_hashes, image_root=spec.data.image_root)
-    return source, "cached", "cached" if spec.features.cache_vision else "online"
+    return Features(
+        source,
+        "cached",
+        "cached" if spec.features.cache_vision else "online",
+        target_width=int(spatial_fingerprint.fields["target_width"]),
+        spatial_channels=2 * int(spatial_fingerprint.fields["architecture"]["embed_dim"]),
+    )
 
 
-def _reraise_loader_error(err: Exception) -> None:
+def _reraise_loader_error(err: JobError) -> None:
     """A JobError raised in a DataLoader worker arrives with the worker's traceback inside its
     message; keep the user's part (it names the sample)."""
     text = str(err)
     marker = "JobError: "
     if "Original Traceback" in text and marker in text:
         text = text.rsplit(marker, 1)[1].strip()
-    raise JobError(f"data loading failed: {text}") from None
+    raise JobError(text) from None
 
 
 def _to_device(batch: dict, device: Any) -> dict:
@@ -398,6 +444,7 @@ class Interval:
     data_wait_s: float = 0.0
     loss_sum: Any = 0.0  # a device tensor once a step ran: no host sync per micro-step
     loss_count: int = 0
+    lr: float = 0.0
     work: BatchWork = field(default_factory=BatchWork)
 
 
@@ -413,20 +460,21 @@ class Trainer:
     def setup(self) -> None:
         import torch
 
-        from janus_job.annotations import load_annotations
         from janus_job.data import JanusCollator, JanusDataset, load_processor
         from janus_job.model import build_model, local_copy, param_groups
+        from janus_job.precompute import load_spec_annotations
         from janus_job.sampler import BalancedBatchSampler, LengthGroupedBatchSampler
 
         spec, t = self.spec, self.spec.training
         self.ranks, self.device = init_distributed()
         self._seed_everything(t.seed)
 
-        annotations = load_annotations(spec.data.annotations, spec.data.image_root)
-        features, spatial, vision = _feature_source(spec, annotations, self.ranks)
+        annotations = load_spec_annotations(spec)
+        features = _feature_source(spec, annotations, self.ranks)
         qwen_dir = local_copy(spec.model.qwen)
         processor = load_processor(qwen_dir, spec.data.min_pixels, spec.data.max_pixels)
-        self.dataset = JanusDataset(annotations.samples, processor, features, spatial=spatial, vision=vision)
+        self.dataset = JanusDataset(annotations.samples, processor, features.source, spatial=features.spatial,
+                                    vision=features.vision, target_width=features.target_width)
         self.collator = JanusCollator(processor.tokenizer.pad_token_id)
 
         self.global_batch_size = spec.global_batch_size
@@ -446,7 +494,8 @@ class Trainer:
         dtype = torch.bfloat16 if spec.deepspeed.bf16 else torch.float32
         model = build_model(
             qwen_dir,
-            vggt=spec.model.vggt if spatial == "online" else None,
+            vggt=spec.model.vggt if features.spatial == "online" else None,
+            spatial_channels=features.spatial_channels,
             dtype=dtype,
             device=self.device,
             attn_implementation=spec.model.attn_implementation,
@@ -569,16 +618,13 @@ class Trainer:
         self.engine.train()
         while self.step < self.total_steps:
             step_started = time.perf_counter()
+            interval.lr = self._lr()  # the lr this step trains with (the scheduler moves it at the boundary)
             for micro_step in range(self.accumulation):
                 waited = time.perf_counter()
                 try:
                     batch = next(batches)
-                except JobError:
-                    raise
-                except Exception as err:  # a worker's JobError arrives re-wrapped
-                    if "JobError" in type(err).__name__ or "JobError" in str(err):
-                        _reraise_loader_error(err)
-                    raise
+                except JobError as err:
+                    _reraise_loader_error(err)
                 interval.data_wait_s += time.perf_counter() - waited
                 trace.write({"step": self.step, "micro_step": micro_step, "rank": self.ranks.rank,
                              "sample_ids": batch["sample_ids"]})
@@ -655,7 +701,7 @@ class Trainer:
             "mem_min_gib": None if peak is None else extremes.min_bytes / GIB,
             "mem_max_gib": None if peak is None else extremes.max_bytes / GIB,
             "loss": loss,
-            "lr": self._lr(),
+            "lr": interval.lr,
             "eta_s": (self.total_steps - self.step) * s_per_it,
             "rank": self.ranks.rank,
             "world_size": self.ranks.world_size,

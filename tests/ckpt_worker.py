@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import faulthandler
 import signal
 
 import numpy as np
@@ -114,6 +115,7 @@ def set_full_state(engine, dump: dict) -> None:
             safe_set_full_fp32_param(param, entry["fp32"])
             safe_set_full_optimizer_state(param, entry["exp_avg"], "exp_avg")
             safe_set_full_optimizer_state(param, entry["exp_avg_sq"], "exp_avg_sq")
+    opt.update_lp_params()  # the module's weights from the fp32 masters
 
 
 def main() -> None:
@@ -123,7 +125,11 @@ def main() -> None:
     from janus_job.checkpoint import CheckpointManager
     from janus_job.sampler import BalancedBatchSampler
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = parse_args()
+    # torch first: after a torchrun restart, deepspeed.init_distributed alone fails to form the gloo
+    # mesh of the new attempt (0.19.8); an initialised default group is simply adopted by DeepSpeed
+    dist.init_process_group("gloo")
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

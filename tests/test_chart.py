@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from janus_job.render import render_objects
-from janus_job.spec import chart_values_yaml, json_schema, load_spec, spec_to_values, validate_spec
+from janus_job.spec import chart_values_yaml, json_schema, load_spec, spec_to_values
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "janus-train"
@@ -88,11 +88,28 @@ def test_helm_refuses_values_that_violate_the_schema(case, change, word):
 
 
 @pytest.mark.parametrize("path", VALUE_FILES, ids=IDS)
-def test_configmap_holds_the_validated_spec(rendered, path):
+def test_configmap_holds_the_validated_spec(rendered, path, tmp_path):
     (configmap,) = by_kind(rendered[path.stem], "ConfigMap")
-    in_pod = validate_spec(yaml.safe_load(configmap["data"]["job.yaml"]), "ConfigMap")
+    mounted = tmp_path / "job.yaml"  # what the pod reads at /etc/janus/job.yaml
+    mounted.write_text(configmap["data"]["job.yaml"])
+    in_pod = load_spec(mounted)
     assert in_pod == load_spec(path)
     assert spec_to_values(in_pod) == spec_to_values(load_spec(path))
+
+
+def test_precompute_job_survives_training_changes_and_follows_its_inputs():
+    # a Job's pod template is immutable: `helm upgrade --set training.nodes=3` must not touch it,
+    # while a new feature store must give a new Job (a finished one would never run again)
+    values = user_values(ROOT / "examples" / "r2r-2node-ib.yaml")
+    (before,) = by_kind(render_objects(values), "Job")
+    values["training"]["nodes"] = 3
+    values["training"]["learning_rate"] = 1e-5
+    (scaled,) = by_kind(render_objects(values), "Job")
+    assert scaled == before
+    values["features"]["store"] = "s3://janus-features/r2r-v2"
+    (moved,) = by_kind(render_objects(values), "Job")
+    assert moved["metadata"]["name"] != before["metadata"]["name"]
+    assert moved["metadata"]["name"].startswith("r2r-2node-ib-precompute-") and len(moved["metadata"]["name"]) == len(before["metadata"]["name"])
 
 
 def test_checksum_changes_with_the_spec():
@@ -117,7 +134,7 @@ def test_two_node_infiniband_job(rendered):
     assert spec["nprocPerNode"] == "8"
     replicas = spec["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
-    assert spec["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": 1, "maxReplicas": 2, "maxRestarts": 10}
+    assert spec["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 4, "maxRestarts": 10}
     assert spec["runPolicy"]["schedulingPolicy"] == {"minAvailable": 2, "queue": "default", "priorityClass": "janus-train"}
     for template in pod_templates(job).values():
         pod = template["spec"]
@@ -152,7 +169,7 @@ def test_gpu_balance_sidecar_is_native_and_unprivileged(rendered):
         assert sidecar["restartPolicy"] == "Always"
         assert sidecar["command"] == ["janus-job", "monitor", "--stats-dir", "/var/run/janus/stats", "--port", "9500",
                                       "--interval", "30", "--warn-ratio", "0.15", "--stale-after", "120"]
-        assert not any("gpu" in k for k in json.dumps(sidecar.get("resources", {})).split('"'))
+        assert "gpu" not in json.dumps(sidecar["resources"])
         sc = sidecar["securityContext"]
         assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
         assert {"name": "metrics", "containerPort": 9500, "protocol": "TCP"} in sidecar["ports"]
@@ -170,6 +187,7 @@ def test_all_features_job(rendered):
     assert run == {"backoffLimit": 20, "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 86400, "suspend": True,
                    "schedulingPolicy": {"minAvailable": 4, "queue": "research", "priorityClass": "janus-train"}}
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+    assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
     master = pod_templates(job)["Master"]
     assert master["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce-net"
     env = {e["name"]: e.get("value") for e in master["spec"]["containers"][0]["env"]}
@@ -179,8 +197,10 @@ def test_all_features_job(rendered):
     assert cache["emptyDir"]["sizeLimit"] == "151Gi"
 
 
-def test_single_node_fixed_job_has_no_worker_or_elastic_policy(rendered):
-    (job,) = by_kind(rendered["r2r-1node"], "PyTorchJob")
+@pytest.mark.parametrize("example", ["r2r-1node", "minimal"])
+def test_single_node_job_has_no_worker_or_elastic_policy(rendered, example):
+    # the operator's webhook wants a Worker (>= 1 replica) for elasticPolicy, so one node runs fixed
+    (job,) = by_kind(rendered[example], "PyTorchJob")
     assert "elasticPolicy" not in job["spec"] and set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
     assert "schedulingPolicy" not in job["spec"]["runPolicy"]
     env = {e["name"]: e.get("value") for e in pod_templates(job)["Master"]["spec"]["containers"][0]["env"]}
@@ -244,7 +264,7 @@ def test_pytorchjob_matches_the_crd(rendered, pytorchjob_validator, path):
 
 
 def test_crd_check_rejects_unknown_fields(rendered, pytorchjob_validator):
-    (job,) = by_kind(rendered["minimal"], "PyTorchJob")
+    (job,) = by_kind(rendered["r2r-2node-ib"], "PyTorchJob")
     bad = copy.deepcopy(job)
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["gpus"] = 8
     bad["spec"]["elasticPolicy"]["minNodes"] = 1
@@ -290,5 +310,6 @@ def test_notes_tell_how_to_follow_and_scale():
         out = chart.render(values=user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), name="r2r", namespace="janus")
     notes = out["janus-train/templates/NOTES.txt"]
     assert "kubectl -n janus logs -f r2r-2node-ib-master-0 -c pytorch" in notes
-    assert "-c gpu-balance" in notes and "logs -f job/r2r-2node-ib-precompute" in notes
+    (job,) = by_kind(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r", namespace="janus"), "Job")
+    assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
     assert "scale pytorchjob/r2r-2node-ib --replicas" in notes and "--set training.nodes=" in notes

@@ -191,8 +191,37 @@ def test_token_length_estimate_is_close(processor, root):
     for est, real in zip(estimates, actual):
         assert abs(est - real) / real < 0.25
     assert estimates[1] > estimates[0]
+    sized = data.JanusDataset(samples, processor, spatial="online", vision="online",
+                              target_width=TARGET_WIDTH, frame_size=(160, 120))
+    assert sized.token_lengths() == estimates
     # the official geometry: 9 frames of 640x480 -> 9 x 391 visual tokens
     official = Sample(id="o", images=tuple(f"{i}.jpg" for i in range(9)),
                       conversations=({"from": "human", "value": "<image>" * 9 + " go"},
                                      {"from": "gpt", "value": "stop"}))
     assert 9 * 391 < data.sample_token_length(official) < 9 * 391 + 60
+
+
+def test_load_processor_reads_a_qwen_directory_and_pixel_bounds(processor, tmp_path):
+    processor.tokenizer.save_pretrained(str(tmp_path))
+    processor.image_processor.save_pretrained(str(tmp_path))
+    loaded = data.load_processor(str(tmp_path), min_pixels=8 * 28 * 28, max_pixels=300 * 28 * 28)
+    text = "hi <|vision_start|><|image_pad|><|vision_end|>"
+    assert loaded.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+    image = torch.rand(3, 28 * 30, 28 * 30)  # 900 merge units > 300: resized down
+    out = loaded.image_processor(images=[image], return_tensors="pt", do_rescale=False)
+    t, h, w = out["image_grid_thw"][0].tolist()
+    assert h * w <= 300 * 4 and h * w >= 8 * 4
+
+
+def test_dataloader_workers_produce_the_same_batches(processor, root):
+    samples = [sample(root, "a", (0,)), sample(root, "b", (1, 2)), sample(root, "c", (3,))]
+    ds = data.JanusDataset(samples, processor, spatial="online", vision="online", target_width=TARGET_WIDTH)
+    collate = data.JanusCollator(processor.tokenizer.pad_token_id)
+    inline = list(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate))
+    workers = list(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate, num_workers=2,
+                                               pin_memory=False, prefetch_factor=2))
+    assert len(inline) == len(workers) == 2
+    for a, b in zip(inline, workers):
+        assert a["sample_ids"] == b["sample_ids"]
+        for key in ("input_ids", "labels", "pixel_values", "image_grid_thw"):
+            assert torch.equal(a[key], b[key])

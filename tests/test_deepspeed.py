@@ -161,24 +161,27 @@ DEEPSPEED_LOADER = textwrap.dedent("""
 def test_rendered_configs_load_in_real_deepspeed(tmp_path):
     from conftest import free_port
 
+    # the acceptance path: `janus-job render examples/r2r-2node-ib.yaml --out DIR` -> DIR/deepspeed.json
+    out = tmp_path / "rendered"
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "janus-job"), "render", str(ROOT / "examples" / "r2r-2node-ib.yaml"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "manifests.yaml").is_file()
     r2r = load_spec(ROOT / "examples" / "r2r-2node-ib.yaml")
     offload = make(deepspeed={"zero_stage": 3, "offload_param": "cpu", "offload_optimizer": "cpu"})
-    cases = []
-    for name, spec, world in (("r2r16", r2r, 16), ("r2r8", r2r, 8), ("offload16", offload, 16)):
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(render_deepspeed_config(spec, world)))
-        cases.append((str(path), world))
-    cases.append((str(tmp_path / "r2r16.json"), 8))  # a 16-rank config at 8 ranks must be refused by DeepSpeed
+    (tmp_path / "r2r8.json").write_text(json.dumps(render_deepspeed_config(r2r, 8)))
+    (tmp_path / "offload16.json").write_text(json.dumps(render_deepspeed_config(offload, 16)))
+    cases = [(str(out / "deepspeed.json"), 16), (str(tmp_path / "r2r8.json"), 8), (str(tmp_path / "offload16.json"), 16),
+             (str(out / "deepspeed.json"), 8)]  # a 16-rank config at 8 ranks must be refused by DeepSpeed
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, "-c", DEEPSPEED_LOADER, json.dumps(cases), str(free_port())],
                           capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    print(proc.stdout[-2000:])
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     r16, r8, off, wrong = json.loads(line[0][len("RESULTS "):])
-    assert r16 == {"ok": True, "world": 16, "train_batch_size": 64, "micro": 1, "accumulation": 4, "stage": 2,
+    assert r16 == {"ok": True, "world": 16, "train_batch_size": 96, "micro": 1, "accumulation": 6, "stage": 2,
                    "bf16": True, "offload_optimizer": False}, r16
-    assert r8["ok"] and r8["world"] == 8 and r8["train_batch_size"] == 64 and r8["accumulation"] == 8, r8
+    assert r8["ok"] and r8["world"] == 8 and r8["train_batch_size"] == 96 and r8["accumulation"] == 12, r8
     assert off["ok"] and off["stage"] == 3 and off["offload_optimizer"], off
     assert not wrong["ok"], wrong
     assert "batch" in wrong["error"].lower(), wrong

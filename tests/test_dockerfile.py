@@ -30,10 +30,14 @@ def pip_installs() -> list[list[str]]:
     commands = []
     for line in instructions():
         if line.startswith("RUN"):
-            for part in re.split(r"&&|;", line[3:]):
-                words = shlex.split(part)
-                if "pip" in " ".join(words[:3]) and "install" in words:
-                    commands.append(words)
+            command: list[str] = []
+            for word in shlex.split(line[3:]) + ["&&"]:
+                if word in ("&&", "||"):
+                    if command and "pip" in " ".join(command[:3]) and "install" in command:
+                        commands.append(command)
+                    command = []
+                else:
+                    command.append(word)
     return commands
 
 
@@ -70,6 +74,8 @@ def test_deepspeed_ops_are_prebuilt_for_cuda():
     assert "DS_BUILD_CPU_ADAM=1" in env and "DS_BUILD_FUSED_ADAM=1" in env
     deepspeed_install = next(w for w in pip_installs() if any(x.startswith("deepspeed==") for x in w))
     assert "--no-build-isolation" in deepspeed_install  # builds against the locked torch
+    # the build fails unless both ops were compiled into the wheel
+    assert "installed_ops as o; assert o['cpu_adam'] and o['fused_adam']" in DOCKERFILE
 
 
 def test_runs_as_non_root_with_janus_job_entrypoint():

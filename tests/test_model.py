@@ -246,3 +246,72 @@ def test_export_has_janusvln_key_layout(world, tmp_path):
             continue
         torch.testing.assert_close(theirs[name], tensor, msg=name)
     assert not any(os.path.basename(p).startswith("export.tmp") for p in os.listdir(tmp_path))
+
+
+def test_equivalence_bench_tiny_mode(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(repo, "bench", "model_equivalence.py"), "--tiny",
+                          "--images", "3,1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=repo)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads((tmp_path / "model_equivalence_tiny.json").read_text())
+    assert result["passed"] and result["rel_error"] <= 1e-6
+    assert result["images_per_sample"] == [3, 1] and result["card"] == "cpu"
+    assert result["visual_tokens"] == 4 * 48
+
+
+def test_detached_aggregator_stays_out_of_the_module_tree(world, tmp_path):
+    processor = world["processor"]
+    registered = world["model"]
+    detached = janus_model.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
+                                             tiny.tiny_vggt_config(), register_vggt=False)
+    detached.load_state_dict({k: v for k, v in registered.state_dict().items() if not k.startswith("vggt.")})
+    detached.aggregator.load_state_dict(registered.aggregator.state_dict())
+    detached.eval()
+    assert not any(n.startswith("vggt.") for n, _ in detached.named_parameters())
+    assert not any(k.startswith("vggt.") for k in detached.state_dict())
+    batch = _batch(world, "online", "online", [0, 2])
+    with torch.no_grad():
+        assert _rel(detached(**batch).loss, registered(**batch).loss) <= 1e-6
+    keys = janus_model.export_janusvln_checkpoint(detached, str(tmp_path / "x"))
+    assert "vggt.aggregator.camera_token" in keys
+    bare = janus_model.model_from_config(tiny.tiny_qwen_config(processor.tokenizer), spatial_channels=64)
+    with pytest.raises(JobError, match="VGGT aggregator weights"):
+        janus_model.export_janusvln_checkpoint(bare, str(tmp_path / "y"))
+    assert not (tmp_path / "y").exists()
+    with pytest.raises(TypeError, match="batch contract"):
+        detached(**batch, position_ids=None)
+
+
+def test_build_model_loads_qwen_and_vggt_from_paths_and_urls(world, tmp_path):
+    import fsspec
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    processor = world["processor"]
+    torch.manual_seed(5)
+    qwen = Qwen2_5_VLForConditionalGeneration(tiny.tiny_qwen_config(processor.tokenizer))
+    qwen_dir = tmp_path / "qwen"
+    qwen.save_pretrained(str(qwen_dir))
+    vggt_file = tmp_path / "vggt.safetensors"
+    aggregator = world["model"].aggregator
+    save_file({"aggregator." + k: v.contiguous() for k, v in aggregator.state_dict().items()}, str(vggt_file))
+    memory = fsspec.filesystem("memory")
+    for name in os.listdir(qwen_dir):
+        memory.pipe(f"/qwen-{os.getpid()}/{name}", (qwen_dir / name).read_bytes())
+
+    for source in (str(qwen_dir), f"memory:///qwen-{os.getpid()}"):
+        built = janus_model.build_model(source, vggt=str(vggt_file), dtype=torch.float32,
+                                        vggt_config=tiny.tiny_vggt_config(),
+                                        cache_dir=str(tmp_path / "cache"))
+        ours = built.state_dict()
+        for name, tensor in qwen.state_dict().items():
+            torch.testing.assert_close(ours[name], tensor, msg=name)
+        torch.testing.assert_close(ours["vggt.aggregator.camera_token"], aggregator.camera_token)
+        assert torch.equal(built.merger.ln_q.weight, torch.ones_like(built.merger.ln_q.weight))
+        assert built.merger.context_dim == 2 * tiny.tiny_vggt_config().embed_dim
+    with pytest.raises(JobError, match="not a directory"):
+        janus_model.build_model(str(tmp_path / "nope"))

@@ -151,6 +151,8 @@ def test_killed_precompute_resumes_without_recomputing(tmp_path):
     first.wait()
     done_before = set(store.list_keys("spatial"))
     assert 4 <= len(done_before) < 20 and store.list_keys("vision") == []
+    for key in done_before:  # whatever is visible after the kill is whole
+        decode_tensor(store.get_bytes(key), key)
     annotations = load_annotations(tmp_path / "train.json", tmp_path / "images")
     assert store.completion(annotations.digest) is None
 
@@ -203,7 +205,7 @@ def test_verify_and_estimate_commands(tmp_path):
     victim = store.list_keys("vision")[3]
     path = tmp_path / "store" / victim
     path.write_bytes(path.read_bytes()[:-1] + b"\0")
-    result = runner.invoke(app, ["features", "verify", "--spec", str(spec), "--skip-weights"])
+    result = runner.invoke(app, ["features", "verify", "--spec", str(spec), "--tiny-encoders"])
     assert isinstance(result.exception, JobError) and "1 corrupt objects" in str(result.exception)
     assert victim in result.output
 
@@ -217,3 +219,52 @@ def test_verify_and_estimate_commands(tmp_path):
     assert estimate["spatial_bytes"] == 20 * spatial_each
     assert estimate["spatial_gpu_hours"] == pytest.approx(sum(
         count * 0.323 * int(n) / 9 for n, count in estimate["samples_by_frames"].items()) / 3600)
+
+
+def test_encoders_load_from_checkpoint_files(tmp_path):
+    """The real loading path (VGGT safetensors with aggregator.* keys, a Qwen2.5-VL directory),
+    exercised with tiny configs; the fingerprint hashes exactly the loaded weights."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from janus_job.model import vision_tower_features
+    from janus_job.precompute import load_encoders, load_qwen_visual
+    from janus_job.store import state_dict_digest
+    from janus_job.tiny import tiny_image_processor, tiny_qwen_config, tiny_tokenizer
+    from janus_job.vggt import FrameCausalAggregator, VGGTAggregatorConfig
+
+    torch.manual_seed(5)
+    aggregator = FrameCausalAggregator(VGGTAggregatorConfig.tiny())
+    save_file({f"aggregator.{k}": v.contiguous() for k, v in aggregator.state_dict().items()},
+              str(tmp_path / "vggt.safetensors"))
+    qwen_dir = tmp_path / "qwen"
+    Qwen2_5_VLForConditionalGeneration(tiny_qwen_config()).save_pretrained(qwen_dir)
+    tiny_tokenizer().save_pretrained(qwen_dir)
+    tiny_image_processor().save_pretrained(qwen_dir)
+
+    spec_path = write_spec(tmp_path, str(tmp_path / "store"))
+    spec = json.loads(spec_path.read_text())
+    spec["model"] = {"qwen": str(qwen_dir), "vggt": str(tmp_path / "vggt.safetensors")}
+    spec["data"]["min_pixels"] = 4 * 28 * 28  # the 112x84 test frames stay unresized
+    spec_path.write_text(json.dumps(spec))
+    job = load_spec(spec_path)
+
+    encoders = load_encoders(job, "cpu", vggt_config=VGGTAggregatorConfig.tiny(), target_width=112)
+    assert encoders.spatial_fingerprint.fields["weights_sha256"] == state_dict_digest(aggregator.state_dict())
+    visual, _ = load_qwen_visual(str(qwen_dir), "cpu", torch.float32)
+    saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir).model.visual
+    assert all(torch.equal(visual.state_dict()[k], v) for k, v in saved.state_dict().items())
+
+    report = run_worker(job, encoders, worker=0, workers=1)
+    assert (report.computed_spatial, report.computed_vision) == (20, 20)
+    store = FeatureStore.from_spec(job)
+    store.open(encoders.fingerprints(), create=False)
+    annotations = load_annotations(job.data.annotations, job.data.image_root)
+    source = StoreFeatureSource(store, frame_hashes=store.frame_index(annotations.digest))
+    sample = annotations.samples[-1]
+    spatial, vision = expected_features(sample, encoders)
+    assert same_bits(source.get_spatial(sample), spatial)
+    frame = frame_ops.preprocess_for_vggt(frame_ops.load_frame(sample.frame_paths[-1]), 112)
+    out = tiny_image_processor()(images=[frame], return_tensors="pt", do_rescale=False)
+    direct = vision_tower_features(visual, out["pixel_values"], out["image_grid_thw"])[0].to(torch.bfloat16)
+    assert same_bits(source.get_vision(sample.images[-1]), direct)

@@ -61,10 +61,24 @@ def test_values_round_trip():
     assert validate_spec(spec_to_values(spec)) == spec
 
 
+def test_scientific_notation_is_a_number(tmp_path):
+    # Helm's toYaml writes 2e-05; YAML 1.1 readers would see a string and hand it to DeepSpeed as one
+    path = tmp_path / "job.yaml"
+    data = with_changes({"training.learning_rate": 2.5e-5, "deepspeed": {"extra_config": {"optimizer": {"params": {"eps": 1e-6}}}}})
+    path.write_text(yaml.safe_dump(data).replace("2.5e-05", "2.5e-5").replace("1.0e-06", "1e-6"))
+    assert "eps: 1e-6" in path.read_text()
+    spec = load_spec(path)
+    assert spec.training.learning_rate == 2.5e-5
+    assert spec.deepspeed.extra_config["optimizer"]["params"]["eps"] == 1e-6
+
+
 def test_global_batch_and_accumulation():
     spec = validate_spec(with_changes({"training.nodes": 2, "training.global_batch_size": 96,
-                                       "training.resize": {"min_nodes": 1, "max_nodes": 3}}))
-    assert [spec.accumulation_for(n * 8) for n in (1, 2, 3)] == [12, 6, 4]
+                                       "training.resize": {"min_nodes": 2, "max_nodes": 4}}))
+    assert spec.elastic and [spec.accumulation_for(n * 8) for n in (2, 3, 4)] == [6, 4, 3]
+    with pytest.raises(JobError, match="world size 40"):
+        spec.accumulation_for(5 * 8)
+    assert not validate_spec(MINIMAL).elastic  # one node: nothing to resize
     default = validate_spec(MINIMAL)
     assert default.global_batch_size == 1 * 8 * 8  # micro 1 x JanusVLN's accumulation 8 x 8 GPUs
 
@@ -104,8 +118,12 @@ BAD = [
     ("global-batch-disagrees", with_changes({"training.global_batch_size": 64, "training.gradient_accumulation_steps": 4}),
      "training.global_batch_size", "set only one"),
     ("resize-cannot-keep-batch", with_changes({"training.nodes": 2, "training.global_batch_size": 64,
-                                               "training.resize": {"min_nodes": 1, "max_nodes": 3}}),
-     "training.resize", "narrow training.resize.min_nodes/max_nodes"),
+                                               "training.resize": {"min_nodes": 2, "max_nodes": 3}}),
+     "training.resize", "(e.g. 48)"),
+    ("elastic-single-node", with_changes({"training.resize": {"max_nodes": 2}}), "training.nodes",
+     "training.resize.policy: fixed for one node"),
+    ("elastic-min-one", with_changes({"training.nodes": 2, "training.resize": {"min_nodes": 1, "max_nodes": 2}}),
+     "training.resize.min_nodes", "min_nodes (and training.nodes) >= 2"),
     ("nodes-outside-resize-range", with_changes({"training.nodes": 4, "training.resize": {"max_nodes": 2}}),
      "training.nodes", "min_nodes <= nodes <= max_nodes"),
     ("volcano-without-queue", with_changes({"cluster": {"gang_scheduler": "volcano"}}), "cluster.queue", "set cluster.queue"),

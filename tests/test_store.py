@@ -284,3 +284,20 @@ def test_unsupported_url_scheme():
     with pytest.raises(JobError, match="gs:// is not supported"):
         FeatureStore("gs://bucket/x")
     assert Path(FeatureStore("file:///tmp/x").root) == Path("/tmp/x")
+
+
+def test_loader_bench_tiny_reads_real_objects_through_the_dataset(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "loader.py"), "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=repo)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((tmp_path / "loader_tiny.json").read_text())
+    assert [row["workers"] for row in record["rows"]] == [1, 2]
+    assert all(row["samples"] > 0 and row["samples_per_s"] > 0 for row in record["rows"])
+    assert record["mb_per_sample"] == pytest.approx((2 * 4 * 2048 + 9 * 8 * 1280) * 2 / 1e6)
+    assert record["consume"]["samples_per_s_per_node"] == 16.0
+    assert "samples/s" in proc.stdout and "per worker" in proc.stdout

@@ -238,7 +238,8 @@ def test_reference_check_tiny_without_reference(tmp_path):
     result = json.loads((tmp_path / "vggt_reference_check_tiny.json").read_text())
     assert result["ok"] and "PASS" in out
     assert {(r["frames"], r["precision"], r["mode"]) for r in result["rows"]} == {
-        (s, p, m) for s in (1, 5) for p in ("fp32", "bf16") for m in ("batched", "streaming")}
+        (s, p, m) for s in (1, 5) for p in ("fp32", "bf16")
+        for m in ("batched", "batched-mask", "streaming")}
     assert result["reference"].startswith("skipped")
 
 
@@ -258,7 +259,7 @@ def test_reference_check_tiny_against_local_reference(tmp_path):
 def test_precompute_bench_tiny(tmp_path):
     import json
 
-    out = run_bench(["bench/precompute.py", "--tiny"], tmp_path)
+    out = run_bench(["bench/precompute.py", "--tiny", "--frames", "3"], tmp_path)
     result = json.loads((tmp_path / "precompute_tiny.json").read_text())
     paths = {r["path"] for r in result["rows"]}
     assert {"ours streaming", "ours batched"} <= paths

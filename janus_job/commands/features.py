@@ -59,27 +59,21 @@ def verify(
     tiny_encoders: bool = typer.Option(False, "--tiny-encoders", hidden=True),
 ) -> None:
     """Check a store: fingerprint, coverage of the spec's samples, checksums, completion marker."""
-    from janus_job.precompute import load_encoders, load_spec_annotations, tiny_encoders as tiny
+    from janus_job.precompute import expected_fingerprints, load_spec_annotations
     from janus_job.spec import load_spec
-    from janus_job.store import KINDS, FeatureStore, Fingerprint
+    from janus_job.store import KINDS, FeatureStore
 
     job = load_spec(spec)
     annotations = load_spec_annotations(job)
-    store = FeatureStore.from_spec(job)
+    store = FeatureStore.from_spec(job, local_cache=False)
     store.check_reachable()
     manifests = {kind: store.manifest(kind) for kind in KINDS}
     wanted = ["spatial"] + (["vision"] if job.features.cache_vision else [])
     absent = [kind for kind in wanted if manifests[kind] is None]
     if absent:
         raise JobError(f"feature store {store.url} has no {' or '.join(absent)} manifest: run `janus-job precompute` first")
-    if weights:
-        encoders = tiny("cpu", vision=job.features.cache_vision) if tiny_encoders else load_encoders(job, "cpu")
-        expected = [
-            Fingerprint(fp.kind, {**fp.fields, "compute": manifests[fp.kind]["fields"].get("compute")})
-            for fp in encoders.fingerprints()
-        ]
-    else:
-        expected = [Fingerprint(kind, manifests[kind]["fields"]) for kind in wanted]
+    compute = manifests["spatial"]["fields"].get("compute", "bf16-autocast")
+    expected = expected_fingerprints(job, compute=compute, hash_weights=weights, stored=store, tiny=tiny_encoders)
     store.open(expected, create=False)
     index = store.frame_index(annotations.digest)
     missing = store.missing(annotations.samples, index, vision=job.features.cache_vision)

@@ -32,7 +32,7 @@ def validate(spec_path: Path = typer.Argument(..., help="Job spec YAML (the char
 
     spec = load_spec(spec_path)
     t = spec.training
-    resize = (f"elastic {spec.min_nodes}-{spec.max_nodes} nodes" if t.resize.policy == "elastic" else "fixed")
+    resize = f"elastic {spec.min_nodes}-{spec.max_nodes} nodes" if spec.elastic else "fixed"
     typer.echo(
         f"ok: {spec.name}: {t.nodes} node(s) x {t.gpus_per_node} GPUs = {spec.world_size} ranks, "
         f"global batch {spec.global_batch_size} = micro {t.micro_batch_size} x accumulation "

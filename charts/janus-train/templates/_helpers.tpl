@@ -186,3 +186,10 @@ hostNetwork: true
 dnsPolicy: ClusterFirstWithHostNet
 {{- end }}
 {{- end }}
+
+{{/* Name of the precompute Job: <name>-precompute-<hash of its spec and of what precompute reads>. */}}
+{{- define "janus-train.precomputeJobName" -}}
+{{- $inputs := toYaml (pick .Values "image" "model" "data" "features" "precompute") -}}
+{{- $hash := printf "%s\n%s" (include "janus-train.precomputeJobSpec" .) $inputs | sha256sum | trunc 8 -}}
+{{- printf "%s-precompute-%s" .Values.name $hash -}}
+{{- end }}

@@ -1,0 +1,81 @@
+"""Helpers the benches share: the card's name, where results go, atomic JSON, a plain table."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+GIB = 1024**3
+
+# Dense bf16 tensor-core peak of an H100 SXM (data sheet) and the bf16 matmul rate measured on
+# one H100 of the device (the lead's probe); MFU is reported against both.
+H100_DENSE_BF16_FLOPS = 989e12
+H100_MEASURED_MATMUL_FLOPS = 790e12
+
+
+def card_name() -> str:
+    """torch.cuda.get_device_name of GPU 0, or "cpu"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def card_slug(card: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3" (for file names)."""
+    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown"
+
+
+def results_path(card: str, gpus: int, out: str | None = None, prefix: str = "") -> Path:
+    """`<out or $OUT or bench/results>/<prefix><date>-<card>-<gpus>.json`."""
+    folder = Path(out or os.environ.get("OUT") or RESULTS_DIR)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return folder / f"{prefix}{date}-{card_slug(card)}-{gpus}.json"
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Writes to a temporary name in the same folder, then renames: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def fmt(value: Any, spec: str = ".3g") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], title: str = "") -> str:
+    """Prints (and returns) a fixed-width table; columns are (key, header)."""
+    cells = [[header for _, header in columns]]
+    for row in rows:
+        cells.append([fmt(row.get(key)) for key, _ in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = [title] if title else []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if n else c.ljust(w) for c, w in zip(r, widths)))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text

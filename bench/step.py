@@ -1,0 +1,960 @@
+"""The training step of JanusVLN, measured: JanusVLN's own configuration against janus-train's.
+
+    python3 bench/step.py --gpus 4 --configs official,janus --steps 1 --warmup 1
+    python3 bench/step.py --tiny            # CPU, gloo, 2 processes, tiny models (CI)
+
+For each config name the bench starts its own `torchrun` process group (one after the other,
+so GPU memory is freed in between), builds the full-size model with random weights directly on
+the GPU (Qwen2.5-VL-7B + VGGT-1B shapes, bf16), feeds it synthetic samples at the official
+geometry and runs `--warmup` + `--steps` + `--profile-steps` optimizer steps with real
+DeepSpeed. It prints a table and writes one JSON (`$OUT/...` or
+`bench/results/<date>-<card>-<gpus>.json`) with one top-level object per config plus `card`,
+`gpus` and `ratio` (janus / official samples/s per GPU). docs/performance.md defines every field.
+
+Synthetic data (official geometry): trajectories of 20..80 steps (uniform, seeded); step i of a
+trajectory sees frames 0..i when i <= 8, else 9 frames (JanusVLN's create_data rule); 640x480
+frames -> VGGT 490x644 (35x46 patches, even crop 34x46) and Qwen 476x644 = 391 tokens per
+image; text = system turn + instruction (150..260 tokens) + a 12..24-token labelled answer.
+
+Watchdog: a micro-step that runs longer than `--budget-s` is a stall. Every rank dumps its Python
+stacks (faulthandler) into the run folder, the bench kills the process group, records
+`stalled: true` with the stacks and goes on with the next config.
+
+Config names: official, official_inside (JanusVLN exact: VGGT inside the ZeRO-3 engine; stalls),
+janus (the spec defaults janus-train ships), plan_a .. plan_e (the seed plan's proposals, each
+applied alone to `official`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+import common  # noqa: E402  (bench/common.py)
+
+PHASES = ("data_wait", "vggt", "vision_tower", "llm_forward", "forward_other", "backward", "optimizer_step")
+SOURCE_SIZE = (640, 480)  # R2R/RxR frames (width, height)
+TINY_SOURCE_SIZE = (64, 48)
+TINY_TARGET_WIDTH = 56
+TRAJECTORY_STEPS = (20, 80)
+MAX_HISTORY = 8
+PROMPT_TOKENS = (150, 260)
+ANSWER_TOKENS = (12, 24)
+FRAME_POOL = 12  # distinct synthetic JPEG frames (decode cost is per frame, content is irrelevant)
+STACK_CHARS = 20000
+
+
+# ---------------------------------------------------------------- configurations
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One measured configuration."""
+
+    description: str
+    deepspeed: str  # "official" (JanusVLN zero3.json), "spec" (janus-train defaults), "zero2_offload"
+    spatial: str  # "stream_outside" | "stream_inside" | "cached"
+    vision: str  # "online" | "cached"
+    sampler: str  # "length_grouped" | "balanced"
+    gradient_checkpointing: bool = True
+    optimizer: str = "torch"  # "torch": torch AdamW (fused on GPU); "deepspeed": the config's section
+    micro_batch_size: int = 1
+    accumulation: int = 8
+    target_width: int = 644
+    decode: str = "pil"  # frame decode in the loader when an encoder runs online: pil | cv2
+    workers: int = 8
+    prefetch: int = 2
+    write_through: bool = False  # plan B: store every computed feature (1 epoch = all misses)
+
+
+OFFICIAL = Setup(
+    description="JanusVLN train.sh: ZeRO-3 (zero3.json), micro 1 x accum 8, grad ckpt, VGGT streamed per "
+    "frame + vision tower online, length-grouped sampler, torch AdamW; VGGT replicated outside the engine",
+    deepspeed="official", spatial="stream_outside", vision="online", sampler="length_grouped",
+)
+
+
+def janus_setup(world_size: int, tiny: bool = False) -> Setup:
+    """The spec defaults janus-train ships, as `janus_job.spec` defines them."""
+    spec = janus_spec(world_size, tiny)
+    t, d = spec.training, spec.data
+    return Setup(
+        description="janus-train defaults (JobSpec): features precomputed, rendered DeepSpeed config",
+        deepspeed="spec",
+        spatial="cached" if spec.features.mode == "precomputed" else "stream_outside",
+        vision="cached" if spec.features.cache_vision else "online",
+        sampler="balanced" if t.balanced_sampler else "length_grouped",
+        gradient_checkpointing=t.gradient_checkpointing,
+        optimizer=spec.deepspeed.optimizer,
+        micro_batch_size=t.micro_batch_size,
+        accumulation=spec.accumulation_for(world_size),
+        workers=d.num_workers,
+        prefetch=d.prefetch_factor,
+    )
+
+
+def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
+    r = dataclasses.replace
+    try:
+        janus = janus_setup(world_size, tiny)
+    except Exception as err:  # JobError: the product refuses its defaults at this size
+        janus = err
+    return {
+        "official": OFFICIAL,
+        "official_inside": r(OFFICIAL, spatial="stream_inside", description="JanusVLN exact: VGGT inside the "
+                             "ZeRO-3 engine (partitioned), streamed per frame"),
+        "janus": janus,
+        "plan_a": r(OFFICIAL, spatial="cached", vision="cached", description="official + precomputed VGGT and "
+                    "vision features (seed plan A)"),
+        "plan_b": r(OFFICIAL, write_through=True, description="official + read-through cache in its first "
+                    "epoch: every feature computed online and written (seed plan B; 1 epoch = no hits)"),
+        "plan_c": r(OFFICIAL, deepspeed="zero2_offload", optimizer="deepspeed", description="official with "
+                    "ZeRO-2 + CPU optimizer offload (DeepSpeedCPUAdam) (seed plan C)"),
+        "plan_d": r(OFFICIAL, target_width=616, description="official at max_pixels 384x28x28: frames 462x616 "
+                    "(VGGT) / 448x616 (Qwen) = 352 tokens per image (seed plan D)"),
+        "plan_e": r(OFFICIAL, workers=16, prefetch=4, decode="cv2", description="official + 16 loader workers, "
+                    "prefetch 4, cv2 decode (PIL if cv2 is missing) (seed plan E)"),
+    }
+
+
+def janus_spec(world_size: int, tiny: bool = False):
+    """A minimal valid job spec on one node of `world_size` GPUs, every other field at its default.
+
+    The spec's fit check is about the full-size model; for --tiny it is validated at 8 GPUs and
+    then moved to `world_size` unchecked.
+    """
+    from janus_job.spec import validate_spec
+
+    spec = validate_spec({
+        "name": "bench-step",
+        "model": {"qwen": "/models/qwen", "vggt": "/models/vggt"},
+        "data": {"annotations": "/data/annotations.json", "image_root": "/data"},
+        "features": {"store": "/features"},
+        "training": {"nodes": 1, "gpus_per_node": 8 if tiny else world_size, "checkpoint": {"url": "/ckpt"}},
+    }, "bench/step.py janus spec")
+    if tiny:
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"gpus_per_node": world_size})})
+    return spec
+
+
+# JanusVLN's scripts/zero3.json (values), with the "auto" entries as the HF Trainer fills them.
+def official_zero3_config(hidden_size: int, world_size: int, micro: int, accumulation: int) -> dict:
+    return {
+        "train_batch_size": micro * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": 1.0,  # HF max_grad_norm default
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": True},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "sub_group_size": int(1e9),
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+            "stage3_max_live_parameters": int(1e9),
+            "stage3_max_reuse_distance": int(1e9),
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+    }
+
+
+def zero2_offload_config(hidden_size: int, world_size: int, micro: int, accumulation: int) -> dict:
+    config = official_zero3_config(hidden_size, world_size, micro, accumulation)
+    config["zero_optimization"] = {
+        "stage": 2,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "allgather_partitions": True,
+        "allgather_bucket_size": int(2e8),
+        "overlap_comm": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "contiguous_gradients": True,
+    }
+    config["optimizer"] = {"type": "AdamW", "params": {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                       "weight_decay": 0.01}}
+    return config
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+@dataclass
+class SyntheticSample:
+    id: str
+    frames: list[int]  # indices into the frame pool, history then current
+    prompt_tokens: int
+    answer_tokens: int
+
+
+def synthetic_samples(count: int, seed: int) -> list[SyntheticSample]:
+    """`count` samples drawn from synthetic trajectories with JanusVLN's history-frame rule."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    population: list[int] = []  # frame count of every step of every trajectory
+    while len(population) < 20 * count:
+        length = int(rng.integers(TRAJECTORY_STEPS[0], TRAJECTORY_STEPS[1] + 1))
+        population.extend(min(i, MAX_HISTORY) + 1 for i in range(length))
+    chosen = rng.choice(len(population), size=count, replace=False)
+    samples = []
+    for n, index in enumerate(chosen):
+        frames = population[int(index)]
+        samples.append(SyntheticSample(
+            id=f"traj-sample-{n:05d}",
+            frames=[int(f) for f in rng.integers(0, FRAME_POOL, frames)],
+            prompt_tokens=int(rng.integers(PROMPT_TOKENS[0], PROMPT_TOKENS[1] + 1)),
+            answer_tokens=int(rng.integers(ANSWER_TOKENS[0], ANSWER_TOKENS[1] + 1)),
+        ))
+    return samples
+
+
+def synthetic_jpegs(size: tuple[int, int], seed: int) -> list[bytes]:
+    """Smooth random 8-bit RGB frames, JPEG-encoded (quality 90): decode cost like real frames."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    out = []
+    for _ in range(FRAME_POOL):
+        coarse = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        noisy = np.clip(np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3)), 0, 255)
+        buffer = io.BytesIO()
+        Image.fromarray(noisy.astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+@dataclass
+class TokenIds:
+    image: int
+    vision_start: int
+    vision_end: int
+    text_low: int
+    text_high: int
+
+
+class SyntheticDataset:
+    """Items in `janus_job.data.JanusDataset`'s format for `JanusCollator`.
+
+    Online encoders: frames are really decoded (PIL or cv2) and preprocessed with janus_job.frames;
+    pixel values come from Qwen's image processor. Cached features: bf16 tensors from an in-memory
+    pool, copied per item like a store read (the store path's own speed is bench/loader.py's job).
+    """
+
+    def __init__(self, samples, setup: Setup, geometry, ids: TokenIds, spatial_channels: int,
+                 vision_channels: int, source_size, seed: int = 0) -> None:
+        self.samples = samples
+        self.setup = setup
+        self.geometry = geometry
+        self.ids = ids
+        self.spatial_channels = spatial_channels
+        self.vision_channels = vision_channels
+        self.source_size = source_size
+        self.seed = seed
+        self.online = setup.spatial != "cached" or setup.vision == "online"
+        self.jpegs = synthetic_jpegs(source_size, seed) if self.online else None
+        self._pool = None
+        self._processor = None
+        self.decoder = setup.decode
+        if self.decoder == "cv2":
+            try:
+                import cv2  # noqa: F401
+            except ImportError:
+                self.decoder = "pil"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def token_length(self, sample: SyntheticSample) -> int:
+        return len(self._text_layout(sample)[0])
+
+    def _text_layout(self, sample: SyntheticSample) -> tuple[list[str], int]:
+        """Token kinds in order: 's' special/text, 'i' image, 'a' answer (labelled)."""
+        g = self.geometry
+        layout = ["s"] * 12  # system turn + user header
+        for _ in sample.frames:
+            layout += ["s"] + ["i"] * g.tokens_per_image + ["s"]
+        layout += ["s"] * sample.prompt_tokens + ["s"] * 5  # instruction, end of turn, assistant header
+        layout += ["a"] * sample.answer_tokens + ["s"] * 2
+        return layout, sample.answer_tokens
+
+    def _pools(self):
+        import torch
+
+        if self._pool is None:
+            g = torch.Generator().manual_seed(self.seed + 1)
+            sh, sw = self.geometry.spatial_grid
+            qh, qw = self.geometry.qwen_grid
+            self._pool = {
+                "spatial": [torch.randn(sh, sw, self.spatial_channels, generator=g).to(torch.bfloat16)
+                            for _ in range(4)],
+                "vision": [torch.randn(qh * qw, self.vision_channels, generator=g).to(torch.bfloat16)
+                           for _ in range(4)],
+            }
+        return self._pool
+
+    def _decode(self, index: int):
+        import numpy as np
+
+        from janus_job import frames
+
+        data = self.jpegs[index]
+        if self.decoder == "cv2":
+            import cv2
+            import torch
+
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            h, w = frames.vggt_resized_size(rgb.shape[1], rgb.shape[0], self.setup_target_width)
+            resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_CUBIC)
+            image = torch.from_numpy(resized).permute(2, 0, 1).float().div(255)
+            if h > w:  # the same centre crop as frames.preprocess_for_vggt
+                image = image[:, (h - w) // 2:(h - w) // 2 + w]
+            return image.contiguous()
+        return frames.preprocess_for_vggt(frames.load_frame(data), self.setup_target_width)
+
+    @property
+    def setup_target_width(self) -> int:
+        return self.geometry.vggt_width
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        from janus_job import frames
+
+        sample = self.samples[index]
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        layout, _ = self._text_layout(sample)
+        kinds = torch.tensor([{"s": 0, "i": 1, "a": 2}[k] for k in layout])
+        input_ids = torch.randint(self.ids.text_low, self.ids.text_high, (len(layout),), generator=rng)
+        input_ids[kinds == 1] = self.ids.image
+        before = torch.nonzero(kinds[1:] == 1).flatten()
+        starts = before[kinds[before] != 1]  # the token before each image run
+        input_ids[starts] = self.ids.vision_start
+        after = torch.nonzero(kinds[:-1] == 1).flatten() + 1
+        input_ids[after[kinds[after] != 1]] = self.ids.vision_end
+        labels = torch.full_like(input_ids, -100)
+        labels[kinds == 2] = input_ids[kinds == 2]
+        g = self.geometry
+        n = len(sample.frames)
+        item: dict[str, Any] = {
+            "sample_id": sample.id,
+            "input_ids": input_ids,
+            "labels": labels,
+            "image_grid_thw": torch.tensor([[1, *g.qwen_grid]] * n),
+        }
+        decoded = [self._decode(f) for f in sample.frames] if self.online else None
+        if self.setup.spatial == "cached":
+            pool = self._pools()["spatial"]
+            item["spatial_features"] = pool[index % len(pool)].clone()
+        else:
+            item["vggt_frames"] = torch.stack(decoded)
+        if self.setup.vision == "cached":
+            pool = self._pools()["vision"]
+            item["vision_features"] = torch.cat([pool[(index + k) % len(pool)] for k in range(n)])
+        else:
+            images = [frames.crop_to_even_patch_grid(img) for img in decoded]
+            out = self.processor(images=images, return_tensors="pt", do_rescale=False)
+            if out["image_grid_thw"].tolist() != item["image_grid_thw"].tolist():
+                raise RuntimeError(f"image processor grid {out['image_grid_thw'].tolist()} != geometry {g}")
+            item["pixel_values"] = out["pixel_values"]
+        return item
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            from janus_job.tiny import tiny_image_processor
+
+            pixels = self.geometry.qwen_height * self.geometry.qwen_width
+            self._processor = tiny_image_processor(min_pixels=pixels, max_pixels=pixels)
+        return self._processor
+
+
+# ---------------------------------------------------------------- worker (one rank, under torchrun)
+
+
+class PhaseClock:
+    """Per-phase seconds of the current micro-step; with `synced`, the device is synchronised at
+    every boundary (exact attribution, no overlap between phases)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.synced = False
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._open: dict[str, float] = {}
+
+    def now(self) -> float:
+        if self.synced and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self, phase: str) -> None:
+        self._open[phase] = self.now()
+
+    def stop(self, phase: str) -> float:
+        spent = self.now() - self._open.pop(phase)
+        self.seconds[phase] += spent
+        return spent
+
+    def hooks(self, module, phase: str) -> None:
+        def before(*_):
+            if self.synced:
+                self.start(phase)
+
+        def after(*_):  # returns None: the module's output is left alone
+            if self.synced and phase in self._open:
+                self.stop(phase)
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
+        return out
+
+
+class Progress:
+    """What the parent watches: the phase and micro-step this rank is in, atomically rewritten."""
+
+    def __init__(self, folder: Path, rank: int) -> None:
+        self.path = folder / f"progress-rank{rank}.json"
+
+    def __call__(self, phase: str, step: int = -1, micro: int = -1) -> None:
+        common.write_json_atomic(self.path, {"phase": phase, "step": step, "micro": micro, "time": time.time()})
+
+
+def _peak_memory_bytes(device) -> int:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # host RSS stand-in
+
+
+def _to_device(batch: dict, device) -> dict:
+    import torch
+
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            return [v.to(device, non_blocking=True) for v in value]
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
+
+
+def _reserved_memory_bytes(device) -> int | None:
+    import torch
+
+    return int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
+
+
+def _count(module) -> int:
+    if module is None:
+        return 0
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+
+
+def _build_optimizer_ops(config: dict, device, skip: bool) -> dict:
+    """Builds the DeepSpeed op the config's optimizer needs up front, timed (JIT compile cost)."""
+    if "optimizer" not in config:
+        return {}
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    name = "CPUAdamBuilder" if offload == "cpu" else "FusedAdamBuilder"
+    if skip:
+        return {"op": name, "skipped": True}
+    import deepspeed.ops.op_builder as builders
+
+    started = time.perf_counter()
+    try:
+        getattr(builders, name)().load()
+    except Exception as err:  # compile errors come in many types
+        return {"op": name, "error": f"{type(err).__name__}: {str(err)[:400]}",
+                "seconds": time.perf_counter() - started}
+    return {"op": name, "seconds": time.perf_counter() - started}
+
+
+def _ds_config(setup: Setup, hidden: int, world: int, tiny: bool) -> dict:
+    if setup.deepspeed == "spec":
+        from janus_job.deepspeed import render_deepspeed_config
+
+        return render_deepspeed_config(janus_spec(world, tiny), world)
+    if setup.deepspeed == "zero2_offload":
+        return zero2_offload_config(hidden, world, setup.micro_batch_size, setup.accumulation)
+    return official_zero3_config(hidden, world, setup.micro_batch_size, setup.accumulation)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import faulthandler
+
+    import torch
+
+    from janus_job import frames
+    from janus_job.model import model_from_config, param_groups, qwen25_vl_7b_config
+    from janus_job.train import BatchWork, ParamCounts, init_distributed, model_flops
+
+    folder = Path(args.run_dir)
+    ranks, device = init_distributed()
+    rank, world = ranks.rank, ranks.world_size
+    progress = Progress(folder, rank)
+    progress("init")
+    stacks = open(folder / f"stacks-rank{rank}.txt", "w")
+    setup = setups(world, args.tiny)[args.config]
+    if isinstance(setup, Exception):
+        raise SystemExit(f"{args.config}: {setup}")
+    if args.tiny:
+        setup = dataclasses.replace(setup, workers=min(setup.workers, 1), prefetch=2)
+    torch.manual_seed(1234)  # the same random weights on every rank
+    t_init = time.perf_counter()
+
+    # -- model (random weights, built on the device) --
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.tiny:
+        from janus_job.tiny import tiny_qwen_config, tiny_tokenizer, tiny_vggt_config
+
+        qwen_config, vggt_config = tiny_qwen_config(tiny_tokenizer()), tiny_vggt_config()
+        source_size, target_width = TINY_SOURCE_SIZE, TINY_TARGET_WIDTH
+    else:
+        from janus_job.vggt import VGGTAggregatorConfig
+
+        qwen_config, vggt_config = qwen25_vl_7b_config(), VGGTAggregatorConfig()
+        source_size, target_width = SOURCE_SIZE, setup.target_width
+    geometry = frames.frame_geometry(*source_size, target_width=target_width)
+    spatial_channels = 2 * vggt_config.embed_dim
+    online_vggt = setup.spatial != "cached"
+    # official: the aggregator is kept outside the module tree (DeepSpeed neither partitions nor
+    # gathers it); official_inside: registered under model.vggt, as JanusVLN has it.
+    model = model_from_config(qwen_config, vggt_config if online_vggt else None, dtype=dtype, device=device,
+                              gradient_checkpointing=setup.gradient_checkpointing, spatial_mode="streaming",
+                              vggt_dtype=dtype, spatial_channels=spatial_channels,
+                              register_vggt=setup.spatial == "stream_inside")
+    params = ParamCounts.of(model)
+    params.vggt = _count(model.aggregator)  # also when it is kept outside the module tree
+    llm_params = _count(model.model.language_model) + _count(model.lm_head)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    hidden = qwen_config.text_config.hidden_size
+    text_cfg = qwen_config.text_config
+    ids = TokenIds(image=qwen_config.image_token_id, vision_start=qwen_config.vision_start_token_id,
+                   vision_end=qwen_config.vision_end_token_id, text_low=20,
+                   text_high=min(text_cfg.vocab_size, 151000))
+    model_build_s = time.perf_counter() - t_init
+
+    # -- DeepSpeed --
+    import deepspeed
+
+    config = _ds_config(setup, hidden, world, args.tiny)
+    ops = _build_optimizer_ops(config, device, skip=args.skip_ds_ops or args.tiny)
+    optimizer_note = "deepspeed config optimizer section"
+    if "optimizer" in config and (ops.get("error") or ops.get("skipped")):
+        if config.get("zero_optimization", {}).get("offload_optimizer"):
+            raise SystemExit(f"{args.config}: CPU Adam cannot be built ({ops}); plan C needs it")
+        config = {k: v for k, v in config.items() if k != "optimizer"}
+        optimizer_note = f"torch AdamW (fallback: {ops['op']} {'skipped' if ops.get('skipped') else 'failed'})"
+    groups = param_groups(model, 2e-5, merger_lr=1e-5, vision_lr=None, weight_decay=0.01)
+    for group in groups:
+        group.pop("param_names", None)
+    optimizer = None
+    if "optimizer" not in config:
+        fused = device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                                      fused=fused)
+        if optimizer_note.startswith("deepspeed"):
+            optimizer_note = f"torch AdamW (fused={fused})"
+        config.setdefault("zero_allow_untested_optimizer", True)
+    t_engine = time.perf_counter()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
+                                           optimizer=optimizer, config=config, dist_init_required=False)
+    engine_init_s = time.perf_counter() - t_engine
+    accumulation = engine.gradient_accumulation_steps()
+    micro = engine.train_micro_batch_size_per_gpu()
+    global_batch = micro * accumulation * world
+
+    # -- data --
+    from janus_job.data import JanusCollator
+    from janus_job.sampler import BalancedBatchSampler, LengthGroupedBatchSampler, load_ratios
+
+    total_steps = args.warmup + args.steps + args.profile_steps
+    samples = synthetic_samples(global_batch * total_steps, seed=args.seed)
+    dataset = SyntheticDataset(samples, setup, geometry, ids, spatial_channels,
+                               qwen_config.vision_config.hidden_size, source_size, seed=args.seed)
+    lengths = [dataset.token_length(s) for s in samples]
+    sampler_cls = BalancedBatchSampler if setup.sampler == "balanced" else LengthGroupedBatchSampler
+    sampler = sampler_cls(lengths, micro_batch_size=micro, world_size=world, rank=rank,
+                          global_batch_size=global_batch, seed=args.seed)
+    ratios = [load_ratios(sampler.plan(0, s), lengths) for s in range(total_steps)]
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=JanusCollator(0),
+                        num_workers=setup.workers, prefetch_factor=setup.prefetch if setup.workers else None,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    batches = iter(loader)
+
+    # -- measuring --
+    clock = PhaseClock(device)
+    if online_vggt:
+        clock.hooks(engine.module.aggregator, "vggt")  # called once per frame (streaming)
+    clock.hooks(engine.module.model.visual, "vision_tower")
+    clock.hooks(engine.module.model.language_model, "llm_forward")
+    write_dir = folder / f"write-through-rank{rank}"
+    if setup.write_through:
+        write_dir.mkdir(exist_ok=True)
+    image_token = qwen_config.image_token_id
+
+    def micro_step(step: int, k: int) -> tuple[BatchWork, dict]:
+        work = BatchWork()
+        clock.start("data_wait")
+        batch = next(batches)
+        work.add_batch(batch, image_token)
+        sample_ids = batch["sample_ids"]
+        batch = _to_device(batch, device)
+        clock.stop("data_wait")
+        if args.fault_hang_rank == rank and step == args.warmup and k == 0:
+            time.sleep(10 * args.budget_s)  # fault injection for the watchdog test
+        started = clock.now()
+        out = engine(**batch, return_computed_features=setup.write_through)
+        forward_s = clock.now() - started
+        if clock.synced:
+            inner = sum(clock.seconds[p] for p in ("vggt", "vision_tower", "llm_forward"))
+            clock.seconds["forward_other"] += max(0.0, forward_s - inner)
+        clock.start("backward")
+        engine.backward(out.loss)
+        clock.stop("backward")
+        clock.start("optimizer_step")
+        engine.step()
+        clock.stop("optimizer_step")
+        if setup.write_through:
+            for sid, sp in zip(sample_ids, out.computed_spatial or []):
+                torch.save({"spatial": sp.detach().to("cpu")}, write_dir / f"{sid}.pt")
+            if out.computed_vision is not None:
+                torch.save(out.computed_vision.detach().to("cpu"), write_dir / f"{sample_ids[0]}-vision.pt")
+        return work, clock.take()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    result_path = folder / "result.json"
+    engine.train()
+    first_micro_s = None
+    first_batch_wait_s = None
+    micro_times: list[float] = []
+    measured_work = BatchWork()
+    profile_phases = dict.fromkeys(PHASES, 0.0)
+    profile_s = 0.0
+    measured_s = 0.0
+    for step in range(total_steps):
+        kind = "warmup" if step < args.warmup else "measure" if step < args.warmup + args.steps else "profile"
+        clock.synced = kind == "profile"
+        if kind == "measure" and step == args.warmup:
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            window_start = time.perf_counter()
+        if kind == "profile" and step == args.warmup + args.steps:
+            sync()
+            measured_s = time.perf_counter() - window_start if args.steps else 0.0
+            profile_start = time.perf_counter()
+        for k in range(accumulation):
+            progress(kind, step, k)
+            faulthandler.dump_traceback_later(args.budget_s, repeat=False, file=stacks, exit=False)
+            started = time.perf_counter()
+            work, phases = micro_step(step, k)
+            faulthandler.cancel_dump_traceback_later()
+            if first_micro_s is None:
+                sync()
+                first_micro_s = time.perf_counter() - started
+                first_batch_wait_s = phases["data_wait"]
+            micro_times.append(time.perf_counter() - started)
+            if kind == "measure":
+                for name, value in dataclasses.asdict(work).items():
+                    setattr(measured_work, name, getattr(measured_work, name) + value)
+            if kind == "profile":
+                for name in PHASES:
+                    profile_phases[name] += phases[name]
+        if rank == 0:
+            common.write_json_atomic(result_path, {"partial": True, "steps_done": step + 1,
+                                                   "first_micro_step_s": first_micro_s})
+    sync()
+    if args.profile_steps:
+        profile_s = time.perf_counter() - profile_start
+    elif args.steps:
+        measured_s = time.perf_counter() - window_start
+    progress("report")
+
+    # -- gather and report --
+    import torch.distributed as dist
+
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, {
+        "peak_mem_bytes": _peak_memory_bytes(device),
+        "peak_reserved_bytes": _reserved_memory_bytes(device),
+        "measured_s": measured_s,
+        "profile_s": profile_s,
+        "phases": profile_phases,
+        "work": dataclasses.asdict(measured_work),
+    })
+    if rank == 0:
+        elapsed = max(r["measured_s"] for r in per_rank)
+        work = BatchWork(**{k: sum(r["work"][k] for r in per_rank) for k in per_rank[0]["work"]})
+        peaks = [r["peak_mem_bytes"] / common.GIB for r in per_rank]
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else (
+            common.H100_DENSE_BF16_FLOPS if device.type == "cuda" else None)
+        six_pt = 6.0 * trainable * work.tokens
+        phase_total = {p: sum(r["phases"][p] for r in per_rank) / world for p in PHASES}
+        synced_total = sum(r["profile_s"] for r in per_rank) / world
+        result = {
+            "config": args.config,
+            "description": setup.description,
+            "status": "ok",
+            "stalled": False,
+            "card": card,
+            "world_size": world,
+            "micro_batch_size": micro,
+            "gradient_accumulation_steps": accumulation,
+            "global_batch_size": global_batch,
+            "zero_stage": config["zero_optimization"]["stage"],
+            "optimizer": optimizer_note,
+            "optimizer_ops_build": ops,
+            "gradient_checkpointing": setup.gradient_checkpointing,
+            "sampler": setup.sampler,
+            "spatial_source": setup.spatial,
+            "vision_source": setup.vision,
+            "loader": {"workers": setup.workers, "prefetch": setup.prefetch,
+                       "decode": dataset.decoder if dataset.online else "none (cached features)"},
+            "geometry": dataclasses.asdict(geometry),
+            "deepspeed_config": config,
+            "steps_warmup": args.warmup,
+            "steps_measured": args.steps,
+            "steps_profiled": args.profile_steps,
+            "measured_s": elapsed,
+            "s_per_step": elapsed / args.steps if args.steps else None,
+            "samples_per_s": work.samples / elapsed if elapsed else None,
+            "samples_per_s_per_gpu": work.samples / elapsed / world if elapsed else None,
+            "tokens_per_s": work.tokens / elapsed if elapsed else None,
+            "tokens_per_s_per_gpu": work.tokens / elapsed / world if elapsed else None,
+            "tokens_per_sample": work.tokens / work.samples if work.samples else None,
+            "images_per_sample": work.image_tokens / geometry.tokens_per_image / work.samples if work.samples else None,
+            "trainable_params": trainable,
+            "llm_params": llm_params,
+            "vggt_params": params.vggt,
+            "mfu_basis": "6 x trainable params (LLM + lm_head + mergers) x non-pad tokens / time / (GPUs x peak)",
+            "mfu": six_pt / (elapsed * world * peak) if elapsed and peak else None,
+            "mfu_vs_measured_matmul": (six_pt / (elapsed * world * common.H100_MEASURED_MATMUL_FLOPS)
+                                       if elapsed and device.type == "cuda" else None),
+            "mfu_model_flops": (model_flops(work, params) / (elapsed * world * peak) if elapsed and peak else None),
+            "peak_flops_per_gpu": peak,
+            "peak_mem_gib_per_rank": peaks,
+            "peak_mem_gib_max": max(peaks),
+            "peak_mem_spread": (max(peaks) - min(peaks)) / max(peaks) if max(peaks) else None,
+            "peak_reserved_gib_per_rank": [None if r["peak_reserved_bytes"] is None else
+                                           r["peak_reserved_bytes"] / common.GIB for r in per_rank],
+            "memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "host max RSS",
+            "s_per_step_synced": synced_total / args.profile_steps if args.profile_steps else None,
+            "phase_s_per_micro_step": {p: v / max(1, args.profile_steps * accumulation) for p, v in phase_total.items()},
+            "phase_shares": ({p: v / synced_total for p, v in phase_total.items()} if synced_total else None),
+            "phase_shares_per_rank": [({p: r["phases"][p] / r["profile_s"] for p in PHASES} if r["profile_s"] else None)
+                                      for r in per_rank],
+            "first_micro_step_s": first_micro_s,
+            "first_batch_wait_s": first_batch_wait_s,
+            "micro_step_s_max": max(micro_times) if micro_times else None,
+            "model_build_s": model_build_s,
+            "engine_init_s": engine_init_s,
+            "sampler_load_ratio_step": max(r[0] for r in ratios),
+            "sampler_load_ratio_micro": max(r[1] for r in ratios),
+        }
+        common.write_json_atomic(result_path, result)
+    dist.barrier()
+    progress("done")
+
+
+# ---------------------------------------------------------------- the parent (one torchrun per config)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
+    """Runs one config in its own torchrun process group; kills it on a stall."""
+    folder = run_root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*"):
+        if old.is_file():
+            old.unlink()
+    nproc = 2 if args.tiny else args.gpus
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(Path(__file__).resolve()),
+           "--worker", "--config", name, "--run-dir", str(folder), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps),
+           "--budget-s", str(args.budget_s), "--seed", str(args.seed)]
+    for flag, on in (("--tiny", args.tiny), ("--skip-ds-ops", args.skip_ds_ops)):
+        if on:
+            cmd.append(flag)
+    if args.peak_tflops:
+        cmd += ["--peak-tflops", str(args.peak_tflops)]
+    if args.fault_hang_rank is not None and name == args.fault_config:
+        cmd += ["--fault-hang-rank", str(args.fault_hang_rank)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    if args.tiny:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    log_path = folder / "torchrun.log"
+    print(f"[step.py] {name}: starting {nproc} ranks (log {log_path})", flush=True)
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        status, reason = "ok", ""
+        while proc.poll() is None:
+            time.sleep(0.5)
+            now = time.time()
+            progress = [_read_json(folder / f"progress-rank{r}.json") for r in range(nproc)]
+            in_step = [p for p in progress if p and p["phase"] in ("warmup", "measure", "profile")]
+            stale = [p for p in in_step if now - p["time"] > args.budget_s + args.grace_s]
+            if stale:
+                status = "stalled"
+                worst = max(stale, key=lambda p: now - p["time"])
+                reason = (f"a micro-step ran > {args.budget_s:.0f} s (phase {worst['phase']} step {worst['step']} "
+                          f"micro {worst['micro']})")
+            elif any(p and p["phase"] == "init" and now - p["time"] > args.init_budget_s for p in progress):
+                status, reason = "stalled", f"initialisation ran > {args.init_budget_s:.0f} s"
+            elif args.config_limit_s and time.monotonic() - started > args.config_limit_s:
+                status, reason = "incomplete", f"config ran > {args.config_limit_s:.0f} s"
+            if status != "ok":
+                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks: the session started here
+                proc.wait()
+                break
+    wall = time.monotonic() - started
+    result = _read_json(folder / "result.json") or {}
+    if status == "ok" and (proc.returncode != 0 or result.get("partial") or not result):
+        status, reason = "failed", f"torchrun exited with {proc.returncode}"
+    if status != "ok":
+        result = dict(result, config=name, status=status, stalled=status == "stalled", reason=reason)
+        log_text = log_path.read_text(errors="replace")
+        result["log_tail"] = log_text[-4000:]
+        result["stacks"] = {}
+        for r in range(nproc):
+            text = (folder / f"stacks-rank{r}.txt").read_text(errors="replace") if (
+                folder / f"stacks-rank{r}.txt").exists() else ""
+            result["stacks"][f"rank{r}"] = text[-STACK_CHARS:]
+    result["wall_s"] = wall
+    print(f"[step.py] {name}: {status} in {wall:.0f} s {reason}", flush=True)
+    return result
+
+
+TABLE = (
+    ("config", "config"), ("status", "status"), ("zero_stage", "ZeRO"), ("samples_per_s_per_gpu", "samples/s/GPU"),
+    ("s_per_step", "s/step"), ("tokens_per_s_per_gpu", "tokens/s/GPU"), ("mfu", "MFU(989T)"),
+    ("mfu_vs_measured_matmul", "MFU(790T)"), ("peak_mem_gib_max", "peak GiB"), ("peak_mem_spread", "mem spread"),
+    ("first_micro_step_s", "1st micro s"),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=4, help="ranks (GPUs) per config")
+    p.add_argument("--configs", default="official,janus", help="comma-separated config names")
+    p.add_argument("--steps", type=int, default=1, help="measured optimizer steps (unsynchronised)")
+    p.add_argument("--warmup", type=int, default=1, help="optimizer steps before measuring")
+    p.add_argument("--profile-steps", type=int, default=1, help="optimizer steps with per-phase synchronisation")
+    p.add_argument("--budget-s", type=float, default=90.0, help="watchdog: longest allowed micro-step")
+    p.add_argument("--grace-s", type=float, default=8.0, help="time for the stack dumps before the kill")
+    p.add_argument("--init-budget-s", type=float, default=420.0, help="longest allowed model/engine init")
+    p.add_argument("--config-limit-s", type=float, default=0.0, help="kill a config after this long (0: no limit)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device for MFU (default H100 989)")
+    p.add_argument("--skip-ds-ops", action="store_true", help="do not JIT-build DeepSpeed ops; use torch AdamW")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--tiny", action="store_true", help="CPU, gloo, 2 processes, tiny models")
+    p.add_argument("--out", help="output folder (default $OUT, else bench/results)")
+    p.add_argument("--run-dir", help="working folder (progress, stacks, logs)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--fault-hang-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fault-config", default="official", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+
+    import tempfile
+
+    if args.tiny:
+        args.budget_s = min(args.budget_s, 60.0)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    known = setups(2 if args.tiny else args.gpus, args.tiny)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"unknown config(s) {unknown}; choose from {sorted(known)}")
+    run_root = Path(args.run_dir or tempfile.mkdtemp(prefix="bench-step-"))
+    results = {name: run_config(name, args, run_root) for name in names}
+
+    card = next((r.get("card") for r in results.values() if r.get("card")), None)
+    if card is None:
+        card = "cpu" if args.tiny else common.card_name()
+    gpus = 2 if args.tiny else args.gpus
+    official = (results.get("official") or {}).get("samples_per_s_per_gpu")
+    janus = (results.get("janus") or {}).get("samples_per_s_per_gpu")
+    report = {
+        "bench": "step",
+        "card": card,
+        "gpus": gpus,
+        "tiny": args.tiny,
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "configs": names,
+        "ratio": janus / official if official and janus else None,
+        "targets": {"ratio_min": 5.0, "janus_samples_per_s_per_gpu_min": 2.0, "peak_mem_spread_max": 0.10},
+        **results,
+    }
+    path = common.results_path(card, gpus, args.out, prefix="tiny-step-" if args.tiny else "")
+    common.write_json_atomic(path, report)
+    rows = [dict(r, config=n) for n, r in results.items()]
+    common.print_table(rows, TABLE, title=f"bench/step.py on {gpus} x {card}")
+    if report["ratio"] is not None:
+        print(f"ratio janus/official samples/s per GPU: {report['ratio']:.2f}", flush=True)
+    print(f"wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""bench/step.py in --tiny mode: real torchrun (2 CPU ranks, gloo), real DeepSpeed, tiny models.
+
+The GPU numbers come from the device; this keeps the bench from rotting and checks that what it
+reports is internally consistent (throughput from the measured time, memory spread from the
+per-rank peaks, phase shares that add up, the janus config really being the spec's).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import step  # noqa: E402  (bench/step.py)
+
+
+def run_bench(tmp_path: Path, *extra: str, timeout: float = 300) -> tuple[dict, str]:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "bench" / "step.py"), "--tiny", "--out", str(out),
+           "--run-dir", str(tmp_path / "run"), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out.glob("tiny-step-*-cpu-2.json"))
+    assert len(files) == 1, proc.stdout
+    return json.loads(files[0].read_text()), proc.stdout
+
+
+def test_synthetic_samples_follow_the_history_frame_rule():
+    samples = step.synthetic_samples(2000, seed=3)
+    counts = [len(s.frames) for s in samples]
+    assert min(counts) == 1 and max(counts) == 9
+    # steps 0..8 of a 20..80-step trajectory have 1..9 frames: 9 of ~50 steps on average
+    nine = sum(c == 9 for c in counts) / len(counts)
+    assert 0.78 < nine < 0.88
+    assert len({s.id for s in samples}) == len(samples)
+
+
+def test_synthetic_item_matches_the_batch_contract():
+    from janus_job import frames
+    from janus_job.data import JanusCollator
+
+    geometry = frames.frame_geometry(640, 480)
+    assert geometry.tokens_per_image == 391 and geometry.spatial_grid == (34, 46)
+    setup = step.setups(4)["janus"]
+    ids = step.TokenIds(image=7, vision_start=5, vision_end=6, text_low=20, text_high=500)
+    samples = step.synthetic_samples(4, seed=1)
+    dataset = step.SyntheticDataset(samples, setup, geometry, ids, spatial_channels=2048,
+                                    vision_channels=1280, source_size=(640, 480))
+    item = dataset[0]
+    n = len(samples[0].frames)
+    assert int((item["input_ids"] == 7).sum()) == 391 * n
+    assert int((item["input_ids"] == 5).sum()) == n and int((item["input_ids"] == 6).sum()) == n
+    assert int((item["labels"] != -100).sum()) == samples[0].answer_tokens
+    assert item["vision_features"].shape == (n * 34 * 46, 1280)
+    assert item["spatial_features"].shape == (34, 46, 2048)
+    assert len(item["input_ids"]) == dataset.token_length(samples[0])
+    batch = JanusCollator(0)([item])
+    assert batch["images_per_sample"].tolist() == [n]
+
+
+def test_tiny_official_and_janus_side_by_side(tmp_path):
+    report, stdout = run_bench(tmp_path, "--configs", "official,janus", "--steps", "1", "--warmup", "1",
+                               "--profile-steps", "1", "--peak-tflops", "0.001")
+    assert report["card"] == "cpu" and report["gpus"] == 2
+    assert "samples/s/GPU" in stdout
+    official, janus = report["official"], report["janus"]
+    for r in (official, janus):
+        assert r["status"] == "ok" and r["stalled"] is False
+        assert r["world_size"] == 2 and r["global_batch_size"] == 2 * r["gradient_accumulation_steps"]
+        expected = r["global_batch_size"] * r["steps_measured"] / r["measured_s"] / 2
+        assert r["samples_per_s_per_gpu"] == pytest.approx(expected)
+        assert r["s_per_step"] == pytest.approx(r["measured_s"])
+        assert r["tokens_per_s_per_gpu"] > r["samples_per_s_per_gpu"]
+        assert 1 <= r["images_per_sample"] <= 9
+        peaks = r["peak_mem_gib_per_rank"]
+        assert len(peaks) == 2 and min(peaks) > 0
+        assert r["peak_mem_spread"] == pytest.approx((max(peaks) - min(peaks)) / max(peaks))
+        mfu = 6 * r["trainable_params"] * r["tokens_per_s"] / (2 * 1e9)
+        assert r["mfu"] == pytest.approx(mfu)
+        shares = r["phase_shares"]
+        assert set(shares) == set(step.PHASES)
+        assert 0.8 < sum(shares.values()) < 1.05
+        assert shares["backward"] > 0 and shares["llm_forward"] > 0
+    # official runs both encoders in the step; janus reads both from the (in-memory) store
+    assert official["zero_stage"] == 3 and official["sampler"] == "length_grouped"
+    assert official["phase_shares"]["vggt"] > 0 and official["phase_shares"]["vision_tower"] > 0
+    assert official["deepspeed_config"]["zero_optimization"]["stage3_max_reuse_distance"] == int(1e9)
+    assert janus["phase_shares"]["vggt"] == 0 and janus["phase_shares"]["vision_tower"] == 0
+    assert janus["sampler"] == "balanced" and janus["spatial_source"] == "cached"
+    from janus_job.deepspeed import render_deepspeed_config
+
+    shipped = render_deepspeed_config(step.janus_spec(2, tiny=True), 2)
+    assert janus["zero_stage"] == shipped["zero_optimization"]["stage"]
+    assert janus["deepspeed_config"]["zero_optimization"] == shipped["zero_optimization"]
+    assert janus["gradient_accumulation_steps"] == shipped["gradient_accumulation_steps"]
+    assert report["ratio"] == pytest.approx(janus["samples_per_s_per_gpu"] / official["samples_per_s_per_gpu"])
+
+
+def test_watchdog_records_a_stall_with_every_ranks_stacks(tmp_path):
+    """Rank 1 hangs in its first micro-step: the bench must not hang with it."""
+    report, _ = run_bench(tmp_path, "--configs", "official", "--steps", "1", "--warmup", "0",
+                          "--profile-steps", "0", "--budget-s", "6", "--grace-s", "4",
+                          "--fault-hang-rank", "1", timeout=200)
+    official = report["official"]
+    assert official["status"] == "stalled" and official["stalled"] is True
+    assert "micro-step ran > 6 s" in official["reason"]
+    assert "in micro_step" in official["stacks"]["rank1"]
+    assert "Timeout" in official["stacks"]["rank0"]  # rank 0 waits in a collective and dumps too
+    assert official["wall_s"] < 150
+    assert report["ratio"] is None
