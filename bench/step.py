@@ -398,44 +398,79 @@ class SyntheticDataset:
 
 
 class PhaseClock:
-    """Per-phase seconds of the current micro-step; with `synced`, the device is synchronised at
-    every boundary (exact attribution, no overlap between phases)."""
+    """Seconds per phase over a window of micro-steps.
+
+    mode "events": CUDA events on the compute stream, read once at the end of the window (no
+    synchronisation inside it, so overlap is left alone; a phase includes the time the compute
+    stream waits for collectives issued in it). mode "sync": the device is synchronised at every
+    boundary (exact, but serialises copies and collectives with compute). mode "cpu": wall
+    clock (CPU runs are synchronous anyway). mode "off": nothing is recorded.
+    Data wait is always host wall time (the loader is on the host).
+    """
+
+    GPU_PHASES = ("vggt", "vision_tower", "llm_forward", "forward", "backward", "optimizer_step")
 
     def __init__(self, device) -> None:
         self.device = device
-        self.synced = False
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self._open: dict[str, float] = {}
+        self.mode = "off"
+        self._open: dict[str, Any] = {}
+        self._spans: dict[str, list] = {p: [] for p in self.GPU_PHASES}
+        self._seconds = dict.fromkeys(self.GPU_PHASES, 0.0)
+        self.data_wait_s = 0.0
 
-    def now(self) -> float:
-        if self.synced and self.device.type == "cuda":
+    def _mark(self):
+        if self.mode == "events":
+            import torch
+
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        if self.mode == "sync" and self.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
     def start(self, phase: str) -> None:
-        self._open[phase] = self.now()
+        if self.mode != "off":
+            self._open[phase] = self._mark()
 
-    def stop(self, phase: str) -> float:
-        spent = self.now() - self._open.pop(phase)
-        self.seconds[phase] += spent
-        return spent
+    def stop(self, phase: str) -> None:
+        if self.mode == "off" or phase not in self._open:
+            return
+        begin, end = self._open.pop(phase), self._mark()
+        if self.mode == "events":
+            self._spans[phase].append((begin, end))
+        else:
+            self._seconds[phase] += end - begin
 
     def hooks(self, module, phase: str) -> None:
         def before(*_):
-            if self.synced:
-                self.start(phase)
+            self.start(phase)
 
         def after(*_):  # returns None: the module's output is left alone
-            if self.synced and phase in self._open:
-                self.stop(phase)
+            self.stop(phase)
 
         module.register_forward_pre_hook(before)
         module.register_forward_hook(after)
 
-    def take(self) -> dict[str, float]:
-        out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
+    def collect(self) -> dict[str, float]:
+        """Seconds per phase (PHASES) since the last collect; synchronises for events."""
+        if self._spans["forward"]:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        seconds = dict(self._seconds)
+        for phase, spans in self._spans.items():
+            seconds[phase] += sum(b.elapsed_time(e) for b, e in spans) / 1000.0
+        out = {p: 0.0 for p in PHASES}
+        out.update({p: seconds[p] for p in PHASES if p in seconds})
+        out["forward_other"] = max(0.0, seconds["forward"] - seconds["vggt"] - seconds["vision_tower"]
+                                   - seconds["llm_forward"])
+        out["data_wait"] = self.data_wait_s
+        self._spans = {p: [] for p in self.GPU_PHASES}
+        self._seconds = dict.fromkeys(self.GPU_PHASES, 0.0)
+        self.data_wait_s = 0.0
         return out
 
 
@@ -629,22 +664,19 @@ def worker(args: argparse.Namespace) -> None:
         write_dir.mkdir(exist_ok=True)
     image_token = qwen_config.image_token_id
 
-    def micro_step(step: int, k: int) -> tuple[BatchWork, dict]:
+    def micro_step(step: int, k: int) -> BatchWork:
         work = BatchWork()
-        clock.start("data_wait")
+        waited = time.perf_counter()
         batch = next(batches)
         work.add_batch(batch, image_token)
         sample_ids = batch["sample_ids"]
         batch = _to_device(batch, device)
-        clock.stop("data_wait")
+        clock.data_wait_s += time.perf_counter() - waited
         if args.fault_hang_rank == rank and step == args.warmup and k == 0:
             time.sleep(10 * args.budget_s)  # fault injection for the watchdog test
-        started = clock.now()
+        clock.start("forward")
         out = engine(**batch, return_computed_features=setup.write_through)
-        forward_s = clock.now() - started
-        if clock.synced:
-            inner = sum(clock.seconds[p] for p in ("vggt", "vision_tower", "llm_forward"))
-            clock.seconds["forward_other"] += max(0.0, forward_s - inner)
+        clock.stop("forward")
         clock.start("backward")
         engine.backward(out.loss)
         clock.stop("backward")
@@ -656,58 +688,54 @@ def worker(args: argparse.Namespace) -> None:
                 torch.save({"spatial": sp.detach().to("cpu")}, write_dir / f"{sid}.pt")
             if out.computed_vision is not None:
                 torch.save(out.computed_vision.detach().to("cpu"), write_dir / f"{sample_ids[0]}-vision.pt")
-        return work, clock.take()
+        return work
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def add(total: BatchWork, work: BatchWork) -> None:
+        for name, value in dataclasses.asdict(work).items():
+            setattr(total, name, getattr(total, name) + value)
+
     result_path = folder / "result.json"
     engine.train()
-    first_micro_s = None
-    first_batch_wait_s = None
+    first_micro_s = first_batch_wait_s = None
     micro_times: list[float] = []
-    measured_work = BatchWork()
-    profile_phases = dict.fromkeys(PHASES, 0.0)
-    profile_s = 0.0
-    measured_s = 0.0
+    windows = {"measure": {"s": 0.0, "work": BatchWork(), "phases": None},
+               "profile": {"s": 0.0, "work": BatchWork(), "phases": None}}
+    window_start = 0.0
     for step in range(total_steps):
         kind = "warmup" if step < args.warmup else "measure" if step < args.warmup + args.steps else "profile"
-        clock.synced = kind == "profile"
-        if kind == "measure" and step == args.warmup:
+        if step in (args.warmup, args.warmup + args.steps) and kind != "warmup":
             sync()
-            if device.type == "cuda":
+            if kind == "measure" and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            clock.collect()
+            clock.mode = {"measure": "events" if device.type == "cuda" else "cpu", "profile": "sync"}[kind]
             window_start = time.perf_counter()
-        if kind == "profile" and step == args.warmup + args.steps:
-            sync()
-            measured_s = time.perf_counter() - window_start if args.steps else 0.0
-            profile_start = time.perf_counter()
         for k in range(accumulation):
             progress(kind, step, k)
             faulthandler.dump_traceback_later(args.budget_s, repeat=False, file=stacks, exit=False)
             started = time.perf_counter()
-            work, phases = micro_step(step, k)
+            work = micro_step(step, k)
             faulthandler.cancel_dump_traceback_later()
             if first_micro_s is None:
                 sync()
                 first_micro_s = time.perf_counter() - started
-                first_batch_wait_s = phases["data_wait"]
+                first_batch_wait_s = clock.data_wait_s
             micro_times.append(time.perf_counter() - started)
-            if kind == "measure":
-                for name, value in dataclasses.asdict(work).items():
-                    setattr(measured_work, name, getattr(measured_work, name) + value)
-            if kind == "profile":
-                for name in PHASES:
-                    profile_phases[name] += phases[name]
+            if kind != "warmup":
+                add(windows[kind]["work"], work)
+        last_of_window = step + 1 in (args.warmup + args.steps, total_steps)
+        if kind != "warmup" and last_of_window:
+            sync()
+            windows[kind]["s"] = time.perf_counter() - window_start
+            windows[kind]["phases"] = clock.collect()
+            clock.mode = "off"
         if rank == 0:
             common.write_json_atomic(result_path, {"partial": True, "steps_done": step + 1,
                                                    "first_micro_step_s": first_micro_s})
-    sync()
-    if args.profile_steps:
-        profile_s = time.perf_counter() - profile_start
-    elif args.steps:
-        measured_s = time.perf_counter() - window_start
     progress("report")
 
     # -- gather and report --
@@ -717,21 +745,31 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_gather_object(per_rank, {
         "peak_mem_bytes": _peak_memory_bytes(device),
         "peak_reserved_bytes": _reserved_memory_bytes(device),
-        "measured_s": measured_s,
-        "profile_s": profile_s,
-        "phases": profile_phases,
-        "work": dataclasses.asdict(measured_work),
+        "windows": {k: {"s": w["s"], "phases": w["phases"], "work": dataclasses.asdict(w["work"])}
+                    for k, w in windows.items()},
     })
     if rank == 0:
-        elapsed = max(r["measured_s"] for r in per_rank)
-        work = BatchWork(**{k: sum(r["work"][k] for r in per_rank) for k in per_rank[0]["work"]})
+        def window(kind: str):
+            runs = [r["windows"][kind] for r in per_rank]
+            seconds = max(r["s"] for r in runs)
+            work = BatchWork(**{k: sum(r["work"][k] for r in runs) for k in runs[0]["work"]})
+            if not seconds or runs[0]["phases"] is None:
+                return seconds, work, None, None, None
+            mean = {p: sum(r["phases"][p] for r in runs) / world for p in PHASES}
+            shares = {p: v / seconds for p, v in mean.items()}
+            shares["unattributed"] = 1.0 - sum(shares.values())
+            per_micro = {p: v / (accumulation * (args.steps if kind == "measure" else args.profile_steps))
+                         for p, v in mean.items()}
+            per_rank_shares = [{p: r["phases"][p] / r["s"] for p in PHASES} for r in runs]
+            return seconds, work, shares, per_micro, per_rank_shares
+
+        elapsed, work, shares, per_micro, rank_shares = window("measure")
+        synced_s, _, synced_shares, synced_per_micro, _ = window("profile")
         peaks = [r["peak_mem_bytes"] / common.GIB for r in per_rank]
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         peak = args.peak_tflops * 1e12 if args.peak_tflops else (
             common.H100_DENSE_BF16_FLOPS if device.type == "cuda" else None)
         six_pt = 6.0 * trainable * work.tokens
-        phase_total = {p: sum(r["phases"][p] for r in per_rank) / world for p in PHASES}
-        synced_total = sum(r["profile_s"] for r in per_rank) / world
         result = {
             "config": args.config,
             "description": setup.description,
@@ -779,11 +817,14 @@ def worker(args: argparse.Namespace) -> None:
             "peak_reserved_gib_per_rank": [None if r["peak_reserved_bytes"] is None else
                                            r["peak_reserved_bytes"] / common.GIB for r in per_rank],
             "memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "host max RSS",
-            "s_per_step_synced": synced_total / args.profile_steps if args.profile_steps else None,
-            "phase_s_per_micro_step": {p: v / max(1, args.profile_steps * accumulation) for p, v in phase_total.items()},
-            "phase_shares": ({p: v / synced_total for p, v in phase_total.items()} if synced_total else None),
-            "phase_shares_per_rank": [({p: r["phases"][p] / r["profile_s"] for p in PHASES} if r["profile_s"] else None)
-                                      for r in per_rank],
+            "phase_timing": "CUDA events on the compute stream, unsynchronised window" if device.type == "cuda"
+            else "host wall clock",
+            "phase_shares": shares,
+            "phase_s_per_micro_step": per_micro,
+            "phase_shares_per_rank": rank_shares,
+            "s_per_step_synced": synced_s / args.profile_steps if args.profile_steps else None,
+            "phase_shares_synced": synced_shares,
+            "phase_s_per_micro_step_synced": synced_per_micro,
             "first_micro_step_s": first_micro_s,
             "first_batch_wait_s": first_batch_wait_s,
             "micro_step_s_max": max(micro_times) if micro_times else None,
@@ -896,7 +937,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="official,janus", help="comma-separated config names")
     p.add_argument("--steps", type=int, default=1, help="measured optimizer steps (unsynchronised)")
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps before measuring")
-    p.add_argument("--profile-steps", type=int, default=1, help="optimizer steps with per-phase synchronisation")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="extra optimizer steps timed with synchronisation at every phase boundary")
     p.add_argument("--budget-s", type=float, default=90.0, help="watchdog: longest allowed micro-step")
     p.add_argument("--grace-s", type=float, default=8.0, help="time for the stack dumps before the kill")
     p.add_argument("--init-budget-s", type=float, default=420.0, help="longest allowed model/engine init")

@@ -30,15 +30,14 @@ ROLES = ("human", "gpt")
 DEFAULT_MAX_HISTORY = 8
 ACTIONS = ("STOP", "MOVE_FORWARD", "TURN_LEFT", "TURN_RIGHT")
 
-# JanusVLN's navigation prompt (create_data.py), reproduced so that built annotations tokenise
-# exactly like the official ones. {history} is one <image> tag per history frame.
+# The instruction prompt of built annotations (our wording). A dataset that must tokenise exactly
+# like an existing JanusVLN annotation file should use that file, or pass its prompt to the builder.
+# {history} is one <image> tag per history frame.
 NAVIGATION_PROMPT = (
-    "You are a visual language navigation model, and your should go to the locations to complete "
-    "the given task. Compare the observation and instruction to infer your current progress, and "
-    "then select the correct direction from the candidates to go to the target location and "
-    "finish the task.\n This is your historical observation:{history}\n This is your current "
-    "observation:<image>\n Your task is to {instruction}\n You should take one of the following "
-    "actions:\n MOVE_FORWARD\n TURN_LEFT\n TURN_RIGHT\n STOP."
+    "You navigate by vision and language. Earlier views along the route:{history}\n"
+    "Current view:<image>\n"
+    "Instruction: {instruction}\n"
+    "Choose the next action: MOVE_FORWARD, TURN_LEFT, TURN_RIGHT or STOP."
 )
 
 

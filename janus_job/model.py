@@ -491,13 +491,15 @@ def local_copy(path_or_url: str, cache_dir: str | None = None) -> str:
 def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: str = "sdpa",
                 gradient_checkpointing: bool = False, lam: float = DEFAULT_LAM,
                 spatial_mode: str = "batched", vggt_dtype=None, register_vggt: bool = True,
-                vggt_config=None, cache_dir: str | None = None):
+                vggt_config=None, spatial_channels: int | None = None, cache_dir: str | None = None):
     """JanusVLN from pretrained weights (paths or fsspec URLs) or from configs (random weights).
 
     qwen: Qwen2.5-VL-7B-Instruct directory/URL, or a `Qwen2_5_VLConfig` for random weights.
     vggt: VGGT-1B checkpoint path/URL (`janus_job.vggt.load_aggregator`), a `VGGTAggregatorConfig`
           (random weights), or None when spatial features always come from the store.
     vggt_config: the aggregator architecture of a vggt checkpoint (default VGGT-1B).
+    spatial_channels: channels of cached spatial maps (default: 2 x the VGGT width, else the
+          Qwen config's `spatial_channels`, else 2048).
     VGGT keeps fp32 weights by default and runs under bf16 autocast on GPU, as JanusVLN does.
     register_vggt=False keeps it out of the module tree (see attach_aggregator): use it with
     DeepSpeed ZeRO-3, which would otherwise partition and re-gather the frozen 1B encoder.
@@ -511,17 +513,24 @@ def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: 
             aggregator = FrameCausalAggregator(vggt)
     else:
         aggregator = None
-    channels = 2 * aggregator.config.embed_dim if aggregator is not None else SPATIAL_CHANNELS
+    if aggregator is not None:
+        produced = 2 * aggregator.config.embed_dim
+        if spatial_channels is not None and spatial_channels != produced:
+            raise JobError(f"the VGGT aggregator produces {produced}-channel spatial maps but "
+                           f"{spatial_channels} were requested (cached features of another VGGT?)")
+        spatial_channels = produced
     if isinstance(qwen, (str, os.PathLike)):
         local = local_copy(str(qwen), cache_dir)
-        config = janus_config(AutoConfig.from_pretrained(local), lam=lam, spatial_channels=channels)
+        config = AutoConfig.from_pretrained(local)
+        channels = spatial_channels or getattr(config, "spatial_channels", SPATIAL_CHANNELS)
+        config = janus_config(config, lam=lam, spatial_channels=channels)
         JanusVLNForConditionalGeneration.register_checkpoint_layout()
         model = JanusVLNForConditionalGeneration.from_pretrained(
             local, config=config, dtype=dtype, attn_implementation=attn_implementation).to(device)
         model.merger.reset_parameters(config.text_config.initializer_range)  # not in the checkpoint
     else:
         model = model_from_config(qwen, None, dtype, device, attn_implementation, lam=lam,
-                                  spatial_channels=channels)
+                                  spatial_channels=spatial_channels)
     if aggregator is not None:
         model.attach_aggregator(aggregator, mode=spatial_mode, register=register_vggt)
     return _finish(model, gradient_checkpointing)

@@ -495,6 +495,8 @@ class Trainer:
         model = build_model(
             qwen_dir,
             vggt=spec.model.vggt if features.spatial == "online" else None,
+            # ZeRO-3 would partition and re-gather the frozen encoder: keep it out of the module tree
+            register_vggt=spec.deepspeed.zero_stage < 3,
             spatial_channels=features.spatial_channels,
             dtype=dtype,
             device=self.device,

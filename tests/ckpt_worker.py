@@ -24,6 +24,7 @@ import signal
 import numpy as np
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_SAMPLES = 96
 FEATURES = 12
 CLASSES = 4
@@ -116,6 +117,44 @@ def set_full_state(engine, dump: dict) -> None:
             safe_set_full_optimizer_state(param, entry["exp_avg"], "exp_avg")
             safe_set_full_optimizer_state(param, entry["exp_avg_sq"], "exp_avg_sq")
     opt.update_lp_params()  # the module's weights from the fp32 masters
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, worker_args: list[str], *, max_restarts: int = 0, env: dict | None = None,
+             timeout: float = 240):
+    """Runs this worker under a real torchrun (c10d rendezvous, as the elastic PyTorchJob does)."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "ckpt-test",
+        "--max-restarts", str(max_restarts), os.path.abspath(__file__), *worker_args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                "PYTHONPATH": REPO, **(env or {})}
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def effective_steps(records: list[dict]) -> dict[int, dict]:
+    """step -> the record of the attempt whose training of that step survived (the last one)."""
+    out = {}
+    for record in records:
+        if record["event"] == "step":
+            out[record["step"]] = record
+    return out
 
 
 def main() -> None:

@@ -83,10 +83,13 @@ def test_tiny_official_and_janus_side_by_side(tmp_path):
         assert r["peak_mem_spread"] == pytest.approx((max(peaks) - min(peaks)) / max(peaks))
         mfu = 6 * r["trainable_params"] * r["tokens_per_s"] / (2 * 1e9)
         assert r["mfu"] == pytest.approx(mfu)
-        shares = r["phase_shares"]
-        assert set(shares) == set(step.PHASES)
-        assert 0.8 < sum(shares.values()) < 1.05
-        assert shares["backward"] > 0 and shares["llm_forward"] > 0
+        for key in ("phase_shares", "phase_shares_synced"):
+            shares = r[key]
+            assert set(shares) == set(step.PHASES) | {"unattributed"}
+            assert sum(shares.values()) == pytest.approx(1.0)
+            assert -0.05 < shares["unattributed"] < 0.2  # host clock on CPU: little goes unseen
+            assert shares["backward"] > 0 and shares["llm_forward"] > 0 and shares["data_wait"] > 0
+        assert r["s_per_step_synced"] > 0
     # official runs both encoders in the step; janus reads both from the (in-memory) store
     assert official["zero_stage"] == 3 and official["sampler"] == "length_grouped"
     assert official["phase_shares"]["vggt"] > 0 and official["phase_shares"]["vision_tower"] > 0

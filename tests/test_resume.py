@@ -1,0 +1,98 @@
+"""Exact resume after a killed rank, under real torchrun + real DeepSpeed ZeRO-2 (gloo, CPU).
+
+torchrun's elastic agent restarts the whole worker group when one rank dies (as the PyTorchJob's
+elastic policy does with pods); the restarted ranks must continue from the newest complete
+checkpoint and train exactly what an uninterrupted run trains: same samples per step on the same
+ranks, same loss and learning rate (dropout is on, so the RNG states must be restored too).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ckpt_worker as worker
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+INTERVAL = 3
+
+
+def _args(tmp, store_url, log):
+    return ["--url", store_url, "--staging", str(tmp / "staging"), "--step-log", str(log),
+            "--steps", str(STEPS), "--interval", str(INTERVAL), "--keep", "2"]
+
+
+def _check(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    log = tmp / "steps.jsonl"
+    _check(worker.torchrun(2, _args(tmp, str(tmp / "store"), log)))
+    steps = worker.effective_steps(worker.read_log(log))
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    return steps
+
+
+def _starts(records):
+    return [(r["attempt"], r["resumed_from"]) for r in records if r["event"] == "start"]
+
+
+def _assert_same_training(steps, reference):
+    assert sorted(steps) == sorted(reference)
+    for step in reference:
+        assert steps[step]["ids"] == reference[step]["ids"], f"step {step} trained other samples"
+        assert steps[step]["loss"] == reference[step]["loss"], f"step {step}: loss differs"
+        assert steps[step]["lr"] == reference[step]["lr"], f"step {step}: lr differs"
+    trained = [i for step in sorted(steps) for rank_ids in steps[step]["ids"] for i in rank_ids]
+    assert len(trained) == len(set(trained)), "a sample was trained twice in the surviving sequence"
+
+
+def test_sigkill_of_one_rank_resumes_exactly_from_s3(tmp_path, uninterrupted, s3_server, s3_bucket, s3_env):
+    log = tmp_path / "steps.jsonl"
+    url = f"s3://{s3_bucket}/runs/demo/checkpoints"
+    env = {**s3_env, "AWS_ENDPOINT_URL": s3_server}
+    # rank 1 SIGKILLs itself in the middle of step 5 (after a backward, before the optimizer step);
+    # synchronous upload so that the step-3 checkpoint is surely complete by then
+    result = worker.torchrun(2, _args(tmp_path, url, log) + ["--die-at-step", "5", "--die-rank", "1", "--sync-upload"],
+                             max_restarts=1, env=env)
+    _check(result)
+    records = worker.read_log(log)
+    assert _starts(records) == [(0, None), (1, 3)], "the restart must resume from the step-3 checkpoint"
+    first_attempt = [r["step"] for r in records if r["event"] == "step" and r["attempt"] == 0]
+    second_attempt = [r["step"] for r in records if r["event"] == "step" and r["attempt"] == 1]
+    assert first_attempt == [1, 2, 3, 4]
+    # only what came after the last complete checkpoint is trained again
+    assert second_attempt == list(range(4, STEPS + 1))
+    _assert_same_training(worker.effective_steps(records), uninterrupted)
+
+
+def test_checkpoint_killed_mid_write_is_never_resumed(tmp_path, uninterrupted):
+    store = tmp_path / "store"
+    log = tmp_path / "steps.jsonl"
+    # leftovers a crashed run could leave: a newer step without COMPLETE, and one whose COMPLETE
+    # lists a file that is missing
+    (store / "step-00000099").mkdir(parents=True)
+    (store / "step-00000099" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    (store / "step-00000098").mkdir()
+    (store / "step-00000098" / "COMPLETE").write_text(json.dumps(
+        {"format": 1, "step": 98, "world_size": 2, "files": {"mp_rank_00_model_states.pt": 10}}))
+    # rank 1 dies after uploading the first file of the step-6 checkpoint (rank 0 keeps going
+    # until the next collective fails)
+    result = worker.torchrun(
+        2, _args(tmp_path, str(store), log) + ["--die-during-save", "6", "--die-rank", "1"], max_restarts=1)
+    _check(result)
+    records = worker.read_log(log)
+    assert _starts(records) == [(0, None), (1, 3)], "resumed from something other than the last complete one"
+    _assert_same_training(worker.effective_steps(records), uninterrupted)
+    # the interrupted step-6 was written again by the restarted run and completed this time
+    from janus_job.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(str(store), 2, INTERVAL, rank=0, world_size=1, staging_dir=tmp_path / "s")
+    assert [ref.step for ref in manager.complete_checkpoints()] == [3, 6]
+    assert not (store / "step-00000099" / "COMPLETE").exists()
