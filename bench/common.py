@@ -33,11 +33,12 @@ def card_slug(card: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown"
 
 
-def results_path(card: str, gpus: int, out: str | None = None, prefix: str = "") -> Path:
-    """`<out or $OUT or bench/results>/<prefix><date>-<card>-<gpus>.json`."""
+def results_path(card: str, gpus: int, out: str | None = None, prefix: str = "", tag: str = "") -> Path:
+    """`<out or $OUT or bench/results>/<prefix><date>-<card>-<gpus>[-<tag>].json`."""
     folder = Path(out or os.environ.get("OUT") or RESULTS_DIR)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    return folder / f"{prefix}{date}-{card_slug(card)}-{gpus}.json"
+    suffix = f"-{card_slug(tag)}" if tag else ""
+    return folder / f"{prefix}{date}-{card_slug(card)}-{gpus}{suffix}.json"
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -79,3 +80,31 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], title:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILLs `pid` and every process below it; returns the pids killed.
+
+    torchrun starts each rank in a session of its own, so killing torchrun's process group would
+    leave hung ranks (and their DataLoader workers) holding the GPUs. The tree is listed first,
+    then every process in it is killed (the root first, so nothing restarts the ranks). The caller
+    still reaps `pid` itself (Popen.wait).
+    """
+    import signal
+
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        below = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    killed = []
+    for proc in [root] + below:
+        try:
+            proc.send_signal(signal.SIGKILL)
+            killed.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(below, timeout=10)
+    return killed

@@ -21,8 +21,9 @@ stacks (faulthandler) into the run folder, the bench kills the process group, re
 `stalled: true` with the stacks and goes on with the next config.
 
 Config names: official, official_inside (JanusVLN exact: VGGT inside the ZeRO-3 engine; stalls),
-janus (the spec defaults janus-train ships), plan_a .. plan_e (the seed plan's proposals, each
-applied alone to `official`).
+janus (the spec defaults janus-train ships), janus_* (one spec field changed, for the
+optimisation table), plan_a .. plan_e (the seed plan's proposals, each applied alone to
+`official`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,7 @@ class Setup:
 
     description: str
     deepspeed: str  # "official" (JanusVLN zero3.json), "spec" (janus-train defaults), "zero2_offload"
-    spatial: str  # "stream_outside" | "stream_inside" | "cached"
+    spatial: str  # "cached" (from the store) | "online" (VGGT runs in the step)
     vision: str  # "online" | "cached"
     sampler: str  # "length_grouped" | "balanced"
     gradient_checkpointing: bool = True
@@ -79,23 +78,29 @@ class Setup:
     workers: int = 8
     prefetch: int = 2
     write_through: bool = False  # plan B: store every computed feature (1 epoch = all misses)
+    vggt_mode: str = "streaming"  # online VGGT: "streaming" (one call per frame) | "batched" (per sample)
+    vggt_registered: bool = False  # online VGGT inside the module tree (ZeRO-3 partitions it)
+    spec_overrides: tuple = ()  # (dotted spec path, value) pairs for the spec-based configs
 
 
 OFFICIAL = Setup(
     description="JanusVLN train.sh: ZeRO-3 (zero3.json), micro 1 x accum 8, grad ckpt, VGGT streamed per "
     "frame + vision tower online, length-grouped sampler, torch AdamW; VGGT replicated outside the engine",
-    deepspeed="official", spatial="stream_outside", vision="online", sampler="length_grouped",
+    deepspeed="official", spatial="online", vision="online", sampler="length_grouped",
 )
 
 
-def janus_setup(world_size: int, tiny: bool = False) -> Setup:
-    """The spec defaults janus-train ships, as `janus_job.spec` defines them."""
-    spec = janus_spec(world_size, tiny)
+def janus_setup(world_size: int, tiny: bool = False, overrides: tuple = (), description: str = "") -> Setup:
+    """The spec defaults janus-train ships (as `janus_job.spec` defines them), plus `overrides`."""
+    spec = janus_spec(world_size, tiny, overrides)
     t, d = spec.training, spec.data
     return Setup(
-        description="janus-train defaults (JobSpec): features precomputed, rendered DeepSpeed config",
+        description=description or "janus-train defaults (JobSpec): features precomputed, rendered DeepSpeed config",
         deepspeed="spec",
-        spatial="cached" if spec.features.mode == "precomputed" else "stream_outside",
+        spec_overrides=overrides,
+        spatial="cached" if spec.features.mode == "precomputed" else "online",
+        vggt_mode="batched",  # the model's default, what the trainer runs online
+        vggt_registered=spec.deepspeed.zero_stage < 3,  # as janus_job.train attaches it
         vision="cached" if spec.features.cache_vision else "online",
         sampler="balanced" if t.balanced_sampler else "length_grouped",
         gradient_checkpointing=t.gradient_checkpointing,
@@ -109,15 +114,27 @@ def janus_setup(world_size: int, tiny: bool = False) -> Setup:
 
 def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
     r = dataclasses.replace
-    try:
-        janus = janus_setup(world_size, tiny)
-    except Exception as err:  # JobError: the product refuses its defaults at this size
-        janus = err
+
+    def janus(overrides: tuple = (), description: str = ""):
+        try:
+            return janus_setup(world_size, tiny, overrides, description)
+        except Exception as err:  # JobError: the product refuses this spec at this size
+            return err
+
     return {
         "official": OFFICIAL,
-        "official_inside": r(OFFICIAL, spatial="stream_inside", description="JanusVLN exact: VGGT inside the "
+        "official_inside": r(OFFICIAL, vggt_registered=True, description="JanusVLN exact: VGGT inside the "
                              "ZeRO-3 engine (partitioned), streamed per frame"),
-        "janus": janus,
+        "janus": janus(),
+        "janus_ckpt": janus((("training.gradient_checkpointing", True),),
+                            "janus defaults with gradient checkpointing (the default before this measurement)"),
+        "janus_zero3": janus((("deepspeed.zero_stage", 3),), "janus defaults at ZeRO-3"),
+        "janus_torch_adam": janus((("deepspeed.optimizer", "torch"),),
+                                  "janus defaults with torch AdamW instead of DeepSpeed's"),
+        "janus_length_grouped": janus((("training.balanced_sampler", False),),
+                                      "janus defaults with JanusVLN's length-grouped sampler"),
+        "janus_online": janus((("features.mode", "online"), ("features.cache_vision", False)),
+                              "janus defaults with both encoders online (features.mode online)"),
         "plan_a": r(OFFICIAL, spatial="cached", vision="cached", description="official + precomputed VGGT and "
                     "vision features (seed plan A)"),
         "plan_b": r(OFFICIAL, write_through=True, description="official + read-through cache in its first "
@@ -131,22 +148,34 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
     }
 
 
-def janus_spec(world_size: int, tiny: bool = False):
+def janus_spec(world_size: int, tiny: bool = False, overrides: tuple = ()):
     """A minimal valid job spec on one node of `world_size` GPUs, every other field at its default.
 
-    The spec's fit check is about the full-size model; for --tiny it is validated at 8 GPUs and
-    then moved to `world_size` unchecked.
+    The spec's memory-fit check is about the full-size model; for --tiny, and for overrides that
+    include ("unchecked_fit", True) (a variant the bench measures to test that estimate), the spec
+    is validated at 8 GPUs and then moved to `world_size` without the check.
     """
+    # The shipped unit is an 8-GPU node: the fit check (sized for max_pixels images, an upper bound)
+    # runs there; the per-GPU settings are then measured at `world_size`.
+    unchecked = tiny or world_size < 8 or ("unchecked_fit", True) in overrides
+    overrides = tuple(o for o in overrides if o[0] != "unchecked_fit")
     from janus_job.spec import validate_spec
 
-    spec = validate_spec({
+    data = {
         "name": "bench-step",
         "model": {"qwen": "/models/qwen", "vggt": "/models/vggt"},
         "data": {"annotations": "/data/annotations.json", "image_root": "/data"},
         "features": {"store": "/features"},
-        "training": {"nodes": 1, "gpus_per_node": 8 if tiny else world_size, "checkpoint": {"url": "/ckpt"}},
-    }, "bench/step.py janus spec")
-    if tiny:
+        "training": {"nodes": 1, "gpus_per_node": 8 if unchecked else world_size, "checkpoint": {"url": "/ckpt"}},
+    }
+    for path, value in overrides:
+        *parents, leaf = path.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    spec = validate_spec(data, "bench/step.py janus spec")
+    if unchecked:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"gpus_per_node": world_size})})
     return spec
 
@@ -329,17 +358,13 @@ class SyntheticDataset:
 
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            h, w = frames.vggt_resized_size(rgb.shape[1], rgb.shape[0], self.setup_target_width)
+            h, w = frames.vggt_resized_size(rgb.shape[1], rgb.shape[0], self.geometry.vggt_width)
             resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_CUBIC)
             image = torch.from_numpy(resized).permute(2, 0, 1).float().div(255)
             if h > w:  # the same centre crop as frames.preprocess_for_vggt
                 image = image[:, (h - w) // 2:(h - w) // 2 + w]
             return image.contiguous()
-        return frames.preprocess_for_vggt(frames.load_frame(data), self.setup_target_width)
-
-    @property
-    def setup_target_width(self) -> int:
-        return self.geometry.vggt_width
+        return frames.preprocess_for_vggt(frames.load_frame(data), self.geometry.vggt_width)
 
     def __getitem__(self, index: int) -> dict:
         import torch
@@ -519,7 +544,7 @@ def _count(module) -> int:
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
 
 
-def _build_optimizer_ops(config: dict, device, skip: bool) -> dict:
+def _build_optimizer_ops(config: dict, skip: bool) -> dict:
     """Builds the DeepSpeed op the config's optimizer needs up front, timed (JIT compile cost)."""
     if "optimizer" not in config:
         return {}
@@ -542,7 +567,7 @@ def _ds_config(setup: Setup, hidden: int, world: int, tiny: bool) -> dict:
     if setup.deepspeed == "spec":
         from janus_job.deepspeed import render_deepspeed_config
 
-        return render_deepspeed_config(janus_spec(world, tiny), world)
+        return render_deepspeed_config(janus_spec(world, tiny, setup.spec_overrides), world)
     if setup.deepspeed == "zero2_offload":
         return zero2_offload_config(hidden, world, setup.micro_batch_size, setup.accumulation)
     return official_zero3_config(hidden, world, setup.micro_batch_size, setup.accumulation)
@@ -589,9 +614,9 @@ def worker(args: argparse.Namespace) -> None:
     # official: the aggregator is kept outside the module tree (DeepSpeed neither partitions nor
     # gathers it); official_inside: registered under model.vggt, as JanusVLN has it.
     model = model_from_config(qwen_config, vggt_config if online_vggt else None, dtype=dtype, device=device,
-                              gradient_checkpointing=setup.gradient_checkpointing, spatial_mode="streaming",
+                              gradient_checkpointing=setup.gradient_checkpointing, spatial_mode=setup.vggt_mode,
                               vggt_dtype=dtype, spatial_channels=spatial_channels,
-                              register_vggt=setup.spatial == "stream_inside")
+                              register_vggt=setup.vggt_registered)
     params = ParamCounts.of(model)
     params.vggt = _count(model.aggregator)  # also when it is kept outside the module tree
     llm_params = _count(model.model.language_model) + _count(model.lm_head)
@@ -607,7 +632,7 @@ def worker(args: argparse.Namespace) -> None:
     import deepspeed
 
     config = _ds_config(setup, hidden, world, args.tiny)
-    ops = _build_optimizer_ops(config, device, skip=args.skip_ds_ops or args.tiny)
+    ops = _build_optimizer_ops(config, skip=args.skip_ds_ops or args.tiny)
     optimizer_note = "deepspeed config optimizer section"
     if "optimizer" in config and (ops.get("error") or ops.get("skipped")):
         if config.get("zero_optimization", {}).get("offload_optimizer"):
@@ -656,7 +681,7 @@ def worker(args: argparse.Namespace) -> None:
     # -- measuring --
     clock = PhaseClock(device)
     if online_vggt:
-        clock.hooks(engine.module.aggregator, "vggt")  # called once per frame (streaming)
+        clock.hooks(engine.module.aggregator, "vggt")  # once per frame (streaming) or per sample
     clock.hooks(engine.module.model.visual, "vision_tower")
     clock.hooks(engine.module.model.language_model, "llm_forward")
     write_dir = folder / f"write-through-rank{rank}"
@@ -733,9 +758,13 @@ def worker(args: argparse.Namespace) -> None:
             windows[kind]["s"] = time.perf_counter() - window_start
             windows[kind]["phases"] = clock.collect()
             clock.mode = "off"
-        if rank == 0:
-            common.write_json_atomic(result_path, {"partial": True, "steps_done": step + 1,
-                                                   "first_micro_step_s": first_micro_s})
+        if rank == 0:  # what survives a kill later on (rank 0's own clock; no memory figures yet)
+            partial = {"partial": True, "steps_done": step + 1, "first_micro_step_s": first_micro_s}
+            if windows["measure"]["s"]:
+                partial.update(measured_s=windows["measure"]["s"],
+                               samples_per_s_per_gpu=global_batch * args.steps / windows["measure"]["s"] / world,
+                               s_per_step=windows["measure"]["s"] / args.steps)
+            common.write_json_atomic(result_path, partial)
     progress("report")
 
     # -- gather and report --
@@ -785,7 +814,8 @@ def worker(args: argparse.Namespace) -> None:
             "optimizer_ops_build": ops,
             "gradient_checkpointing": setup.gradient_checkpointing,
             "sampler": setup.sampler,
-            "spatial_source": setup.spatial,
+            "spatial_source": setup.spatial if setup.spatial == "cached" else
+            f"online {setup.vggt_mode}, {'inside' if setup.vggt_registered else 'outside'} the engine",
             "vision_source": setup.vision,
             "loader": {"workers": setup.workers, "prefetch": setup.prefetch,
                        "decode": dataset.decoder if dataset.online else "none (cached features)"},
@@ -878,6 +908,8 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
         cmd += ["--fault-hang-rank", str(args.fault_hang_rank)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        env.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")  # NVLink multicast stays off
     if args.tiny:
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     log_path = folder / "torchrun.log"
@@ -890,7 +922,7 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
             time.sleep(0.5)
             now = time.time()
             progress = [_read_json(folder / f"progress-rank{r}.json") for r in range(nproc)]
-            in_step = [p for p in progress if p and p["phase"] in ("warmup", "measure", "profile")]
+            in_step = [p for p in progress if p and p["phase"] in ("warmup", "measure", "profile", "report")]
             stale = [p for p in in_step if now - p["time"] > args.budget_s + args.grace_s]
             if stale:
                 status = "stalled"
@@ -902,7 +934,7 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
             elif args.config_limit_s and time.monotonic() - started > args.config_limit_s:
                 status, reason = "incomplete", f"config ran > {args.config_limit_s:.0f} s"
             if status != "ok":
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks: the session started here
+                common.kill_tree(proc.pid)  # torchrun, its ranks (own sessions) and their loader workers
                 proc.wait()
                 break
     wall = time.monotonic() - started
@@ -913,6 +945,9 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
         result = dict(result, config=name, status=status, stalled=status == "stalled", reason=reason)
         log_text = log_path.read_text(errors="replace")
         result["log_tail"] = log_text[-4000:]
+        # Deprecation warnings can push the cause out of the tail: keep the error lines apart.
+        result["error_lines"] = [line for line in log_text.splitlines()
+                                 if "Error" in line or "mismatch" in line][-40:]
         result["stacks"] = {}
         for r in range(nproc):
             text = (folder / f"stacks-rank{r}.txt").read_text(errors="replace") if (
@@ -948,6 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tiny", action="store_true", help="CPU, gloo, 2 processes, tiny models")
     p.add_argument("--out", help="output folder (default $OUT, else bench/results)")
+    p.add_argument("--tag", default="", help="appended to the JSON file name (several runs on one day)")
     p.add_argument("--run-dir", help="working folder (progress, stacks, logs)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -968,34 +1004,49 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown config(s) {unknown}; choose from {sorted(known)}")
     run_root = Path(args.run_dir or tempfile.mkdtemp(prefix="bench-step-"))
-    results = {name: run_config(name, args, run_root) for name in names}
-
-    card = next((r.get("card") for r in results.values() if r.get("card")), None)
-    if card is None:
-        card = "cpu" if args.tiny else common.card_name()
     gpus = 2 if args.tiny else args.gpus
+    card = "cpu" if args.tiny else _card_without_cuda_context()
+    path = common.results_path(card, gpus, args.out, prefix="tiny-step-" if args.tiny else "", tag=args.tag)
+    results: dict[str, dict] = {}
+    for name in names:  # the JSON is rewritten after every config: a killed run keeps what it got
+        results[name] = run_config(name, args, run_root)
+        report = _report(args, argv, names, results, card, gpus)
+        common.write_json_atomic(path, report)
+    rows = [dict(r, config=n) for n, r in results.items()]
+    common.print_table(rows, TABLE, title=f"bench/step.py on {gpus} x {report['card']}")
+    if report["ratio"] is not None:
+        print(f"ratio janus/official samples/s per GPU: {report['ratio']:.2f}", flush=True)
+    print(f"wrote {path}", flush=True)
+    return 0
+
+
+def _card_without_cuda_context() -> str:
+    """The GPU's name from nvidia-smi (the parent must not hold a CUDA context on GPU 0)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return "unknown-gpu"
+
+
+def _report(args, argv, names, results: dict, card: str, gpus: int) -> dict:
     official = (results.get("official") or {}).get("samples_per_s_per_gpu")
     janus = (results.get("janus") or {}).get("samples_per_s_per_gpu")
-    report = {
+    return {
         "bench": "step",
-        "card": card,
+        "card": next((r["card"] for r in results.values() if r.get("card")), card),
         "gpus": gpus,
         "tiny": args.tiny,
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(["bench/step.py"] + (argv if argv is not None else sys.argv[1:])),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "configs": names,
         "ratio": janus / official if official and janus else None,
         "targets": {"ratio_min": 5.0, "janus_samples_per_s_per_gpu_min": 2.0, "peak_mem_spread_max": 0.10},
         **results,
     }
-    path = common.results_path(card, gpus, args.out, prefix="tiny-step-" if args.tiny else "")
-    common.write_json_atomic(path, report)
-    rows = [dict(r, config=n) for n, r in results.items()]
-    common.print_table(rows, TABLE, title=f"bench/step.py on {gpus} x {card}")
-    if report["ratio"] is not None:
-        print(f"ratio janus/official samples/s per GPU: {report['ratio']:.2f}", flush=True)
-    print(f"wrote {path}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

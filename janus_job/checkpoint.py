@@ -13,12 +13,13 @@ A checkpoint counts only when ``COMPLETE`` exists; everything else is an interru
 never resumed from (and is deleted by later saves).
 
 Saving: every rank writes its own DeepSpeed shard to node-local staging (no rank ever gathers the
-model), then uploads its files one by one in a background thread and writes its ``done`` marker.
+model), then uploads its files one by one in a background thread (deleting each local copy once
+uploaded) and writes its ``done`` marker.
 Rank 0's thread waits for all markers and writes ``COMPLETE`` last, then prunes to the newest
 ``keep`` checkpoints. Training is held only for the local write.
 
-Resuming at the saved world size: each rank fetches the shared files (once per node) and its own
-shard, and DeepSpeed loads them. At a different world size the checkpoint is converted, once per
+Resuming at the saved world size: DeepSpeed reads the checkpoint in place on a mounted path; from
+object storage each rank fetches its own shard and the shared files (once per node) to staging. At a different world size the checkpoint is converted, once per
 node, into DeepSpeed's universal (per-parameter) layout and loaded with ``load_universal``, which
 reshards the fp32 master weights and Adam moments to the new data-parallel size.
 """
@@ -167,6 +168,7 @@ class CheckpointManager:
         self.async_upload = async_upload
         self.exclude_frozen_parameters = exclude_frozen_parameters
         self.finalize_timeout_s = finalize_timeout_s
+        self.last_load_stats: dict = {}
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
         self.last_save_stats: dict = {}
@@ -244,6 +246,19 @@ class CheckpointManager:
             f"no complete checkpoint for step {step} under {self.url}; complete ones: "
             f"{[r.step for r in self.complete_checkpoints()] or 'none'}"
         )
+
+    def retire_newer_than(self, step: int) -> list[int]:
+        """Makes the checkpoint of ``step`` the newest complete one by renaming the COMPLETE
+        marker of every newer checkpoint to RETIRED (resume by hand; call with the job stopped).
+        Returns the retired steps. Later saves overwrite or prune the retired ones."""
+        self.ref_for_step(step)  # JobError unless it exists and is complete
+        retired = []
+        for ref in self.complete_checkpoints():
+            if ref.step > step:
+                path = _join(self.root, step_tag(ref.step))
+                self.fs.mv(_join(path, COMPLETE), _join(path, f"RETIRED-{int(time.time())}"))
+                retired.append(ref.step)
+        return retired
 
     # --------------------------------------------------------------------- save
 
@@ -325,6 +340,7 @@ class CheckpointManager:
                 if path.is_file():
                     self.fs.put_file(str(path), _join(target, path.name))
                     files[path.name] = path.stat().st_size
+                    path.unlink()  # local disk holds at most one checkpoint shard
                     self._after_file_uploaded(meta["step"], path.name)
             self._write_small(_join(target, DONE_DIR, f"rank-{self.rank:05d}.json"), {"files": files})
             self.last_save_stats["upload_s"] = time.perf_counter() - t0
@@ -341,7 +357,7 @@ class CheckpointManager:
 
     def _write_small(self, path: str, obj: dict) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()
-        if self.fs.protocol in ("file", "local") or "file" in getattr(self.fs, "protocol", ()):
+        if _is_local(self.fs):
             tmp = f"{path}.tmp-{os.getpid()}"
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with self.fs.open(tmp, "wb") as f:
@@ -411,9 +427,12 @@ class CheckpointManager:
 
     # --------------------------------------------------------------------- load
 
-    def load(self, engine, ref: CheckpointRef, *, lr_scheduler=None) -> dict:
+    def load(self, engine, ref: CheckpointRef, *, lr_scheduler=None, reshard: bool | None = None) -> dict:
         """Restores engine (weights, optimizer, scheduler) and this rank's RNG from ``ref``;
-        returns the client_state given to ``save``. All ranks call it."""
+        returns the client_state given to ``save``. All ranks call it.
+
+        ``reshard`` None: go through the universal layout only when the world size changed;
+        True: always (e.g. to check a checkpoint loads at any size)."""
         import torch
 
         saved_world = ref.world_size
@@ -424,47 +443,33 @@ class CheckpointManager:
                 f"{engine.train_batch_size()}; resume keeps the global batch: set "
                 f"training.global_batch_size: {saved_batch} (accumulation is derived per world size)"
             )
-        resharding = saved_world != self.world_size
-        tag = step_tag(ref.step)
-        step_path = _join(self.root, tag)
-        load_root = self.staging / "load"
-        local = load_root / tag
-        if self.local_rank == 0:
-            for old in load_root.iterdir() if load_root.exists() else ():
-                if old.name not in (tag, "universal"):
-                    shutil.rmtree(old, ignore_errors=True)
-        _barrier()
-        local.mkdir(parents=True, exist_ok=True)
-        for name, size in ref.manifest["files"].items():
-            owner = _rank_of_file(name)
-            if resharding or owner is None:
-                mine = self.local_rank == 0  # shared (or all, when resharding): once per node
-            else:
-                mine = owner == self.rank
-            if mine:
-                self._fetch(_join(step_path, name), local / name, size)
-        _barrier()
+        resharding = saved_world != self.world_size if reshard is None else reshard
+        t0 = time.perf_counter()
+        source = self._local_source(ref, fetch_all=resharding)
+        t_fetch = time.perf_counter()
 
         engine_config = engine._config
         if resharding:
-            universal_root = load_root / "universal"
+            universal = self.staging / "universal" / source.name
             if self.local_rank == 0:
-                _convert_to_universal(local, universal_root / tag)
+                _convert_to_universal(source, universal, stamp=_stamp(ref))
             _barrier()
+            t_convert = time.perf_counter()
             engine_config.load_universal_checkpoint = True
             try:
                 path, client_state = engine.load_checkpoint(
-                    str(universal_root), tag=tag, load_module_strict=not self.exclude_frozen_parameters
+                    str(universal.parent), tag=universal.name, load_module_strict=not self.exclude_frozen_parameters
                 )
             finally:
                 engine_config.load_universal_checkpoint = False
         else:
+            t_convert = time.perf_counter()
             path, client_state = engine.load_checkpoint(
-                str(load_root), tag=tag, load_module_strict=not self.exclude_frozen_parameters
+                str(source.parent), tag=source.name, load_module_strict=not self.exclude_frozen_parameters
             )
         if path is None:
             raise JobError(f"DeepSpeed could not load checkpoint {ref.url}")
-        rng_file = local / f"rng-rank-{self.rank:05d}.pt"
+        rng_file = source / f"rng-rank-{self.rank:05d}.pt"
         if rng_file.exists():
             restore_rng_state(torch.load(rng_file, weights_only=False))
         else:
@@ -476,11 +481,41 @@ class CheckpointManager:
             lr_scheduler.load_state_dict(lr_state)
         client_state.pop(_META_KEY, None)
         _barrier()
+        self.last_load_stats = {
+            "step": ref.step,
+            "resharded": resharding,
+            "fetch_s": t_fetch - t0,
+            "convert_s": t_convert - t_fetch,
+            "engine_load_s": time.perf_counter() - t_convert,
+            "total_s": time.perf_counter() - t0,
+        }
         log.info(
             "rank %d resumed from %s (step %d, saved at world size %d, now %d%s)",
             self.rank, ref.url, ref.step, saved_world, self.world_size, ", resharded" if resharding else "",
         )
         return client_state
+
+    def _local_source(self, ref: CheckpointRef, *, fetch_all: bool) -> Path:
+        """A local directory holding the files this rank needs: the checkpoint itself on a mounted
+        path, else a node-local copy (shared files fetched once per node, shards by their rank)."""
+        tag = step_tag(ref.step)
+        if _is_local(self.fs):
+            return Path(self.root) / tag
+        load_root = self.staging / "load"
+        local = load_root / f"{tag}-{_stamp(ref)}"
+        if self.local_rank == 0:
+            for old in load_root.iterdir() if load_root.exists() else ():
+                if old != local:
+                    shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        local.mkdir(parents=True, exist_ok=True)
+        for name, size in ref.manifest["files"].items():
+            owner = _rank_of_file(name)
+            mine = self.local_rank == 0 if (fetch_all or owner is None) else owner == self.rank
+            if mine:
+                self._fetch(_join(self.root, tag, name), local / name, size)
+        _barrier()
+        return local
 
     def _fetch(self, remote: str, local: Path, size: int) -> None:
         if local.exists() and local.stat().st_size == size:
@@ -490,6 +525,16 @@ class CheckpointManager:
         if tmp.stat().st_size != size:
             raise JobError(f"checkpoint file {remote} has {tmp.stat().st_size} bytes, manifest says {size}")
         os.replace(tmp, local)
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def _stamp(ref: CheckpointRef) -> str:
+    """Tells apart two checkpoints of the same step (one re-saved after a resume from an older one)."""
+    return str(int(float(ref.manifest.get("created_unix", 0)) * 1000))
 
 
 def _rank_of_file(name: str) -> int | None:
@@ -515,18 +560,18 @@ def _deepspeed_version() -> str:
         return "unknown"
 
 
-def _convert_to_universal(ds_dir: Path, out_dir: Path) -> None:
-    """DeepSpeed checkpoint dir -> universal layout (idempotent; marked done by a file)."""
+def _convert_to_universal(ds_dir: Path, out_dir: Path, stamp: str) -> None:
+    """DeepSpeed checkpoint dir -> universal layout, once per node (a marker file says done)."""
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
 
     done = out_dir / ".converted"
-    if done.exists():
+    if done.exists() and done.read_text().split()[0] == stamp:
         return
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.parent.exists():
+        shutil.rmtree(out_dir.parent)  # older conversions: one is kept at a time
+    out_dir.parent.mkdir(parents=True)
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     args = argparse.Namespace(
         input_folder=str(ds_dir),
@@ -540,4 +585,35 @@ def _convert_to_universal(ds_dir: Path, out_dir: Path) -> None:
     t0 = time.perf_counter()
     ds_to_universal.main(args)
     # the per-rank RNG files are not DeepSpeed's; they stay in ds_dir
-    done.write_text(f"{time.perf_counter() - t0:.3f}\n")
+    done.write_text(f"{stamp} {time.perf_counter() - t0:.3f}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m janus_job.checkpoint list URL`` / ``... resume-from URL STEP``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m janus_job.checkpoint", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="complete checkpoints, oldest first").add_argument("url")
+    pin = sub.add_parser("resume-from", help="retire every newer checkpoint so the job resumes from STEP")
+    pin.add_argument("url")
+    pin.add_argument("step", type=int)
+    args = parser.parse_args(argv)
+    manager = CheckpointManager(args.url, 1, 1, rank=0, world_size=1)
+    try:
+        if args.command == "list":
+            for ref in manager.complete_checkpoints():
+                m = ref.manifest
+                print(f"{ref.step:>10}  world={ref.world_size:<4} bytes={m.get('total_bytes', 0):<14} {ref.url}")
+        else:
+            retired = manager.retire_newer_than(args.step)
+            print(f"the job resumes from step {args.step}; retired: {retired or 'none'}")
+    except JobError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

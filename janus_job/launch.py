@@ -123,6 +123,9 @@ def launch(spec_path: str, env: Mapping[str, str] | None = None) -> None:
         default_nproc=spec.training.gpus_per_node,
         max_restarts=spec.training.resize.max_restarts,
     )
+    # A torchrun restart (pod loss, resize) otherwise fails to re-create the shared rendezvous store
+    # under deepspeed.init_distributed (pytorch/pytorch#135712).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     command = [sys.executable, "-m", "torch.distributed.run", *args]
     print("janus-job launch: " + shlex.join(command), flush=True)
     os.execv(sys.executable, command)

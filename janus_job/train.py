@@ -37,6 +37,7 @@ METRICS_FILE_ENV = "JANUS_METRICS_FILE"
 SAMPLE_TRACE_ENV = "JANUS_SAMPLE_TRACE"  # per-rank JSON lines of the sample ids trained, for resume checks
 PEAK_TFLOPS_ENV = "JANUS_PEAK_TFLOPS"  # per-device peak for MFU where the card is not in the table
 PRECOMPUTE_WAIT_ENV = "JANUS_PRECOMPUTE_WAIT_S"
+TINY_ENCODERS_ENV = "JANUS_TINY_ENCODERS"  # read_through with the seeded tiny encoders (tests, demo)
 DEFAULT_PRECOMPUTE_WAIT_S = 48 * 3600.0
 GIB = 1024**3
 
@@ -330,13 +331,42 @@ def _wait_seconds(env: dict | None = None) -> float:
         raise JobError(f"{PRECOMPUTE_WAIT_ENV}={raw!r} is not a number of seconds") from None
 
 
-def _open_completed_store(spec: Any, annotations: Any) -> Any:
+def _fill_store(spec: Any, annotations: Any, ranks: Ranks, device: Any) -> None:
+    """read_through: the job computes what the store lacks itself, sharded over its ranks (rank r
+    is precompute worker r of world_size, skipping what exists), then trains from the store."""
+    import io
+
+    import torch
+
+    from janus_job.precompute import finalize, load_encoders, run_worker, tiny_encoders
+
+    if os.environ.get(TINY_ENCODERS_ENV) == "1":
+        encoders = tiny_encoders(str(device), vision=spec.features.cache_vision)
+    else:
+        encoders = load_encoders(spec, str(device))
+    run_worker(spec, encoders, worker=ranks.rank, workers=ranks.world_size, annotations=annotations,
+               progress_interval_s=60.0)
+    fingerprints = encoders.fingerprints()
+    del encoders
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if ranks.rank != 0:
+        return
+    deadline = time.monotonic() + _wait_seconds()
+    while finalize(spec, fingerprints, ranks.world_size, annotations=annotations, stream=io.StringIO()) is None:
+        if time.monotonic() > deadline:
+            raise JobError(f"read_through: not every rank finished filling {spec.features.store} within "
+                           f"{_wait_seconds():.0f}s ({PRECOMPUTE_WAIT_ENV})")
+        time.sleep(2.0)
+
+
+def _open_completed_store(spec: Any, annotations: Any, poll_s: float) -> Any:
     """The feature store, once precompute has marked these annotations complete, opened with the
     fingerprints that precompute recorded (so features of other weights/geometry are refused)."""
     from janus_job.store import FeatureStore, Fingerprint
 
     store = FeatureStore.from_spec(spec)
-    completion = store.wait_complete(annotations.digest, _wait_seconds(), poll_s=30.0)
+    completion = store.wait_complete(annotations.digest, _wait_seconds(), poll_s=poll_s)
     recorded = completion.get("fingerprints", {})
     kinds = ["spatial"] + (["vision"] if spec.features.cache_vision else [])
     fingerprints = []
@@ -371,7 +401,7 @@ class Features:
     spatial_channels: int | None = None  # channels of the cached spatial maps
 
 
-def _feature_source(spec: Any, annotations: Any, ranks: Ranks) -> Features:
+def _feature_source(spec: Any, annotations: Any, ranks: Ranks, device: Any) -> Features:
     """The features for the spec's features.mode; cached ones fix the frame width (frames read
     online must match it) and the spatial merger's input channels."""
     from janus_job.store import StoreFeatureSource
@@ -379,17 +409,18 @@ def _feature_source(spec: Any, annotations: Any, ranks: Ranks) -> Features:
     mode = spec.features.mode
     if mode == "online":
         return Features(None, "online", "online")
-    if mode != "precomputed":
-        raise JobError(
-            f"features.mode {mode!r} is not supported by the trainer yet; use 'precomputed' (run "
-            "`janus-job precompute` first) or 'online'"
-        )
-    store, spatial_fingerprint = _open_completed_store(spec, annotations)
+    if mode == "read_through":
+        _fill_store(spec, annotations, ranks, device)
+    poll_s = 2.0 if mode == "read_through" else 30.0  # read_through: rank 0 finalizes within seconds
+    store, spatial_fingerprint = _open_completed_store(spec, annotations, poll_s)
     problem = None
     frame_hashes: dict = {}
     if ranks.rank == 0:
-        frame_hashes = store.frame_index(annotations.digest)
-        missing = store.missing(annotations.samples, frame_hashes, vision=spec.features.cache_vision)
+        try:
+            frame_hashes = store.frame_index(annotations.digest)
+            missing = store.missing(annotations.samples, frame_hashes, vision=spec.features.cache_vision)
+        except JobError as err:  # other ranks are already waiting for rank 0's verdict
+            missing, problem = [], str(err)
         if missing:
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
             problem = (
@@ -470,7 +501,10 @@ class Trainer:
         self._seed_everything(t.seed)
 
         annotations = load_spec_annotations(spec)
-        features = _feature_source(spec, annotations, self.ranks)
+        features = _feature_source(spec, annotations, self.ranks, self.device)
+        if self.ranks.local_rank == 0:  # one download per node; the others find the finished copy
+            local_copy(spec.model.qwen)
+        torch.distributed.barrier()
         qwen_dir = local_copy(spec.model.qwen)
         processor = load_processor(qwen_dir, spec.data.min_pixels, spec.data.max_pixels)
         self.dataset = JanusDataset(annotations.samples, processor, features.source, spatial=features.spatial,
@@ -480,7 +514,7 @@ class Trainer:
         self.global_batch_size = spec.global_batch_size
         sampler_cls = BalancedBatchSampler if t.balanced_sampler else LengthGroupedBatchSampler
         self.sampler = sampler_cls(
-            self.dataset.token_lengths(),
+            self._token_lengths(annotations.samples),
             micro_batch_size=t.micro_batch_size,
             world_size=self.ranks.world_size,
             rank=self.ranks.rank,
@@ -511,6 +545,15 @@ class Trainer:
         self.step = 0
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
 
+    def _token_lengths(self, samples: list) -> list[int]:
+        """Per-sample load for the sampler. Visual tokens per image come from the first sample's
+        first frame (one header read, not one per sample: a VLN dataset's frames share one camera
+        resolution; a mixed-resolution set only balances less well)."""
+        from janus_job.data import sample_token_length
+
+        per_image = self.dataset.tokens_per_image(samples[0])
+        return [sample_token_length(sample, per_image) for sample in samples]
+
     def _deepspeed_engine(self, model: Any, groups: list[dict]) -> Any:
         import deepspeed
         import torch
@@ -526,8 +569,10 @@ class Trainer:
             )
         optimizer = None
         if "optimizer" not in config:
+            # fused: one multi-tensor kernel on CUDA, nothing to compile (DeepSpeed's FusedAdam is JIT-built)
             optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(ADAMW_BETAS),
-                                          eps=ADAMW_EPS, weight_decay=t.weight_decay)
+                                          eps=ADAMW_EPS, weight_decay=t.weight_decay,
+                                          fused=torch.cuda.is_available())
         schedule = dict(total_steps=self.total_steps, warmup_steps=self.warmup_steps, kind=t.scheduler)
 
         def scheduler(opt: Any) -> Any:
@@ -655,7 +700,9 @@ class Trainer:
         if not self.ranks.prints:
             return
         t, ds = self.spec.training, self.deepspeed_config
-        where = f" resumed_from={resumed_from} at step {self.step}" if resumed_from is not None else ""
+        where = ""
+        if resumed_from is not None:
+            where = f" resumed_from={getattr(resumed_from, 'url', resumed_from)} at step {self.step}"
         print(
             f"train start job={self.spec.name} world={self.ranks.world_size} node={self.ranks.node_rank} "
             f"device={self.device_name or self.device.type} micro={t.micro_batch_size} accum={self.accumulation} "

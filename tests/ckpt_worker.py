@@ -269,3 +269,65 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------- the real trainer (janus_job.train)
+
+def trainer_job(root, *, steps: int, interval: int, keep: int = 3):
+    """The demo's tiny job (synthetic data, tiny models, precomputed features) on 2 CPU ranks."""
+    import yaml
+
+    from janus_job.demo import precompute_features, prepare_job
+
+    spec_path = prepare_job(root, steps=steps, gpu=False)
+    precompute_features(spec_path)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["training"]["gpus_per_node"] = 2
+    spec["training"]["checkpoint"].update(interval_steps=interval, keep=keep)
+    spec_path.write_text(yaml.safe_dump(spec))
+    return spec_path
+
+
+def trainer_spec(base, target, checkpoint_url):
+    import yaml
+
+    spec = yaml.safe_load(open(base))
+    spec["training"]["checkpoint"]["url"] = str(checkpoint_url)
+    with open(target, "w") as f:
+        yaml.safe_dump(spec, f)
+    return target
+
+
+def trainer_command(nproc: int, spec_path, max_restarts: int = 0) -> list[str]:
+    """How janus-job launch starts the trainer in an elastic pod (torchrun, c10d rendezvous)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "trainer-test",
+            "--max-restarts", str(max_restarts), "--module", "janus_job.train", "--spec", str(spec_path)]
+
+
+def trainer_env(trace_template, staging) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONPATH": REPO,
+            "JANUS_SAMPLE_TRACE": str(trace_template), "JANUS_CHECKPOINT_STAGING": str(staging)}
+
+
+def trained_samples(trace_template, ranks) -> dict:
+    """(rank, step, micro_step) -> sample ids, the last record of each (what survived restarts)."""
+    out = {}
+    for rank in ranks:
+        with open(str(trace_template).format(rank=rank)) as f:
+            for line in f:
+                record = json.loads(line)
+                out[(record["rank"], record["step"], record["micro_step"])] = record["sample_ids"]
+    return out
+
+
+def logged_steps(stdout: str) -> dict[int, tuple[float, float]]:
+    """step -> (loss, lr) from the trainer's log lines (the last line of each step)."""
+    import re
+
+    out = {}
+    for match in re.finditer(r"^train step=(\d+)/\d+ .* loss=(\S+) lr=(\S+) ", stdout, re.M):
+        out[int(match[1])] = (float(match[2]), float(match[3]))
+    return out

@@ -31,6 +31,17 @@ def run_bench(tmp_path: Path, *extra: str, timeout: float = 300) -> tuple[dict, 
     return json.loads(files[0].read_text()), proc.stdout
 
 
+def leftover_processes(tmp_path: Path) -> list[int]:
+    """Processes still running with this test's run folder on their command line."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
+            mine.append(proc.info["pid"])
+    return mine
+
+
 def test_synthetic_samples_follow_the_history_frame_rule():
     samples = step.synthetic_samples(2000, seed=3)
     counts = [len(s.frames) for s in samples]
@@ -107,13 +118,33 @@ def test_tiny_official_and_janus_side_by_side(tmp_path):
 
 def test_watchdog_records_a_stall_with_every_ranks_stacks(tmp_path):
     """Rank 1 hangs in its first micro-step: the bench must not hang with it."""
-    report, _ = run_bench(tmp_path, "--configs", "official", "--steps", "1", "--warmup", "0",
-                          "--profile-steps", "0", "--budget-s", "6", "--grace-s", "4",
-                          "--fault-hang-rank", "1", timeout=200)
+    report, stdout = run_bench(tmp_path, "--configs", "official", "--steps", "1", "--warmup", "0",
+                               "--profile-steps", "0", "--budget-s", "6", "--grace-s", "4",
+                               "--fault-hang-rank", "1", timeout=200)
     official = report["official"]
+    assert "[step.py] official: stalled" in stdout
+    assert official["config"] == "official"
     assert official["status"] == "stalled" and official["stalled"] is True
     assert "micro-step ran > 6 s" in official["reason"]
     assert "in micro_step" in official["stacks"]["rank1"]
     assert "Timeout" in official["stacks"]["rank0"]  # rank 0 waits in a collective and dumps too
     assert official["wall_s"] < 150
     assert report["ratio"] is None
+    assert leftover_processes(tmp_path) == []  # hung ranks and their loader workers are gone too
+
+
+def test_janusvln_exact_setup_stalls_and_the_bench_says_where(tmp_path):
+    """official_inside: VGGT partitioned by ZeRO-3 and streamed per frame (docs/performance.md).
+
+    Ranks with different frame counts in a micro-step issue different numbers of parameter
+    all-gathers; the run must end as a stall (or gloo's collective-mismatch abort), never hang
+    the bench, and the evidence must point at ZeRO-3's parameter fetch.
+    """
+    report, _ = run_bench(tmp_path, "--configs", "official_inside", "--steps", "1", "--warmup", "1",
+                          "--budget-s", "15", "--grace-s", "4", timeout=240)
+    r = report["official_inside"]
+    assert r["status"] in ("stalled", "failed"), r.get("status")
+    stacks = "\n".join(r["stacks"].values())
+    errors = "\n".join(r["error_lines"])
+    assert "fetch_sub_module" in stacks or "collective mismatch" in errors, (stacks[-3000:], errors)
+    assert leftover_processes(tmp_path) == []

@@ -211,6 +211,7 @@ def test_hostnetwork_preset_and_online_mode_without_precompute():
     values = user_values(ROOT / "examples" / "minimal.yaml")
     values["cluster"] = {"network": "hostnetwork"}
     values["features"].update(mode="online", cache_vision=False)
+    values["training"]["gradient_checkpointing"] = True  # online encoders need the memory
     objects = render_objects(values)
     assert not by_kind(objects, "Job")  # nothing to precompute
     pod = pod_templates(by_kind(objects, "PyTorchJob")[0])["Master"]["spec"]

@@ -57,7 +57,9 @@ def test_batch_numbers_are_concrete_and_consistent():
     assert config["train_batch_size"] == 2 * 4 * 16
     assert config["zero_optimization"]["stage"] == 2
     assert config["bf16"] == {"enabled": True}
-    assert config["optimizer"]["params"]["lr"] == 2e-5
+    assert "optimizer" not in config  # default deepspeed.optimizer: torch, built by the trainer
+    with_section = render_deepspeed_config(make(deepspeed={"optimizer": "deepspeed"}), 8)
+    assert with_section["optimizer"]["params"]["lr"] == 2e-5
 
 
 def test_resize_keeps_global_batch_and_adjusts_accumulation():
@@ -72,7 +74,7 @@ def test_resize_keeps_global_batch_and_adjusts_accumulation():
 
 
 def test_stage3_renders_its_knobs_and_param_offload():
-    spec = make(deepspeed={"zero_stage": 3, "offload_param": "cpu", "offload_optimizer": "cpu",
+    spec = make(deepspeed={"zero_stage": 3, "offload_param": "cpu", "offload_optimizer": "cpu", "optimizer": "deepspeed",
                            "stage3": {"prefetch_bucket_size": 1234}})
     zero = render_deepspeed_config(spec, 16)["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 1234
@@ -100,7 +102,7 @@ RULES = [
      "deepspeed.extra_config.activation_checkpointing", "training.gradient_checkpointing"),
     ("optimizer offload without optimizer section", {"deepspeed": {"offload_optimizer": "cpu", "optimizer": "torch"}},
      "deepspeed.offload_optimizer", "optimizer: deepspeed"),
-    ("optimizer offload at stage 0", {"deepspeed": {"offload_optimizer": "cpu", "zero_stage": 0}},
+    ("optimizer offload at stage 0", {"deepspeed": {"offload_optimizer": "cpu", "zero_stage": 0, "optimizer": "deepspeed"}},
      "deepspeed.offload_optimizer", "zero_stage: 2"),
     ("stage-3 knob in the spec at stage 2", {"deepspeed": {"stage3": {"max_live_parameters": 10}}},
      "deepspeed.stage3.max_live_parameters", "zero_stage: 3"),
@@ -168,7 +170,7 @@ def test_rendered_configs_load_in_real_deepspeed(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "manifests.yaml").is_file()
     r2r = load_spec(ROOT / "examples" / "r2r-2node-ib.yaml")
-    offload = make(deepspeed={"zero_stage": 3, "offload_param": "cpu", "offload_optimizer": "cpu"})
+    offload = make(deepspeed={"zero_stage": 3, "offload_param": "cpu", "offload_optimizer": "cpu", "optimizer": "deepspeed"})
     (tmp_path / "r2r8.json").write_text(json.dumps(render_deepspeed_config(r2r, 8)))
     (tmp_path / "offload16.json").write_text(json.dumps(render_deepspeed_config(offload, 16)))
     cases = [(str(out / "deepspeed.json"), 16), (str(tmp_path / "r2r8.json"), 8), (str(tmp_path / "offload16.json"), 16),

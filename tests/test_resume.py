@@ -9,6 +9,7 @@ ranks, same loss and learning rate (dropout is on, so the RNG states must be res
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -96,3 +97,57 @@ def test_checkpoint_killed_mid_write_is_never_resumed(tmp_path, uninterrupted):
     manager = CheckpointManager(str(store), 2, INTERVAL, rank=0, world_size=1, staging_dir=tmp_path / "s")
     assert [ref.step for ref in manager.complete_checkpoints()] == [3, 6]
     assert not (store / "step-00000099" / "COMPLETE").exists()
+
+
+def test_real_trainer_survives_sigkill_of_a_rank(tmp_path):
+    """`janus_job.train` under torchrun as the elastic PyTorchJob starts it: rank 1 is SIGKILLed from
+    outside mid-run; torchrun restarts both ranks, the trainer resumes from its newest complete
+    checkpoint, and the samples trained (per rank, step, micro-step), losses and lrs equal an
+    uninterrupted run's."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    base = worker.trainer_job(tmp_path / "job", steps=40, interval=5)
+    ref_spec = worker.trainer_spec(base, tmp_path / "ref.yaml", tmp_path / "ref-checkpoints")
+    reference = subprocess.run(worker.trainer_command(2, ref_spec), cwd=worker.REPO, capture_output=True, text=True,
+                               env=worker.trainer_env(tmp_path / "ref-{rank}.jsonl", tmp_path / "staging-ref"),
+                               timeout=300)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-6000:]
+
+    spec = worker.trainer_spec(base, tmp_path / "killed.yaml", tmp_path / "checkpoints")
+    trace = tmp_path / "killed-{rank}.jsonl"
+    out = open(tmp_path / "killed.out", "w+")
+    proc = subprocess.Popen(worker.trainer_command(2, spec, max_restarts=1), cwd=worker.REPO, stdout=out,
+                            stderr=subprocess.STDOUT, env=worker.trainer_env(trace, tmp_path / "staging"))
+    killed_at = None
+    deadline = time.time() + 240
+    rank1_trace = str(trace).format(rank=1)
+    while killed_at is None and proc.poll() is None and time.time() < deadline:
+        steps = []
+        if os.path.exists(rank1_trace):
+            with open(rank1_trace) as f:
+                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+        if steps and max(steps) >= 12:  # past the step-10 checkpoint
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    env = child.environ()
+                except psutil.Error:
+                    continue
+                if env.get("RANK") == "1" and env.get("TORCHELASTIC_RESTART_COUNT") == "0":
+                    child.send_signal(signal.SIGKILL)
+                    killed_at = max(steps)
+                    break
+        time.sleep(0.005)
+    assert proc.wait(timeout=240) == 0
+    out.seek(0)
+    stdout = out.read()
+    assert killed_at is not None, "the run ended before rank 1 could be killed"
+    starts = [line for line in stdout.splitlines() if line.startswith("train start")]
+    assert len(starts) == 2 and "resumed_from=" in starts[1], stdout[-3000:]
+    resumed_at = int(starts[1].rsplit("at step ", 1)[1])
+    assert 0 < resumed_at <= killed_at and resumed_at % 5 == 0
+    assert worker.trained_samples(trace, (0, 1)) == worker.trained_samples(tmp_path / "ref-{rank}.jsonl", (0, 1))
+    assert worker.logged_steps(stdout) == worker.logged_steps(reference.stdout)

@@ -138,7 +138,7 @@ BAD = [
      "deepspeed.extra_config.zero_optimization.sub_group_size", "concrete value"),
     ("deepspeed-scheduler", with_changes({"deepspeed": {"extra_config": {"scheduler": {"type": "WarmupLR"}}}}),
      "deepspeed.extra_config.scheduler", "training.scheduler"),
-    ("offload-at-stage0", with_changes({"deepspeed": {"zero_stage": 0, "offload_optimizer": "cpu"}}),
+    ("offload-at-stage0", with_changes({"deepspeed": {"zero_stage": 0, "offload_optimizer": "cpu", "optimizer": "deepspeed"}}),
      "deepspeed.offload_optimizer", "zero_stage: 2"),
     ("shm-size-unit", with_changes({"cluster": {"shm_size": "64GB"}}), "cluster.shm_size", "match the pattern"),
     ("learning-rate-string", with_changes({"training.learning_rate": "fast"}), "training.learning_rate", "use a number"),

@@ -171,7 +171,7 @@ def test_store_without_completion_marker_times_out_with_a_clear_message(job, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("frame, workers", [("000", 0), ("002", 1)])
 def test_unreadable_frame_is_reported_by_sample_id(job, tmp_path, frame, workers):
-    """Frame 0 is read while sizing samples (main process); frame 2 only by a DataLoader worker."""
+    """Read in the main process (num_workers 0) and in a DataLoader worker (num_workers 1)."""
     copy = tmp_path / "job"
     shutil.copytree(job.parent, copy, ignore=shutil.ignore_patterns("checkpoints", "store"))
 
@@ -227,3 +227,21 @@ def test_a_run_resumed_from_its_checkpoint_trains_what_an_uninterrupted_run_trai
 
     assert last_line(resumed.stdout)["lr"] == last_line(whole.stdout)["lr"]
     assert float(last_line(resumed.stdout)["loss"]) == pytest.approx(float(last_line(whole.stdout)["loss"]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_read_through_fills_an_empty_store_then_trains(job, tmp_path):
+    store = tmp_path / "store"
+    spec = edit_spec(job, tmp_path / "job.yaml", lambda s: (
+        s["features"].update(store=str(store), mode="read_through"),
+        s["training"].update(max_steps=2),
+        s["training"]["checkpoint"].update(url=str(tmp_path / "checkpoints")),
+    ))
+    result = janus_job("train", "--spec", str(spec), env={"JANUS_TINY_ENCODERS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "precompute worker 0/1: 24 spatial objects to compute, 0 already stored" in result.stdout
+    assert len(list(store.glob("markers/*/COMPLETE.json"))) == 1
+    assert [int(m) for m in re.findall(r"^train step=(\d+)/2 ", result.stdout, re.M)] == [1, 2]
+    again = janus_job("train", "--spec", str(spec), env={"JANUS_TINY_ENCODERS": "1"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 spatial objects to compute, 24 already stored" in again.stdout

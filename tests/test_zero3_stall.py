@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import kill_tree  # noqa: E402  (bench/common.py)
 WIDTH = 64
 DONE = "ZERO3-STALL-WORKER-DONE"
 HANG_TIMEOUT_S = 45.0  # a finishing run takes a few seconds; a stalled one never finishes
@@ -156,7 +158,7 @@ def run_workers(schedule: str, fix: str = "none", timeout: float = HANG_TIMEOUT_
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks: the group this call started
+        kill_tree(proc.pid)  # torchrun and both ranks (each rank runs in a session of its own)
         out, _ = proc.communicate()
     completed = not timed_out and proc.returncode == 0 and out.count(DONE) == 2
     return {"completed": completed, "timed_out": timed_out, "returncode": proc.returncode,

@@ -1,0 +1,139 @@
+"""Checkpoint discovery and retention on a mounted path and on a real S3-protocol server.
+
+(Saving and loading real DeepSpeed state is covered under torchrun in test_resume/test_resize.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pytest
+
+from janus_job.checkpoint import COMPLETE, CheckpointManager, step_tag
+from janus_job.errors import JobError
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_url(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "checkpoints")
+    server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    request.getfixturevalue("monkeypatch").setenv("AWS_ENDPOINT_URL", server)
+    return f"s3://{bucket}/run/checkpoints"
+
+
+def _manager(url, tmp_path, keep=2):
+    return CheckpointManager(url, keep, 10, rank=0, world_size=1, staging_dir=tmp_path / "staging")
+
+
+def _write(url, step, files, manifest="auto"):
+    fs, root = fsspec.core.url_to_fs(url)
+    base = f"{root}/{step_tag(step)}"
+    fs.makedirs(base, exist_ok=True)
+    for name, data in files.items():
+        fs.pipe_file(f"{base}/{name}", data)
+    if manifest == "auto":
+        manifest = json.dumps({"format": 1, "step": step, "world_size": 2,
+                               "files": {n: len(d) for n, d in files.items()}})
+    if manifest is not None:
+        fs.pipe_file(f"{base}/{COMPLETE}", manifest.encode() if isinstance(manifest, str) else manifest)
+    return fs, base
+
+
+SHARDS = {"mp_rank_00_model_states.pt": b"model" * 10, "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"opt" * 7}
+
+
+def test_latest_is_the_newest_complete_checkpoint_only(store_url, tmp_path):
+    manager = _manager(store_url, tmp_path)
+    assert manager.latest() is None  # nothing there yet (not even the root)
+    _write(store_url, 10, SHARDS)
+    _write(store_url, 20, SHARDS)
+    _write(store_url, 30, SHARDS, manifest=None)  # interrupted: no marker
+    _write(store_url, 40, SHARDS, manifest="{not json")  # marker cut short
+    _write(store_url, 50, {**SHARDS, "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"op"},
+           manifest=json.dumps({"format": 1, "step": 50, "world_size": 2,
+                                "files": {n: len(d) for n, d in SHARDS.items()}}))  # a shard is short
+    _write(store_url, 60, {"mp_rank_00_model_states.pt": b"x"},
+           manifest=json.dumps({"format": 1, "step": 60, "world_size": 2,
+                                "files": {"mp_rank_00_model_states.pt": 1, "rng-rank-00001.pt": 5}}))  # missing file
+    fs, root = fsspec.core.url_to_fs(store_url)
+    fs.makedirs(f"{root}/step-70.tmp", exist_ok=True)
+    fs.pipe_file(f"{root}/step-70.tmp/{COMPLETE}", b"{}")  # not a checkpoint name
+
+    ref = manager.latest()
+    assert ref is not None and ref.step == 20 and ref.world_size == 2
+    assert ref.url == f"{store_url.rstrip('/')}/{step_tag(20)}"
+    assert [r.step for r in manager.complete_checkpoints()] == [10, 20]
+    assert manager.ref_for_step(10).step == 10
+    with pytest.raises(JobError, match=r"no complete checkpoint for step 30 .*\[10, 20\]"):
+        manager.ref_for_step(30)
+
+
+def test_prune_keeps_the_newest_complete_and_leaves_later_writes_alone(store_url, tmp_path):
+    manager = _manager(store_url, tmp_path, keep=2)
+    for step in (1, 2, 4, 5):
+        _write(store_url, step, SHARDS)
+    _write(store_url, 3, SHARDS, manifest=None)  # an interrupted save, older than the newest
+    _write(store_url, 7, SHARDS, manifest=None)  # a save that may still be in progress
+    manager._prune_store(newest_step=5)
+    fs, root = fsspec.core.url_to_fs(store_url)
+    fs.invalidate_cache()
+    remaining = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    assert remaining == [step_tag(4), step_tag(5), step_tag(7)]
+    assert [r.step for r in manager.complete_checkpoints()] == [4, 5]
+
+
+def test_should_save_every_interval(tmp_path):
+    manager = CheckpointManager(str(tmp_path), 1, 3, rank=0, world_size=1, staging_dir=tmp_path / "s")
+    assert [s for s in range(0, 10) if manager.should_save(s)] == [3, 6, 9]
+
+
+@pytest.mark.parametrize("kwargs,field", [({"keep": 0}, "checkpoint.keep"), ({"interval_steps": 0}, "checkpoint.interval_steps")])
+def test_bad_settings_name_the_field(tmp_path, kwargs, field):
+    args = {"url": str(tmp_path), "keep": 2, "interval_steps": 10, **kwargs}
+    with pytest.raises(JobError, match=field):
+        CheckpointManager(args["url"], args["keep"], args["interval_steps"], rank=0, world_size=1)
+
+
+def test_unknown_url_scheme_is_a_job_error(tmp_path):
+    with pytest.raises(JobError, match="checkpoint url 'nosuchproto://x/y'"):
+        CheckpointManager("nosuchproto://x/y", 2, 10, rank=0, world_size=1, staging_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_checkpoint_bench_tiny_runs_and_reports(tmp_path):
+    """bench/checkpoint.py --tiny: real torchrun + DeepSpeed on CPU; the resumed state (plain and
+    through the universal layout) equals the saved one, and the JSON carries the timings."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/checkpoint.py", "--tiny", "--universal", "--out", str(tmp_path)],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "RSS+ GiB/rank" in proc.stdout
+    (result_file,) = tmp_path.glob("checkpoint-*-cpu-2.json")
+    result = json.loads(result_file.read_text())
+    assert result["gpus"] == 2 and result["zero_stage"] == 2 and result["checkpoint_bytes"] > 0
+    for rank in result["ranks"]:
+        assert rank["resume"]["state_equal"] and rank["universal"]["state_equal"]
+        assert rank["save"]["local_write_s"] > 0 and rank["save"]["held_all_ranks_s"] >= rank["save"]["blocking_s"]
+    assert result["summary"]["state_equal"] is True
+
+
+def test_resume_from_a_chosen_checkpoint_by_hand(store_url, tmp_path, capsys):
+    from janus_job.checkpoint import main
+
+    for step in (10, 20, 30):
+        _write(store_url, step, SHARDS)
+    assert main(["resume-from", store_url, "15"]) == 2
+    assert "no complete checkpoint for step 15" in capsys.readouterr().err
+    assert main(["resume-from", store_url, "10"]) == 0
+    assert "retired: [20, 30]" in capsys.readouterr().out
+    manager = _manager(store_url, tmp_path)
+    assert manager.latest().step == 10
+    assert main(["list", store_url]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["10"]
