@@ -419,6 +419,7 @@ SPATIAL_MERGER_PARAMS = 0.048e9  # JanusVLN's spatial merger: 8192->4096->3584 M
 VGGT_PARAMS = 1.26e9  # loaded only when VGGT runs online
 LLM_LAYERS, LLM_HIDDEN, LLM_INTERMEDIATE, LLM_VOCAB = 28, 3584, 18944, 152064
 TEXT_TOKENS = 512  # instruction + answer tokens per sample (rough)
+ANSWER_TOKENS = 64  # labelled (answer) tokens per sample, an upper bound for JanusVLN actions
 RUNTIME_OVERHEAD_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
 
 
@@ -450,7 +451,7 @@ def tokens_per_sample(spec: JobSpec) -> int:
 
 def estimate_gpu_memory(spec: JobSpec, world_size: int | None = None) -> MemoryEstimate:
     """Upper-end estimate for the longest sample: bf16 weights/grads, fp32 Adam (12 bytes/param),
-    ZeRO sharding over the data-parallel world, activations of the LLM, fp32 logits for the loss."""
+    ZeRO sharding over the data-parallel world, activations of the LLM, fp32 logits of the answer."""
     gib = 1024**3
     n = world_size or spec.world_size
     ds, t = spec.deepspeed, spec.training
@@ -479,7 +480,8 @@ def estimate_gpu_memory(spec: JobSpec, world_size: int | None = None) -> MemoryE
         act_bytes = tokens * (LLM_LAYERS * LLM_HIDDEN * 2 + (11 * LLM_HIDDEN + 4 * LLM_INTERMEDIATE) * 2)
     else:
         act_bytes = tokens * LLM_LAYERS * (11 * LLM_HIDDEN + 4 * LLM_INTERMEDIATE) * 2
-    logit_bytes = tokens * LLM_VOCAB * (2 + 4 + 4)  # bf16 logits, fp32 upcast, fp32 gradient
+    # the loss runs the LM head on answer positions only (janus_job.model.restricted_lm_loss)
+    logit_bytes = ANSWER_TOKENS * t.micro_batch_size * LLM_VOCAB * (2 + 4 + 4)  # bf16, fp32 upcast, fp32 grad
     return MemoryEstimate(weight_bytes / gib, grad_bytes / gib, optim_bytes / gib, act_bytes / gib,
                           logit_bytes / gib, RUNTIME_OVERHEAD_GIB)
 

@@ -152,7 +152,7 @@ compares both sides over every bad-spec case and a sweep of generated specs.
 {{- else -}}
 {{- $acts = mulf $tokens 28 $layer -}}
 {{- end -}}
-{{- $logits := mulf $tokens 152064 10 -}}
+{{- $logits := mulf 64 $micro 152064 10 -}}
 {{- $gib := divf (addf $weights $grads $optim $acts $logits) 1073741824.0 | addf 4.0 -}}
 {{- $limit := mulf (float64 $c.resources.gpu_memory_gib) 0.95 -}}
 {{- if gt $gib $limit -}}
