@@ -519,19 +519,6 @@ def _peak_memory_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # host RSS stand-in
 
 
-def _to_device(batch: dict, device) -> dict:
-    import torch
-
-    def move(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device, non_blocking=True)
-        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            return [v.to(device, non_blocking=True) for v in value]
-        return value
-
-    return {key: move(value) for key, value in batch.items()}
-
-
 def _reserved_memory_bytes(device) -> int | None:
     import torch
 
@@ -580,7 +567,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from janus_job import frames
     from janus_job.model import model_from_config, param_groups, qwen25_vl_7b_config
-    from janus_job.train import BatchWork, ParamCounts, init_distributed, model_flops
+    from janus_job.train import BatchWork, ParamCounts, init_distributed, model_flops, to_device
 
     folder = Path(args.run_dir)
     ranks, device = init_distributed()
@@ -695,7 +682,7 @@ def worker(args: argparse.Namespace) -> None:
         batch = next(batches)
         work.add_batch(batch, image_token)
         sample_ids = batch["sample_ids"]
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         clock.data_wait_s += time.perf_counter() - waited
         if args.fault_hang_rank == rank and step == args.warmup and k == 0:
             time.sleep(10 * args.budget_s)  # fault injection for the watchdog test

@@ -35,7 +35,8 @@ INSTRUCTIONS = (
 ACTIONS = ("MOVE_FORWARD", "TURN_LEFT", "TURN_RIGHT")
 
 
-def synthesize_dataset(root: Path, episodes: int = DEMO_EPISODES, steps: int = DEMO_STEPS_PER_EPISODE) -> Path:
+def synthesize_dataset(root: Path, episodes: int = DEMO_EPISODES, steps: int = DEMO_STEPS_PER_EPISODE,
+                       frame_size: tuple[int, int] = FRAME_SIZE) -> Path:
     """Trajectory folders of generated frames plus a JanusVLN annotation file; returns its path."""
     import numpy as np
     from PIL import Image
@@ -43,7 +44,7 @@ def synthesize_dataset(root: Path, episodes: int = DEMO_EPISODES, steps: int = D
     from janus_job.annotations import trajectory_records, write_annotations
 
     rng = np.random.default_rng(SEED)
-    width, height = FRAME_SIZE
+    width, height = frame_size
     records = []
     for episode in range(episodes):
         folder = root / "images" / f"ep{episode:03d}"

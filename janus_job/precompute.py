@@ -447,6 +447,19 @@ def _batches(items: list, size: int, group: Callable[[Any], Any]) -> list[list]:
     return out
 
 
+def _queue_uploads(group: list, outputs: Any, uploads: Any, progress: Any) -> int:
+    """Queues each (key, _) of `group` with its output as a bf16 CPU tensor; returns the bytes queued."""
+    import torch
+
+    nbytes = 0
+    for (key, _input), tensor in zip(group, outputs):
+        tensor = tensor.to(torch.bfloat16).cpu().clone()
+        uploads.put(key, tensor)
+        nbytes += tensor.numel() * tensor.element_size()
+    progress.update(len(group), nbytes)
+    return nbytes
+
+
 def _by_shape(pairs: list[tuple[Any, torch.Tensor]]) -> list[list[tuple[Any, torch.Tensor]]]:
     groups: dict[tuple, list] = {}
     for pair in pairs:
@@ -520,14 +533,8 @@ def run_worker(
             stacked = [(key, torch.stack([f.result() for f in fs])) for (key, _s), fs in zip(batch, futures)]
             for group in _by_shape(stacked):
                 out = encoders.spatial(torch.stack([t for _k, t in group]))
-                out = out.to(torch.bfloat16).cpu()
-                nbytes = 0
-                for (key, _t), tensor in zip(group, out):
-                    uploads.put(key, tensor.clone())
-                    nbytes += tensor.numel() * tensor.element_size()
                 report.computed_spatial += len(group)
-                report.bytes_uploaded += nbytes
-                progress.update(len(group), nbytes)
+                report.bytes_uploaded += _queue_uploads(group, out, uploads, progress)
             if pace_s:
                 time.sleep(pace_s)
         if spatial_todo:
@@ -548,14 +555,8 @@ def run_worker(
                 decoded = [(key, reader.request(paths[img]).result()) for key, img in chunk]
                 for group in _by_shape(decoded):
                     outs = encoders.vision([t for _k, t in group])
-                    nbytes = 0
-                    for (key, _t), tensor in zip(group, outs):
-                        tensor = tensor.to(torch.bfloat16).cpu().clone()
-                        uploads.put(key, tensor)
-                        nbytes += tensor.numel() * tensor.element_size()
                     report.computed_vision += len(group)
-                    report.bytes_uploaded += nbytes
-                    progress.update(len(group), nbytes)
+                    report.bytes_uploaded += _queue_uploads(group, outs, uploads, progress)
                 if pace_s:
                     time.sleep(pace_s)
             if unique_todo:

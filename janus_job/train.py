@@ -450,7 +450,8 @@ def _reraise_loader_error(err: JobError) -> None:
     raise JobError(text) from None
 
 
-def _to_device(batch: dict, device: Any) -> dict:
+def to_device(batch: dict, device: Any) -> dict:
+    """The batch's tensors (and lists of tensors) on `device`, copied without blocking."""
     import torch
 
     def move(value: Any) -> Any:
@@ -676,7 +677,7 @@ class Trainer:
                 trace.write({"step": self.step, "micro_step": micro_step, "rank": self.ranks.rank,
                              "sample_ids": batch["sample_ids"]})
                 interval.work.add_batch(batch, self.image_token_id)
-                loss = self.engine(**_to_device(batch, self.device)).loss
+                loss = self.engine(**to_device(batch, self.device)).loss
                 self.engine.backward(loss)
                 self.engine.step()
                 interval.loss_sum = interval.loss_sum + loss.detach().float()

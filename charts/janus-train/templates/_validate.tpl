@@ -140,7 +140,7 @@ compares both sides over every bad-spec case and a sweep of generated specs.
 {{- if eq $ds.offload_param "cpu" }}{{- $weights = 0.0 }}{{- end -}}
 {{- $grads := mulf 2 $trainable -}}
 {{- if ge $stage 2 }}{{- $grads = divf $grads $n }}{{- end -}}
-{{- $optim := mulf 12 $trainable -}}
+{{- $optim := mulf 16 $trainable -}}
 {{- if ge $stage 1 }}{{- $optim = divf $optim $n }}{{- end -}}
 {{- if eq $ds.offload_optimizer "cpu" }}{{- $optim = 0.0 }}{{- end -}}
 {{- $tokensPerSample := add (div (mul (add (int $v.data.max_history_images) 1) (int $v.data.max_pixels)) 784) 512 -}}
