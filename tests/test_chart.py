@@ -314,3 +314,19 @@ def test_notes_tell_how_to_follow_and_scale():
     (job,) = by_kind(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r", namespace="janus"), "Job")
     assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
     assert "scale pytorchjob/r2r-2node-ib --replicas" in notes and "--set training.nodes=" in notes
+
+
+def test_kubectl_scale_target_is_the_worker_count_the_elastic_job_follows():
+    """`kubectl scale` writes the CRD's scale path; the chart renders nodes - 1 Workers there and the
+    elastic range the trainer's rendezvous accepts (docs/operations.md, "Scaling a run")."""
+    if not CRD.exists():
+        pytest.skip(f"PyTorchJob CRD not found at {CRD} (../shared/crds from the repo root)")
+    crd = yaml.safe_load(CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.pytorchReplicaSpecs.Worker.replicas"
+    values = user_values(ROOT / "examples" / "r2r-2node-ib.yaml")
+    for nodes in (2, 3, 4):  # helm upgrade --set training.nodes=N
+        values["training"]["nodes"] = nodes
+        (job,) = by_kind(render_objects(values), "PyTorchJob")
+        assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == nodes - 1
+        assert job["spec"]["elasticPolicy"]["minReplicas"] <= nodes <= job["spec"]["elasticPolicy"]["maxReplicas"]
