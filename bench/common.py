@@ -14,7 +14,7 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 GIB = 1024**3
 
 # Dense bf16 tensor-core peak of an H100 SXM (data sheet) and the bf16 matmul rate measured on
-# one H100 of the device (the lead's probe); MFU is reported against both.
+# one H100 of the device (bench/llm_probe.py's machine); MFU is reported against both.
 H100_DENSE_BF16_FLOPS = 989e12
 H100_MEASURED_MATMUL_FLOPS = 790e12
 

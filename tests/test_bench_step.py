@@ -148,3 +148,14 @@ def test_janusvln_exact_setup_stalls_and_the_bench_says_where(tmp_path):
     errors = "\n".join(r["error_lines"])
     assert "fetch_sub_module" in stacks or "collective mismatch" in errors, (stacks[-3000:], errors)
     assert leftover_processes(tmp_path) == []
+
+
+def test_llm_probe_tiny_writes_every_variant(tmp_path):
+    """bench/llm_probe.py (the language model's step alone) in its CPU mode."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "llm_probe.py"), "--tiny", "--iters", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (path,) = tmp_path.glob("tiny-*-llm-probe.json")
+    result = json.loads(path.read_text())
+    for name in ("ckpt_off_restricted_mb1", "ckpt_on_restricted_mb1", "ckpt_off_fulllogits_mb1"):
+        assert result[name]["s_per_step"] > 0 and result[name]["samples_per_s"] > 0
