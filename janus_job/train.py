@@ -417,6 +417,7 @@ def _feature_source(spec: Any, annotations: Any, ranks: Ranks, device: Any) -> F
     frame_hashes: dict = {}
     if ranks.rank == 0:
         try:
+            _check_spatial_weights(spec, spatial_fingerprint)
             frame_hashes = store.frame_index(annotations.digest)
             missing = store.missing(annotations.samples, frame_hashes, vision=spec.features.cache_vision)
         except JobError as err:  # other ranks are already waiting for rank 0's verdict
@@ -438,6 +439,26 @@ def _feature_source(spec: Any, annotations: Any, ranks: Ranks, device: Any) -> F
         target_width=int(spatial_fingerprint.fields["target_width"]),
         spatial_channels=2 * int(spatial_fingerprint.fields["architecture"]["embed_dim"]),
     )
+
+
+def _check_spatial_weights(spec: Any, fingerprint: Any) -> None:
+    """The cached spatial features must come from the VGGT weights this spec names: a store
+    precomputed with other weights (same geometry) is refused, never silently trained on."""
+    import torch
+
+    from janus_job.store import state_dict_digest
+    from janus_job.vggt import VGGTAggregatorConfig, load_aggregator
+
+    config = VGGTAggregatorConfig(**fingerprint.fields["architecture"])
+    aggregator = load_aggregator(spec.model.vggt, config, "cpu", torch.float32)
+    found = state_dict_digest(aggregator.state_dict())
+    if found != fingerprint.fields["weights_sha256"]:
+        raise JobError(
+            f"model.vggt: {spec.model.vggt} is not the VGGT checkpoint features.store was precomputed with "
+            f"(weights sha256 {found[:12]} != {str(fingerprint.fields['weights_sha256'])[:12]}); point "
+            "model.vggt at the weights the store was built from, or give this run its own features.store "
+            "and rerun `janus-job precompute`"
+        )
 
 
 def _reraise_loader_error(err: JobError) -> None:

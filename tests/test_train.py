@@ -245,3 +245,22 @@ def test_read_through_fills_an_empty_store_then_trains(job, tmp_path):
     again = janus_job("train", "--spec", str(spec), env={"JANUS_TINY_ENCODERS": "1"})
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 spatial objects to compute, 24 already stored" in again.stdout
+
+
+@pytest.mark.slow
+def test_store_of_other_vggt_weights_is_refused(job, tmp_path):
+    """Same geometry, other weights: the trainer names model.vggt instead of training on stale features."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    spec = yaml.safe_load(job.read_text())
+    weights = load_file(spec["model"]["vggt"])
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + torch.ones_like(weights[name])
+    other = tmp_path / "vggt-other.safetensors"
+    save_file(weights, str(other))
+    edited = edit_spec(job, tmp_path / "job.yaml", lambda s: s["model"].update(vggt=str(other)))
+    result = janus_job("train", "--spec", str(edited))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "model.vggt" in result.stderr and "is not the VGGT checkpoint features.store was precomputed with" in result.stderr
+    assert "train start" not in result.stdout
