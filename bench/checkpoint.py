@@ -73,21 +73,8 @@ class RssSampler:
 
 
 def bench_spec(world_size: int, tiny: bool, url: str):
-    """The spec defaults on one node of `world_size` GPUs (as bench/step.py builds it): validated on
-    the shipped 8-GPU node, where the fit check (an upper bound for max_pixels images) runs."""
-    from janus_job.spec import validate_spec
-
-    spec = validate_spec({
-        "name": "bench-checkpoint",
-        "model": {"qwen": "/models/qwen", "vggt": "/models/vggt"},
-        "data": {"annotations": "/data/annotations.json", "image_root": "/data"},
-        "features": {"store": "/features"},
-        "training": {"nodes": 1, "gpus_per_node": 8 if tiny or world_size < 8 else world_size,
-                     "checkpoint": {"url": url}},
-    }, "bench/checkpoint.py spec")
-    if spec.training.gpus_per_node != world_size:
-        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"gpus_per_node": world_size})})
-    return spec
+    """The spec defaults at `world_size` (as bench/step.py builds them), checkpointing to `url`."""
+    return common.default_job_spec("bench-checkpoint", world_size, tiny=tiny, checkpoint_url=url)
 
 
 def _partition_checksums(engine) -> list[float]:

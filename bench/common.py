@@ -108,3 +108,37 @@ def kill_tree(pid: int) -> list[int]:
             pass
     psutil.wait_procs(below, timeout=10)
     return killed
+
+
+def default_job_spec(name: str, world_size: int, *, tiny: bool = False, overrides: tuple = (),
+                     checkpoint_url: str = "/ckpt"):
+    """A minimal valid job spec on one node of `world_size` GPUs, every other field at its default
+    (the configuration janus-train ships), plus `overrides` ((dotted path, value) pairs).
+
+    The shipped unit is an 8-GPU node: below it, for --tiny, and for overrides that include
+    ("unchecked_fit", True), the spec is validated at 8 GPUs (where the memory-fit check, an upper
+    bound for max_pixels images, runs) and then moved to `world_size`.
+    """
+    from janus_job.spec import validate_spec
+
+    unchecked = tiny or world_size < 8 or ("unchecked_fit", True) in overrides
+    data = {
+        "name": name,
+        "model": {"qwen": "/models/qwen", "vggt": "/models/vggt"},
+        "data": {"annotations": "/data/annotations.json", "image_root": "/data"},
+        "features": {"store": "/features"},
+        "training": {"nodes": 1, "gpus_per_node": 8 if unchecked else world_size,
+                     "checkpoint": {"url": checkpoint_url}},
+    }
+    for path, value in overrides:
+        if path == "unchecked_fit":
+            continue
+        *parents, leaf = path.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    spec = validate_spec(data, f"bench {name} spec")
+    if unchecked:
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"gpus_per_node": world_size})})
+    return spec

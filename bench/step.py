@@ -149,35 +149,8 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
 
 
 def janus_spec(world_size: int, tiny: bool = False, overrides: tuple = ()):
-    """A minimal valid job spec on one node of `world_size` GPUs, every other field at its default.
-
-    The spec's memory-fit check is about the full-size model; for --tiny, and for overrides that
-    include ("unchecked_fit", True) (a variant the bench measures to test that estimate), the spec
-    is validated at 8 GPUs and then moved to `world_size` without the check.
-    """
-    # The shipped unit is an 8-GPU node: the fit check (sized for max_pixels images, an upper bound)
-    # runs there; the per-GPU settings are then measured at `world_size`.
-    unchecked = tiny or world_size < 8 or ("unchecked_fit", True) in overrides
-    overrides = tuple(o for o in overrides if o[0] != "unchecked_fit")
-    from janus_job.spec import validate_spec
-
-    data = {
-        "name": "bench-step",
-        "model": {"qwen": "/models/qwen", "vggt": "/models/vggt"},
-        "data": {"annotations": "/data/annotations.json", "image_root": "/data"},
-        "features": {"store": "/features"},
-        "training": {"nodes": 1, "gpus_per_node": 8 if unchecked else world_size, "checkpoint": {"url": "/ckpt"}},
-    }
-    for path, value in overrides:
-        *parents, leaf = path.split(".")
-        node = data
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    spec = validate_spec(data, "bench/step.py janus spec")
-    if unchecked:
-        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"gpus_per_node": world_size})})
-    return spec
+    """The spec defaults at `world_size` (bench/common.py), plus `overrides`."""
+    return common.default_job_spec("bench-step", world_size, tiny=tiny, overrides=overrides)
 
 
 # JanusVLN's scripts/zero3.json (values), with the "auto" entries as the HF Trainer fills them.

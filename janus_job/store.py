@@ -695,23 +695,20 @@ class StoreFeatureSource:
 
     def get_spatial(self, sample: Sample) -> torch.Tensor:
         key = self.store.spatial_key([self.frame_hash(image) for image in sample.images])
-        tensor = self.store.get_tensor(key)
-        if tensor is not None:
-            return tensor
-        if self.compute_spatial is None:
-            raise JobError(f"spatial features of sample {sample.id} are missing from {self.store.url} ({key})")
-        tensor = self.compute_spatial(sample).to("cpu")
-        self.store.put_tensor(key, tensor)
-        return tensor
+        return self._read_through(key, self.compute_spatial, sample, f"spatial features of sample {sample.id}")
 
     def get_vision(self, frame_ref: str) -> torch.Tensor:
         key = self.store.vision_key(self.frame_hash(frame_ref))
+        return self._read_through(key, self.compute_vision, frame_ref, f"vision features of frame {frame_ref}")
+
+    def _read_through(self, key: str, compute: Any, item: Any, what: str) -> torch.Tensor:
+        """The stored tensor; on a miss, `compute(item)` written back, or JobError without one."""
         tensor = self.store.get_tensor(key)
         if tensor is not None:
             return tensor
-        if self.compute_vision is None:
-            raise JobError(f"vision features of frame {frame_ref} are missing from {self.store.url} ({key})")
-        tensor = self.compute_vision(frame_ref).to("cpu")
+        if compute is None:
+            raise JobError(f"{what} are missing from {self.store.url} ({key})")
+        tensor = compute(item).to("cpu")
         self.store.put_tensor(key, tensor)
         return tensor
 
