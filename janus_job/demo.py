@@ -68,29 +68,28 @@ def synthesize_dataset(root: Path, episodes: int = DEMO_EPISODES, steps: int = D
 
 
 def write_tiny_models(root: Path) -> tuple[Path, Path]:
-    """A tiny random Qwen2.5-VL directory (config, weights, tokenizer, image processor) and the
-    tiny VGGT aggregator checkpoint that `precompute --tiny-encoders` runs (same seed, same weights)."""
+    """A tiny random Qwen2.5-VL directory (config, weights, tokenizer, image processor) and a
+    tiny VGGT aggregator checkpoint; both hold the frozen encoders `precompute --tiny-encoders`
+    runs (janus_job.precompute.tiny_frozen_encoders), so its features match these checkpoints."""
     import torch
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from janus_job.model import SPATIAL_CHANNELS
-    from janus_job.precompute import TINY_SEED
-    from janus_job.tiny import tiny_image_processor, tiny_qwen_config, tiny_tokenizer, tiny_vggt_config
-    from janus_job.vggt import FrameCausalAggregator
+    from janus_job.precompute import tiny_frozen_encoders
+    from janus_job.tiny import tiny_image_processor, tiny_qwen_config, tiny_tokenizer
 
+    aggregator, visual = tiny_frozen_encoders()
     torch.manual_seed(SEED)
     qwen_dir = root / "qwen-tiny"
     tokenizer = tiny_tokenizer()
     config = tiny_qwen_config(tokenizer)
-    vggt_config = tiny_vggt_config()
-    config.spatial_channels = 2 * int(getattr(vggt_config, "embed_dim", SPATIAL_CHANNELS // 2))
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(qwen_dir)
+    config.spatial_channels = 2 * int(aggregator.config.embed_dim)
+    qwen = Qwen2_5_VLForConditionalGeneration(config)
+    qwen.model.visual.load_state_dict(visual.state_dict())
+    qwen.save_pretrained(qwen_dir)
     tokenizer.save_pretrained(qwen_dir)
     tiny_image_processor().save_pretrained(qwen_dir)
 
-    torch.manual_seed(TINY_SEED)
-    aggregator = FrameCausalAggregator(vggt_config)
     vggt_path = root / "vggt-tiny.safetensors"
     save_file({f"aggregator.{k}": v.contiguous() for k, v in aggregator.state_dict().items()}, str(vggt_path))
     return qwen_dir, vggt_path
@@ -134,7 +133,7 @@ def demo_spec(workdir: Path, annotations: Path, qwen_dir: Path, vggt_path: Path,
             "resize": {"policy": "fixed"},
         },
         # torch AdamW: nothing to compile on a machine without a CUDA toolchain.
-        "deepspeed": {"zero_stage": 2, "optimizer": "torch", "bf16": gpu},
+        "deepspeed": {"optimizer": "torch", "bf16": gpu},
         # The fit check estimates the full-size 7B model; the demo's tiny one fits anywhere.
         "cluster": {"resources": {"gpu_memory_gib": 100_000}},
         "monitor": {"enabled": False},

@@ -114,9 +114,9 @@ def vision_fingerprint(weights_sha256: str, vision_config: Any, processor: Any, 
     )
 
 
-def _frozen_visual_digest(visual: Any) -> str:
+def frozen_visual_digest(state_dict: Any) -> str:
     """The vision tower's weights without the merger (trainable in JanusVLN, so not cached)."""
-    return state_dict_digest({k: v for k, v in visual.state_dict().items() if not k.startswith("merger.")})
+    return state_dict_digest({k: v for k, v in state_dict.items() if not k.startswith("merger.")})
 
 
 def _spatial_fn(aggregator: Any, device: str) -> Callable:
@@ -155,17 +155,29 @@ def _vision_fn(visual: Any, processor: Any, device: str, patch: int, merge: int)
     return run
 
 
-def tiny_encoders(device: str = "cpu", *, vision: bool = True, target_width: int = TINY_TARGET_WIDTH,
-                  seed: int = TINY_SEED) -> Encoders:
-    """Seeded random tiny encoders (tests, the demo): the same code paths at CPU speed."""
+def tiny_frozen_encoders(seed: int = TINY_SEED) -> tuple[Any, Any]:
+    """The seeded random tiny VGGT aggregator and Qwen2.5-VL vision tower (fp32, CPU): what
+    `tiny_encoders` runs and what the demo's tiny checkpoints hold."""
     import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    from janus_job.tiny import tiny_image_processor, tiny_qwen_config
+    from janus_job.tiny import tiny_qwen_config
     from janus_job.vggt import FrameCausalAggregator, VGGTAggregatorConfig
 
     torch.manual_seed(seed)
-    config = VGGTAggregatorConfig.tiny()
-    aggregator = FrameCausalAggregator(config).to(device).eval()
+    aggregator = FrameCausalAggregator(VGGTAggregatorConfig.tiny())
+    visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(tiny_qwen_config().vision_config)
+    return aggregator, visual
+
+
+def tiny_encoders(device: str = "cpu", *, vision: bool = True, target_width: int = TINY_TARGET_WIDTH,
+                  seed: int = TINY_SEED) -> Encoders:
+    """Seeded random tiny encoders (tests, the demo): the same code paths at CPU speed."""
+    from janus_job.tiny import tiny_image_processor, tiny_qwen_config
+
+    aggregator, visual = tiny_frozen_encoders(seed)
+    config = aggregator.config
+    aggregator = aggregator.to(device).eval()
     encoders = Encoders(
         device=device,
         target_width=target_width,
@@ -177,24 +189,21 @@ def tiny_encoders(device: str = "cpu", *, vision: bool = True, target_width: int
         ),
     )
     if vision:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
         vision_config = tiny_qwen_config().vision_config
-        visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config).to(device).eval()
+        visual = visual.to(device).eval()
         processor = tiny_image_processor(max_pixels=4096 * 28 * 28)
         encoders.vision = _vision_fn(visual, processor, device, config.patch_size, 2)
         encoders.vision_fingerprint = vision_fingerprint(
-            _frozen_visual_digest(visual), vision_config, processor, target_width, _compute_mode(device)
+            frozen_visual_digest(visual.state_dict()), vision_config, processor, target_width, _compute_mode(device)
         )
     return encoders
 
 
-def load_qwen_visual(qwen: str, device: str, dtype: Any) -> tuple[Any, Any]:
-    """Only the vision tower of a Qwen2.5-VL checkpoint (its ``visual.*`` tensors), and its config."""
-    import torch
+def read_qwen_visual(qwen: str) -> tuple[dict, Any]:
+    """The ``visual.*`` tensors of a Qwen2.5-VL checkpoint as stored (names without the prefix),
+    and its vision config."""
     from safetensors import safe_open
     from transformers import AutoConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     from janus_job.model import local_copy
 
@@ -210,13 +219,22 @@ def load_qwen_visual(qwen: str, device: str, dtype: Any) -> tuple[Any, Any]:
                 for prefix in ("visual.", "model.visual."):
                     if key.startswith(prefix):
                         state[key[len(prefix):]] = handle.get_tensor(key)
+    return state, config.vision_config
+
+
+def load_qwen_visual(qwen: str, device: str, dtype: Any) -> tuple[Any, Any, str]:
+    """Only the vision tower of a Qwen2.5-VL checkpoint, its config and the digest of its frozen
+    weights as stored in the checkpoint (the same whatever dtype the tower is run in)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    state, vision_config = read_qwen_visual(qwen)
     # Built for real, not on "meta": non-persistent buffers (rotary tables) are not in the checkpoint.
-    visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+    visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config)
     try:
         visual.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise JobError(f"model.qwen {qwen}: its visual.* tensors do not fit the vision config: {err}") from err
-    return visual.to(device=device, dtype=dtype).eval(), config.vision_config
+    return visual.to(device=device, dtype=dtype).eval(), vision_config, frozen_visual_digest(state)
 
 
 def load_encoders(spec: Any, device: str, *, vision: bool | None = None, vggt_config: Any = None,
@@ -247,11 +265,11 @@ def load_encoders(spec: Any, device: str, *, vision: bool | None = None, vggt_co
         from janus_job.model import local_copy
 
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        visual, vision_config = load_qwen_visual(spec.model.qwen, device, dtype)
+        visual, vision_config, digest = load_qwen_visual(spec.model.qwen, device, dtype)
         processor = load_processor(local_copy(spec.model.qwen), spec.data.min_pixels, spec.data.max_pixels).image_processor
         encoders.vision = _vision_fn(visual, processor, device, frame_ops.PATCH_SIZE, frame_ops.MERGE_SIZE)
         encoders.vision_fingerprint = vision_fingerprint(
-            _frozen_visual_digest(visual), vision_config, processor, width, compute
+            digest, vision_config, processor, width, compute
         )
     return encoders
 

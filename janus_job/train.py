@@ -387,7 +387,7 @@ def _open_completed_store(spec: Any, annotations: Any, poll_s: float) -> Any:
             )
         fingerprints.append(fingerprint)
     store.open(fingerprints, create=False)
-    return store, fingerprints[0]
+    return store, {fp.kind: fp for fp in fingerprints}
 
 
 @dataclass
@@ -412,12 +412,15 @@ def _feature_source(spec: Any, annotations: Any, ranks: Ranks, device: Any) -> F
     if mode == "read_through":
         _fill_store(spec, annotations, ranks, device)
     poll_s = 2.0 if mode == "read_through" else 30.0  # read_through: rank 0 finalizes within seconds
-    store, spatial_fingerprint = _open_completed_store(spec, annotations, poll_s)
+    store, fingerprints = _open_completed_store(spec, annotations, poll_s)
+    spatial_fingerprint = fingerprints["spatial"]
     problem = None
     frame_hashes: dict = {}
     if ranks.rank == 0:
         try:
             _check_spatial_weights(spec, spatial_fingerprint)
+            if "vision" in fingerprints:
+                _check_vision_weights(spec, fingerprints["vision"])
             frame_hashes = store.frame_index(annotations.digest)
             missing = store.missing(annotations.samples, frame_hashes, vision=spec.features.cache_vision)
         except JobError as err:  # other ranks are already waiting for rank 0's verdict
@@ -457,6 +460,20 @@ def _check_spatial_weights(spec: Any, fingerprint: Any) -> None:
             f"model.vggt: {spec.model.vggt} is not the VGGT checkpoint features.store was precomputed with "
             f"(weights sha256 {found[:12]} != {str(fingerprint.fields['weights_sha256'])[:12]}); point "
             "model.vggt at the weights the store was built from, or give this run its own features.store "
+            "and rerun `janus-job precompute`"
+        )
+
+
+def _check_vision_weights(spec: Any, fingerprint: Any) -> None:
+    """Cached vision-tower features must come from the vision tower of model.qwen."""
+    from janus_job.precompute import frozen_visual_digest, read_qwen_visual
+
+    found = frozen_visual_digest(read_qwen_visual(spec.model.qwen)[0])
+    if found != fingerprint.fields["weights_sha256"]:
+        raise JobError(
+            f"model.qwen: the vision tower of {spec.model.qwen} is not the one features.store was precomputed "
+            f"with (weights sha256 {found[:12]} != {str(fingerprint.fields['weights_sha256'])[:12]}); point "
+            "model.qwen at the checkpoint the store was built from, or give this run its own features.store "
             "and rerun `janus-job precompute`"
         )
 

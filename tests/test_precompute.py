@@ -228,7 +228,7 @@ def test_encoders_load_from_checkpoint_files(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from janus_job.model import vision_tower_features
-    from janus_job.precompute import load_encoders, load_qwen_visual
+    from janus_job.precompute import frozen_visual_digest, load_encoders, load_qwen_visual
     from janus_job.store import state_dict_digest
     from janus_job.tiny import tiny_image_processor, tiny_qwen_config, tiny_tokenizer
     from janus_job.vggt import FrameCausalAggregator, VGGTAggregatorConfig
@@ -251,9 +251,13 @@ def test_encoders_load_from_checkpoint_files(tmp_path):
 
     encoders = load_encoders(job, "cpu", vggt_config=VGGTAggregatorConfig.tiny(), target_width=112)
     assert encoders.spatial_fingerprint.fields["weights_sha256"] == state_dict_digest(aggregator.state_dict())
-    visual, _ = load_qwen_visual(str(qwen_dir), "cpu", torch.float32)
+    visual, _, digest = load_qwen_visual(str(qwen_dir), "cpu", torch.float32)
     saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir).model.visual
     assert all(torch.equal(visual.state_dict()[k], v) for k, v in saved.state_dict().items())
+    # the vision digest names the checkpoint's tensors, whatever dtype the tower runs in
+    assert encoders.vision_fingerprint.fields["weights_sha256"] == digest
+    assert load_qwen_visual(str(qwen_dir), "cpu", torch.bfloat16)[2] == digest
+    assert digest == frozen_visual_digest(saved.state_dict())
 
     report = run_worker(job, encoders, worker=0, workers=1)
     assert (report.computed_spatial, report.computed_vision) == (20, 20)

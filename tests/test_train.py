@@ -264,3 +264,38 @@ def test_store_of_other_vggt_weights_is_refused(job, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "model.vggt" in result.stderr and "is not the VGGT checkpoint features.store was precomputed with" in result.stderr
     assert "train start" not in result.stdout
+
+
+@pytest.mark.slow
+def test_store_of_other_vision_tower_weights_is_refused(job, tmp_path):
+    """Cached vision features of another Qwen vision tower (same architecture) are refused by name;
+    a change outside the frozen tower (the LLM, the trainable merger) is not a reason to refuse."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    spec = yaml.safe_load(job.read_text())
+    assert spec["features"].get("cache_vision", True)
+
+    def qwen_copy(name: str, key_filter) -> Path:
+        target = tmp_path / name
+        shutil.copytree(spec["model"]["qwen"], target)
+        (weights_file,) = target.glob("*.safetensors")
+        weights = load_file(str(weights_file))
+        key = sorted(k for k in weights if key_filter(k))[0]
+        weights[key] = weights[key] + torch.ones_like(weights[key])
+        save_file(weights, str(weights_file), metadata={"format": "pt"})
+        return target
+
+    frozen = qwen_copy("qwen-other-vision", lambda k: "visual." in k and "merger" not in k)
+    edited = edit_spec(job, tmp_path / "job.yaml", lambda s: s["model"].update(qwen=str(frozen)))
+    result = janus_job("train", "--spec", str(edited))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "model.qwen" in result.stderr and "is not the one features.store was precomputed with" in result.stderr
+    assert "train start" not in result.stdout
+
+    merger = qwen_copy("qwen-other-merger", lambda k: "visual.merger" in k)
+    edited = edit_spec(job, tmp_path / "job2.yaml", lambda s: s["model"].update(qwen=str(merger)))
+    result = janus_job("train", "--spec", str(edited))
+    assert result.returncode == 0, result.stdout + result.stderr
