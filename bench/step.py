@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import common  # noqa: E402  (bench/common.py)
+from janus_job.launch import ALLOCATOR_DEFAULT  # noqa: E402
 
 PHASES = ("data_wait", "vggt", "vision_tower", "llm_forward", "forward_other", "backward", "optimizer_step")
 SOURCE_SIZE = (640, 480)  # R2R/RxR frames (width, height)
@@ -80,6 +81,8 @@ class Setup:
     write_through: bool = False  # plan B: store every computed feature (1 epoch = all misses)
     vggt_mode: str = "streaming"  # online VGGT: "streaming" (one call per frame) | "batched" (per sample)
     vggt_registered: bool = False  # online VGGT inside the module tree (ZeRO-3 partitions it)
+    lean_activations: bool = False  # janus_job.lean MLP/RMSNorm (the product's model); False = transformers'
+    allocator_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the ranks ("" = torch's default allocator)
     spec_overrides: tuple = ()  # (dotted spec path, value) pairs for the spec-based configs
 
 
@@ -101,6 +104,8 @@ def janus_setup(world_size: int, tiny: bool = False, overrides: tuple = (), desc
         spatial="cached" if spec.features.mode == "precomputed" else "online",
         vggt_mode="batched",  # the model's default, what the trainer runs online
         vggt_registered=spec.deepspeed.zero_stage < 3,  # as janus_job.train attaches it
+        lean_activations=True,  # janus_job.train builds the model with it
+        allocator_conf=ALLOCATOR_DEFAULT,  # janus-job launch sets it for the trainer
         vision="cached" if spec.features.cache_vision else "online",
         sampler="balanced" if t.balanced_sampler else "length_grouped",
         gradient_checkpointing=t.gradient_checkpointing,
@@ -121,6 +126,18 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
         except Exception as err:  # JobError: the product refuses this spec at this size
             return err
 
+    def stock_layers(setup):
+        if isinstance(setup, Setup):
+            return r(setup, lean_activations=False, description="janus defaults with transformers' own MLP "
+                     "and RMSNorm (no janus_job.lean)")
+        return setup
+
+    def default_allocator(setup):
+        if isinstance(setup, Setup):
+            return r(setup, allocator_conf="", description="janus defaults with torch's default CUDA allocator "
+                     "settings (no expandable segments)")
+        return setup
+
     return {
         "official": OFFICIAL,
         "official_inside": r(OFFICIAL, vggt_registered=True, description="JanusVLN exact: VGGT inside the "
@@ -129,6 +146,10 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
         "janus_ckpt": janus((("training.gradient_checkpointing", True),),
                             "janus defaults with gradient checkpointing (the default before this measurement)"),
         "janus_zero3": janus((("deepspeed.zero_stage", 3),), "janus defaults at ZeRO-3"),
+        "janus_zero2": janus((("deepspeed.zero_stage", 2),), "janus defaults at ZeRO-2 (gradients reduce-scattered "
+                             "at every micro-step; the default before ZeRO-1)"),
+        "janus_stock_layers": stock_layers(janus()),
+        "janus_default_allocator": default_allocator(janus()),
         "janus_torch_adam": janus((("deepspeed.optimizer", "torch"),),
                                   "janus defaults with torch AdamW instead of DeepSpeed's"),
         "janus_length_grouped": janus((("training.balanced_sampler", False),),
@@ -554,6 +575,10 @@ def worker(args: argparse.Namespace) -> None:
     if args.tiny:
         setup = dataclasses.replace(setup, workers=min(setup.workers, 1), prefetch=2)
     torch.manual_seed(1234)  # the same random weights on every rank
+    if args.gpu_memory_gib and device.type == "cuda":
+        # a larger card behaves like a smaller one for fitting: the allocator refuses beyond this
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gib * 1024**3 / total), device)
     t_init = time.perf_counter()
 
     # -- model (random weights, built on the device) --
@@ -576,7 +601,7 @@ def worker(args: argparse.Namespace) -> None:
     model = model_from_config(qwen_config, vggt_config if online_vggt else None, dtype=dtype, device=device,
                               gradient_checkpointing=setup.gradient_checkpointing, spatial_mode=setup.vggt_mode,
                               vggt_dtype=dtype, spatial_channels=spatial_channels,
-                              register_vggt=setup.vggt_registered)
+                              register_vggt=setup.vggt_registered, lean_activations=setup.lean_activations)
     params = ParamCounts.of(model)
     params.vggt = _count(model.aggregator)  # also when it is kept outside the module tree
     llm_params = _count(model.model.language_model) + _count(model.lm_head)
@@ -734,6 +759,8 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_gather_object(per_rank, {
         "peak_mem_bytes": _peak_memory_bytes(device),
         "peak_reserved_bytes": _reserved_memory_bytes(device),
+        "alloc_retries": (int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
+                          if device.type == "cuda" else None),
         "windows": {k: {"s": w["s"], "phases": w["phases"], "work": dataclasses.asdict(w["work"])}
                     for k, w in windows.items()},
     })
@@ -765,6 +792,8 @@ def worker(args: argparse.Namespace) -> None:
             "status": "ok",
             "stalled": False,
             "card": card,
+            "gpu_memory_cap_gib": args.gpu_memory_gib or None,
+            "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             "world_size": world,
             "micro_batch_size": micro,
             "gradient_accumulation_steps": accumulation,
@@ -806,6 +835,7 @@ def worker(args: argparse.Namespace) -> None:
             "peak_mem_spread": (max(peaks) - min(peaks)) / max(peaks) if max(peaks) else None,
             "peak_reserved_gib_per_rank": [None if r["peak_reserved_bytes"] is None else
                                            r["peak_reserved_bytes"] / common.GIB for r in per_rank],
+            "alloc_retries_per_rank": [r["alloc_retries"] for r in per_rank],  # whole run: cache freed, then retried
             "memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "host max RSS",
             "phase_timing": "CUDA events on the compute stream, unsynchronised window" if device.type == "cuda"
             else "host wall clock",
@@ -864,6 +894,8 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
             cmd.append(flag)
     if args.peak_tflops:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
+    if args.gpu_memory_gib:
+        cmd += ["--gpu-memory-gib", str(args.gpu_memory_gib)]
     if args.fault_hang_rank is not None and name == args.fault_config:
         cmd += ["--fault-hang-rank", str(args.fault_hang_rank)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
@@ -872,6 +904,13 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
         env.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")  # NVLink multicast stays off
     if args.tiny:
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    setup = setups(nproc, args.tiny).get(name)
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)  # each config runs with its own allocator settings
+    if isinstance(setup, Setup) and setup.allocator_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = setup.allocator_conf
+    if isinstance(setup, Setup) and setup.deepspeed == "zero2_offload" and not args.tiny:
+        # torchrun sets 1 thread per rank, which leaves DeepSpeed's CPU Adam on one core
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
     log_path = folder / "torchrun.log"
     print(f"[step.py] {name}: starting {nproc} ranks (log {log_path})", flush=True)
     started = time.monotonic()
@@ -939,6 +978,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-budget-s", type=float, default=420.0, help="longest allowed model/engine init")
     p.add_argument("--config-limit-s", type=float, default=0.0, help="kill a config after this long (0: no limit)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device for MFU (default H100 989)")
+    p.add_argument("--gpu-memory-gib", type=float, default=0.0,
+                   help="cap each rank's allocator at this many GiB (an H200 run that must fit an 80 GB H100: 78)")
     p.add_argument("--skip-ds-ops", action="store_true", help="do not JIT-build DeepSpeed ops; use torch AdamW")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tiny", action="store_true", help="CPU, gloo, 2 processes, tiny models")

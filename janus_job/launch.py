@@ -31,6 +31,11 @@ from collections.abc import Mapping
 from janus_job.errors import JobError
 
 
+# The default step runs within a few GiB of an 80 GB card; growable segments keep the caching
+# allocator from fragmenting there (docs/performance.md measures it). A value in the pod wins.
+ALLOCATOR_ENV, ALLOCATOR_DEFAULT = "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
+
+
 def _int_var(env: Mapping[str, str], name: str, *, minimum: int) -> int | None:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -109,6 +114,20 @@ def torchrun_arguments(env: Mapping[str, str], spec_path: str, *, job_name: str,
     return args + ["--module", "janus_job.train", "--spec", spec_path]
 
 
+def runtime_defaults(spec, nproc: int, cpus: int) -> dict[str, str]:
+    """Variables the training processes get unless the pod sets them."""
+    defaults = {
+        # A torchrun restart (pod loss, resize) otherwise fails to re-create the shared rendezvous
+        # store under deepspeed.init_distributed (pytorch/pytorch#135712).
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        ALLOCATOR_ENV: ALLOCATOR_DEFAULT,
+    }
+    if spec.deepspeed.offload_optimizer == "cpu":
+        # torchrun's default of 1 thread per process would run CPU Adam on one core per rank
+        defaults["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))
+    return defaults
+
+
 def launch(spec_path: str, env: Mapping[str, str] | None = None) -> None:
     """Validates the spec, then replaces this process with torchrun (never returns)."""
     from janus_job.spec import load_spec
@@ -123,9 +142,9 @@ def launch(spec_path: str, env: Mapping[str, str] | None = None) -> None:
         default_nproc=spec.training.gpus_per_node,
         max_restarts=spec.training.resize.max_restarts,
     )
-    # A torchrun restart (pod loss, resize) otherwise fails to re-create the shared rendezvous store
-    # under deepspeed.init_distributed (pytorch/pytorch#135712).
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    nproc = int(args[args.index("--nproc-per-node") + 1])
+    for name, value in runtime_defaults(spec, nproc, len(os.sched_getaffinity(0))).items():
+        os.environ.setdefault(name, value)
     command = [sys.executable, "-m", "torch.distributed.run", *args]
     print("janus-job launch: " + shlex.join(command), flush=True)
     os.execv(sys.executable, command)

@@ -24,6 +24,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 from transformers.vision_utils import get_vision_window_index
 
 from janus_job.errors import JobError
+from janus_job.lean import make_activation_lean
 from janus_job.vggt import FrameCausalAggregator, load_aggregator
 from janus_job.vggt import spatial_features as vggt_spatial_features
 
@@ -410,10 +411,12 @@ def _natural_order(visual, hidden, grid_thw):
 def model_from_config(qwen_config, vggt_config=None, dtype=None, device="cpu",
                       attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
                       lam: float = DEFAULT_LAM, spatial_mode: str = "batched", vggt_dtype=None,
-                      spatial_channels: int | None = None, register_vggt: bool = True):
+                      spatial_channels: int | None = None, register_vggt: bool = True,
+                      lean_activations: bool = True):
     """Random-weight JanusVLN (for tests and benches), initialised directly on `device`.
 
     spatial_channels defaults to 2 x the VGGT width (2048 for VGGT-1B, also without a VGGT).
+    lean_activations=False keeps transformers' own MLP and RMSNorm (JanusVLN as published).
     """
     dtype = dtype or torch.float32
     channels = spatial_channels or _spatial_channels(vggt_config)
@@ -425,7 +428,7 @@ def model_from_config(qwen_config, vggt_config=None, dtype=None, device="cpu",
         with _default_dtype(vggt_dtype or torch.float32), torch.device(device):
             model.attach_aggregator(FrameCausalAggregator(vggt_config), mode=spatial_mode,
                                     register=register_vggt)
-    return _finish(model, gradient_checkpointing)
+    return _finish(model, gradient_checkpointing, lean_activations)
 
 
 @contextlib.contextmanager
@@ -445,8 +448,10 @@ def _spatial_channels(vggt_config) -> int:
     return 2 * int(vggt_config.embed_dim)
 
 
-def _finish(model, gradient_checkpointing: bool):
+def _finish(model, gradient_checkpointing: bool, lean_activations: bool = True):
     model.freeze_encoders()
+    if lean_activations:
+        make_activation_lean(model.model.language_model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for module in model.model.visual.modules():  # frozen blocks keep no activations anyway
@@ -491,7 +496,8 @@ def local_copy(path_or_url: str, cache_dir: str | None = None) -> str:
 def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: str = "sdpa",
                 gradient_checkpointing: bool = False, lam: float = DEFAULT_LAM,
                 spatial_mode: str = "batched", vggt_dtype=None, register_vggt: bool = True,
-                vggt_config=None, spatial_channels: int | None = None, cache_dir: str | None = None):
+                vggt_config=None, spatial_channels: int | None = None, cache_dir: str | None = None,
+                lean_activations: bool = True):
     """JanusVLN from pretrained weights (paths or fsspec URLs) or from configs (random weights).
 
     qwen: Qwen2.5-VL-7B-Instruct directory/URL, or a `Qwen2_5_VLConfig` for random weights.
@@ -503,6 +509,7 @@ def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: 
     VGGT keeps fp32 weights by default and runs under bf16 autocast on GPU, as JanusVLN does.
     register_vggt=False keeps it out of the module tree (see attach_aggregator): use it with
     DeepSpeed ZeRO-3, which would otherwise partition and re-gather the frozen 1B encoder.
+    lean_activations (default) keeps less for backward in the LLM's MLPs and norms (janus_job.lean).
     """
     dtype = dtype or torch.bfloat16
     vggt_dtype = vggt_dtype or torch.float32
@@ -533,7 +540,7 @@ def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: 
                                   spatial_channels=spatial_channels)
     if aggregator is not None:
         model.attach_aggregator(aggregator, mode=spatial_mode, register=register_vggt)
-    return _finish(model, gradient_checkpointing)
+    return _finish(model, gradient_checkpointing, lean_activations)
 
 
 # ---- optimisation ---------------------------------------------------------------------------

@@ -143,7 +143,10 @@ class Stage3Spec(Section):
 
 
 class DeepSpeedSpec(Section):
-    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3 (2: shard optimizer state and gradients).")
+    zero_stage: int = Field(
+        1, ge=0, le=3,
+        description="ZeRO stage 0-3. 1: shard optimizer state, reduce gradients once per optimizer step; 2: also "
+        "shard gradients (reduced at every micro-step); 3: also shard parameters.")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="Keep optimizer state in host memory (CPU Adam).")
     offload_param: Literal["none", "cpu"] = Field("none", description="Keep parameters in host memory (ZeRO-3 only).")
     optimizer: Literal["deepspeed", "torch"] = Field(
@@ -419,6 +422,9 @@ SPATIAL_MERGER_PARAMS = 0.048e9  # JanusVLN's spatial merger: 8192->4096->3584 M
 VGGT_PARAMS = 1.26e9  # loaded only when VGGT runs online
 LLM_LAYERS, LLM_HIDDEN, LLM_INTERMEDIATE, LLM_VOCAB = 28, 3584, 18944, 152064
 TEXT_TOKENS = 512  # instruction + answer tokens per sample (rough)
+# hidden-size and intermediate-size tensors one decoder layer keeps for backward (attention inputs,
+# q/k/v, outputs, residual-side norms; the MLP's gate, up and product), janus_job.lean applied
+LAYER_SAVED_HIDDEN, LAYER_SAVED_INTERMEDIATE = 7, 3
 ANSWER_TOKENS = 64  # labelled (answer) tokens per sample, an upper bound for JanusVLN actions
 RUNTIME_OVERHEAD_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
 
@@ -477,11 +483,13 @@ def estimate_gpu_memory(spec: JobSpec, world_size: int | None = None) -> MemoryE
         optim_bytes = 0.0
 
     tokens = tokens_per_sample(spec) * t.micro_batch_size
+    # bf16 values a decoder layer keeps per token for backward, with janus_job.lean's MLP and norms
+    layer_bytes = (LAYER_SAVED_HIDDEN * LLM_HIDDEN + LAYER_SAVED_INTERMEDIATE * LLM_INTERMEDIATE) * 2
     if t.gradient_checkpointing:
         # one saved hidden state per layer + one layer recomputed at a time
-        act_bytes = tokens * (LLM_LAYERS * LLM_HIDDEN * 2 + (11 * LLM_HIDDEN + 4 * LLM_INTERMEDIATE) * 2)
+        act_bytes = tokens * (LLM_LAYERS * LLM_HIDDEN * 2 + layer_bytes)
     else:
-        act_bytes = tokens * LLM_LAYERS * (11 * LLM_HIDDEN + 4 * LLM_INTERMEDIATE) * 2
+        act_bytes = tokens * LLM_LAYERS * layer_bytes
     # the loss runs the LM head on answer positions only (janus_job.model.restricted_lm_loss)
     logit_bytes = ANSWER_TOKENS * t.micro_batch_size * LLM_VOCAB * (2 + 4 + 4)  # bf16, fp32 upcast, fp32 grad
     return MemoryEstimate(weight_bytes / gib, grad_bytes / gib, optim_bytes / gib, act_bytes / gib,

@@ -117,7 +117,7 @@ def test_checkpoint_bench_tiny_runs_and_reports(tmp_path):
     assert "RSS+ GiB/rank" in proc.stdout
     (result_file,) = tmp_path.glob("checkpoint-*-cpu-2.json")
     result = json.loads(result_file.read_text())
-    assert result["gpus"] == 2 and result["zero_stage"] == 2 and result["checkpoint_bytes"] > 0
+    assert result["gpus"] == 2 and result["zero_stage"] == 1 and result["checkpoint_bytes"] > 0
     for rank in result["ranks"]:
         assert rank["resume"]["state_equal"] and rank["universal"]["state_equal"]
         assert rank["save"]["local_write_s"] > 0 and rank["save"]["held_all_ranks_s"] >= rank["save"]["blocking_s"]

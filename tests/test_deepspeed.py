@@ -55,7 +55,7 @@ def test_batch_numbers_are_concrete_and_consistent():
     assert config["train_micro_batch_size_per_gpu"] == 2
     assert config["gradient_accumulation_steps"] == 4
     assert config["train_batch_size"] == 2 * 4 * 16
-    assert config["zero_optimization"]["stage"] == 2
+    assert config["zero_optimization"]["stage"] == 1
     assert config["bf16"] == {"enabled": True}
     assert "optimizer" not in config  # default deepspeed.optimizer: torch, built by the trainer
     with_section = render_deepspeed_config(make(deepspeed={"optimizer": "deepspeed"}), 8)
@@ -88,7 +88,7 @@ def test_extra_config_is_merged():
     spec = make(deepspeed={"extra_config": {"zero_optimization": {"round_robin_gradients": True}, "comms_logger": {"enabled": False}}})
     config = render_deepspeed_config(spec, 16)
     assert config["zero_optimization"]["round_robin_gradients"] is True
-    assert config["zero_optimization"]["stage"] == 2
+    assert config["zero_optimization"]["stage"] == 1
     assert config["comms_logger"] == {"enabled": False}
 
 
@@ -181,7 +181,7 @@ def test_rendered_configs_load_in_real_deepspeed(tmp_path):
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     r16, r8, off, wrong = json.loads(line[0][len("RESULTS "):])
-    assert r16 == {"ok": True, "world": 16, "train_batch_size": 96, "micro": 1, "accumulation": 6, "stage": 2,
+    assert r16 == {"ok": True, "world": 16, "train_batch_size": 96, "micro": 1, "accumulation": 6, "stage": 1,
                    "bf16": True, "offload_optimizer": False}, r16
     assert r8["ok"] and r8["world"] == 8 and r8["train_batch_size"] == 96 and r8["accumulation"] == 12, r8
     assert off["ok"] and off["stage"] == 3 and off["offload_optimizer"], off

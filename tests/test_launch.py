@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from janus_job.errors import JobError
-from janus_job.launch import torchrun_arguments
+from janus_job.launch import ALLOCATOR_DEFAULT, ALLOCATOR_ENV, runtime_defaults, torchrun_arguments
 
 
 def args_for(env: dict, **overrides) -> list[str]:
@@ -97,10 +97,21 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+def test_runtime_defaults_allocator_and_cpu_adam_threads():
+    from tests.test_deepspeed import make
+
+    plain = make()
+    assert runtime_defaults(plain, nproc=8, cpus=96) == {
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", ALLOCATOR_ENV: ALLOCATOR_DEFAULT}
+    offload = make(deepspeed={"offload_optimizer": "cpu", "optimizer": "deepspeed"})
+    assert runtime_defaults(offload, nproc=8, cpus=96)["OMP_NUM_THREADS"] == "12"
+    assert runtime_defaults(offload, nproc=8, cpus=4)["OMP_NUM_THREADS"] == "1"
+
+
 def test_two_nodes_started_like_the_pytorchjob_train_together(tmp_path):
     """Two `janus-job launch` processes with the operator's variables (PET_NNODES=2, PET_NODE_RANK,
     PET_NPROC_PER_NODE=1, PET_MASTER_ADDR/PORT, plus the pod-level RANK/WORLD_SIZE the operator also
-    sets) run real DeepSpeed ZeRO-2 over gloo on a tiny model and agree on loss and weights."""
+    sets) run real DeepSpeed ZeRO-1 (the default) over gloo on a tiny model and agree on loss and weights."""
     import os
     import re
     import subprocess

@@ -49,7 +49,7 @@ def test_minimal_spec_is_short_and_gets_the_fast_defaults():
     lines = [l for l in (ROOT / "examples" / "minimal.yaml").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert len(lines) <= 13
     spec = load_spec(ROOT / "examples" / "minimal.yaml")
-    assert spec.deepspeed.zero_stage == 2 and spec.deepspeed.offload_param == "none"
+    assert spec.deepspeed.zero_stage == 1 and spec.deepspeed.offload_param == "none"
     assert spec.features.mode == "precomputed" and spec.training.balanced_sampler
     assert spec.data.max_history_images == 8 and spec.data.max_pixels == 576 * 28 * 28 and spec.data.min_pixels == 16 * 28 * 28
     assert spec.training.learning_rate == 2e-5 and spec.training.merger_learning_rate == 1e-5

@@ -145,7 +145,7 @@ compares both sides over every bad-spec case and a sweep of generated specs.
 {{- if eq $ds.offload_optimizer "cpu" }}{{- $optim = 0.0 }}{{- end -}}
 {{- $tokensPerSample := add (div (mul (add (int $v.data.max_history_images) 1) (int $v.data.max_pixels)) 784) 512 -}}
 {{- $tokens := float64 (mul $tokensPerSample $micro) -}}
-{{- $layer := mulf 2 (add (mul 11 3584) (mul 4 18944)) -}}
+{{- $layer := mulf 2 (add (mul 7 3584) (mul 3 18944)) -}}
 {{- $acts := 0.0 -}}
 {{- if $t.gradient_checkpointing -}}
 {{- $acts = mulf $tokens (addf (mulf 28 3584 2) $layer) -}}
