@@ -34,6 +34,7 @@ from janus_job.errors import JobError
 # The default step runs within a few GiB of an 80 GB card; growable segments keep the caching
 # allocator from fragmenting there (docs/performance.md measures it). A value in the pod wins.
 ALLOCATOR_ENV, ALLOCATOR_DEFAULT = "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
+SHUTDOWN_MARGIN_S = 15  # of the pod's grace period, left for torchrun itself to exit
 
 
 def _int_var(env: Mapping[str, str], name: str, *, minimum: int) -> int | None:
@@ -122,6 +123,8 @@ def runtime_defaults(spec, nproc: int, cpus: int) -> dict[str, str]:
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         ALLOCATOR_ENV: ALLOCATOR_DEFAULT,
     }
+    # torchrun gives its ranks this long after forwarding SIGTERM before it SIGKILLs them
+    defaults["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(spec.cluster.termination_grace_seconds - SHUTDOWN_MARGIN_S)
     if spec.deepspeed.offload_optimizer == "cpu":
         # torchrun's default of 1 thread per process would run CPU Adam on one core per rank
         defaults["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))

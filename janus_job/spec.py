@@ -197,6 +197,10 @@ class ClusterSpec(Section):
         "resumes from its newest checkpoint); ExitCode restarts only on signals/exit codes >= 128.",
     )
     backoff_limit: int = Field(10, ge=0, le=1000, description="PyTorchJob runPolicy.backoffLimit (pod restarts before failure).")
+    termination_grace_seconds: int = Field(
+        600, ge=30, le=86400,
+        description="terminationGracePeriodSeconds of the training pods: after SIGTERM the ranks finish their step, "
+        "checkpoint it and upload before this runs out (torchrun waits this long minus 15 s before SIGKILL).")
     clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="PyTorchJob runPolicy.cleanPodPolicy.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished job after this many seconds.")
 

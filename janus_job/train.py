@@ -671,6 +671,8 @@ class Trainer:
         """This rank's micro-batches, epoch after epoch, from the sampler's position."""
         from torch.utils.data import DataLoader
 
+        from janus_job.stop import ignore_in_loader_worker
+
         d = self.spec.data
         workers = d.num_workers
         loader = DataLoader(
@@ -681,6 +683,7 @@ class Trainer:
             pin_memory=d.pin_memory and self.device.type == "cuda",
             prefetch_factor=d.prefetch_factor if workers else None,
             persistent_workers=d.persistent_workers and workers > 0,
+            worker_init_fn=ignore_in_loader_worker,
         )
         while True:
             if self.sampler.epoch_done:
@@ -689,7 +692,9 @@ class Trainer:
 
     def run(self) -> None:
         from janus_job.gpustats import RankStatsWriter
+        from janus_job.stop import StopRequest
 
+        stop = StopRequest().install()  # before setup: a SIGTERM there still ends the run cleanly
         self.setup()
         checkpoints = self._checkpoints()
         latest = checkpoints.latest()
@@ -729,11 +734,27 @@ class Trainer:
             if self.step % self.spec.training.log_interval == 0 or self.step == self.total_steps:
                 self._log(interval, metrics)
                 interval = Interval()
-            if checkpoints.should_save(self.step):
+            saved = checkpoints.should_save(self.step)
+            if saved:
                 checkpoints.save(self.engine, self.step, self.client_state(),
                                  lr_scheduler=self.engine.lr_scheduler)
+            if self.step < self.total_steps and stop.agreed(self.device):
+                self._stop(checkpoints, saved)
         checkpoints.wait()
         self._finish(metrics)
+
+    def _stop(self, checkpoints: Any, saved: bool) -> None:
+        """SIGTERM on some rank: checkpoint this step everywhere, then exit for a restart."""
+        from janus_job.stop import EXIT_CODE
+
+        if not saved:
+            checkpoints.save(self.engine, self.step, self.client_state(), lr_scheduler=self.engine.lr_scheduler)
+        checkpoints.wait()
+        if self.ranks.prints:
+            print(f"train stopped step={self.step}/{self.total_steps}: SIGTERM; checkpoint of step {self.step} "
+                  f"is complete, exiting with {EXIT_CODE} so the pod restarts and resumes there", flush=True)
+        sys.stdout.flush()
+        sys.exit(EXIT_CODE)
 
     def _announce(self, resumed_from: Any) -> None:
         if not self.ranks.prints:

@@ -102,7 +102,8 @@ def test_runtime_defaults_allocator_and_cpu_adam_threads():
 
     plain = make()
     assert runtime_defaults(plain, nproc=8, cpus=96) == {
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", ALLOCATOR_ENV: ALLOCATOR_DEFAULT}
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", ALLOCATOR_ENV: ALLOCATOR_DEFAULT,
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(plain.cluster.termination_grace_seconds - 15)}
     offload = make(deepspeed={"offload_optimizer": "cpu", "optimizer": "deepspeed"})
     assert runtime_defaults(offload, nproc=8, cpus=96)["OMP_NUM_THREADS"] == "12"
     assert runtime_defaults(offload, nproc=8, cpus=4)["OMP_NUM_THREADS"] == "1"

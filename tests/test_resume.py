@@ -151,3 +151,62 @@ def test_real_trainer_survives_sigkill_of_a_rank(tmp_path):
     assert 0 < resumed_at <= killed_at and resumed_at % 5 == 0
     assert worker.trained_samples(trace, (0, 1)) == worker.trained_samples(tmp_path / "ref-{rank}.jsonl", (0, 1))
     assert worker.logged_steps(stdout) == worker.logged_steps(reference.stdout)
+
+
+def test_real_trainer_checkpoints_on_sigterm_and_resumes_there(tmp_path):
+    """A pod's SIGTERM reaches torchrun, which forwards it to the ranks: they finish the step, save
+    it (not a checkpoint step), exit non-zero; the next start resumes at that step, and the
+    samples, losses and lrs of both parts equal an uninterrupted run's."""
+    import signal
+    import subprocess
+    import time
+
+    from janus_job.checkpoint import CheckpointManager
+    from janus_job.stop import EXIT_CODE
+
+    import yaml
+
+    base = worker.trainer_job(tmp_path / "job", steps=30, interval=1000)  # no interval checkpoint
+    job = yaml.safe_load(base.read_text())
+    job["data"]["num_workers"] = 2  # torchrun signals the whole process group, loader workers too
+    base.write_text(yaml.safe_dump(job))
+    ref_spec = worker.trainer_spec(base, tmp_path / "ref.yaml", tmp_path / "ref-checkpoints")
+    reference = subprocess.run(worker.trainer_command(2, ref_spec), cwd=worker.REPO, capture_output=True, text=True,
+                               env=worker.trainer_env(tmp_path / "ref-{rank}.jsonl", tmp_path / "staging-ref"),
+                               timeout=300)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-6000:]
+
+    spec = worker.trainer_spec(base, tmp_path / "stopped.yaml", tmp_path / "checkpoints")
+    trace = tmp_path / "stopped-{rank}.jsonl"
+    env = worker.trainer_env(trace, tmp_path / "staging")
+    proc = subprocess.Popen(worker.trainer_command(2, spec), cwd=worker.REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    signalled_at = None
+    deadline = time.time() + 240
+    rank0_trace = str(trace).format(rank=0)
+    while signalled_at is None and proc.poll() is None and time.time() < deadline:
+        if os.path.exists(rank0_trace):
+            with open(rank0_trace) as f:
+                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+            if steps and max(steps) >= 5:
+                proc.send_signal(signal.SIGTERM)  # what the kubelet sends the pod's torchrun
+                signalled_at = max(steps)
+        time.sleep(0.005)
+    first = proc.communicate(timeout=240)[0]
+    assert signalled_at is not None, "the run ended before it could be signalled"
+    assert proc.returncode != 0, "a stopped run must not look finished to the operator"
+    stopped = [line for line in first.splitlines() if line.startswith("train stopped step=")]
+    assert len(stopped) == 1 and f"exiting with {EXIT_CODE}" in stopped[0], first[-3000:]
+    stop_step = int(stopped[0].split("step=", 1)[1].split("/", 1)[0])
+    assert signalled_at < stop_step < 30
+    refs = CheckpointManager(str(tmp_path / "checkpoints"), keep=3, interval_steps=1000, rank=0,
+                             world_size=2).complete_checkpoints()
+    assert [r.step for r in refs] == [stop_step]
+
+    second = subprocess.run(worker.trainer_command(2, spec), cwd=worker.REPO, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-6000:]
+    starts = [line for line in second.stdout.splitlines() if line.startswith("train start")]
+    assert len(starts) == 1 and starts[0].endswith(f"at step {stop_step}"), second.stdout[-3000:]
+    assert worker.trained_samples(trace, (0, 1)) == worker.trained_samples(tmp_path / "ref-{rank}.jsonl", (0, 1))
+    assert worker.logged_steps(first + second.stdout) == worker.logged_steps(reference.stdout)
