@@ -43,7 +43,8 @@ from janus_job.errors import JobError
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-RANK_FILE = re.compile(r"(?:^zero_pp_rank_(\d+)_)|(?:^rng-rank-(\d+)\.pt$)")
+# DeepSpeed names a rank's optimizer shard zero_pp_rank_N_..., bf16_zero_pp_rank_N_... under bf16
+RANK_FILE = re.compile(r"(?:^(?:bf16_)?zero_pp_rank_(\d+)_)|(?:^rng-rank-(\d+)\.pt$)")
 COMPLETE = "COMPLETE"
 DONE_DIR = "done"
 MANIFEST_FORMAT = 1

@@ -451,7 +451,15 @@ def _spatial_channels(vggt_config) -> int:
 def _finish(model, gradient_checkpointing: bool, lean_activations: bool = True):
     model.freeze_encoders()
     if lean_activations:
-        make_activation_lean(model.model.language_model)
+        text = model.config.text_config
+        expected = 3 * text.num_hidden_layers + 1  # per layer: MLP + 2 norms; the final norm
+        switched = make_activation_lean(model.model.language_model)
+        if switched != expected:
+            raise JobError(
+                f"janus_job.lean switched {switched} of the language model's {expected} MLP/RMSNorm modules "
+                f"(hidden_act {text.hidden_act!r}): this transformers version's Qwen2.5-VL layers are not the "
+                "ones it knows, and the memory estimate assumes them; pin the transformers version of "
+                "constraints.txt or build the model with lean_activations=False")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for module in model.model.visual.modules():  # frozen blocks keep no activations anyway

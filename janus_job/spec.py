@@ -198,7 +198,7 @@ class ClusterSpec(Section):
     )
     backoff_limit: int = Field(10, ge=0, le=1000, description="PyTorchJob runPolicy.backoffLimit (pod restarts before failure).")
     termination_grace_seconds: int = Field(
-        600, ge=30, le=86400,
+        600, ge=60, le=86400,
         description="terminationGracePeriodSeconds of the training pods: after SIGTERM the ranks finish their step, "
         "checkpoint it and upload before this runs out (torchrun waits this long minus 15 s before SIGKILL).")
     clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="PyTorchJob runPolicy.cleanPodPolicy.")

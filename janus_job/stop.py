@@ -9,6 +9,7 @@ instead of being marked succeeded.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any
@@ -41,7 +42,9 @@ class StopRequest:
         return bool(flag.item())
 
 
-def ignore_in_loader_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: torchrun signals a rank's whole process group, and a loader
-    worker killed by that SIGTERM would fail the rank's step before it can be checkpointed."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def own_process_group(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: torchrun SIGTERMs a rank's whole process group, and a loader
+    worker killed by it would fail the rank's step before it can be checkpointed. In a group of
+    its own the worker is still ended by its rank (DataLoader shutdown, multiprocessing's exit
+    handler) or, when the rank is gone, by the DataLoader's parent watchdog."""
+    os.setpgid(0, 0)

@@ -671,7 +671,7 @@ class Trainer:
         """This rank's micro-batches, epoch after epoch, from the sampler's position."""
         from torch.utils.data import DataLoader
 
-        from janus_job.stop import ignore_in_loader_worker
+        from janus_job.stop import own_process_group
 
         d = self.spec.data
         workers = d.num_workers
@@ -683,7 +683,7 @@ class Trainer:
             pin_memory=d.pin_memory and self.device.type == "cuda",
             prefetch_factor=d.prefetch_factor if workers else None,
             persistent_workers=d.persistent_workers and workers > 0,
-            worker_init_fn=ignore_in_loader_worker,
+            worker_init_fn=own_process_group,
         )
         while True:
             if self.sampler.epoch_done:
@@ -694,7 +694,6 @@ class Trainer:
         from janus_job.gpustats import RankStatsWriter
         from janus_job.stop import StopRequest
 
-        stop = StopRequest().install()  # before setup: a SIGTERM there still ends the run cleanly
         self.setup()
         checkpoints = self._checkpoints()
         latest = checkpoints.latest()
@@ -707,6 +706,8 @@ class Trainer:
         batches = self._micro_batches()
         interval = Interval()
         self.engine.train()
+        # from here a SIGTERM becomes a checkpoint; before (setup, restore) it ends the rank at once
+        stop = StopRequest().install()
         while self.step < self.total_steps:
             step_started = time.perf_counter()
             interval.lr = self._lr()  # the lr this step trains with (the scheduler moves it at the boundary)
@@ -747,9 +748,14 @@ class Trainer:
         """SIGTERM on some rank: checkpoint this step everywhere, then exit for a restart."""
         from janus_job.stop import EXIT_CODE
 
+        import torch.distributed as dist
+
         if not saved:
             checkpoints.save(self.engine, self.step, self.client_state(), lr_scheduler=self.engine.lr_scheduler)
         checkpoints.wait()
+        # rank 0's wait ends with COMPLETE written; a rank leaving earlier makes its node's torchrun
+        # stop the other local ranks, rank 0 among them
+        dist.barrier()
         if self.ranks.prints:
             print(f"train stopped step={self.step}/{self.total_steps}: SIGTERM; checkpoint of step {self.step} "
                   f"is complete, exiting with {EXIT_CODE} so the pod restarts and resumes there", flush=True)

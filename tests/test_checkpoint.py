@@ -137,3 +137,22 @@ def test_resume_from_a_chosen_checkpoint_by_hand(store_url, tmp_path, capsys):
     assert manager.latest().step == 10
     assert main(["list", store_url]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["10"]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_each_rank_fetches_its_own_optimizer_shard(bf16):
+    """Resume downloads a rank's shard on that rank only, also under bf16, where DeepSpeed prefixes
+    the file name (names made by DeepSpeed's own engine methods)."""
+    import types
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from janus_job.checkpoint import _rank_of_file
+
+    namer = types.SimpleNamespace(_get_zero_ckpt_prefix=lambda dp, bf16_mode: DeepSpeedEngine._get_zero_ckpt_prefix(
+        None, dp, bf16_mode))
+    for rank in (0, 3, 17):
+        path = DeepSpeedEngine._get_rank_zero_ckpt_name(namer, "ckpt", "step-00000010", 0, rank, bf16)
+        assert _rank_of_file(path.rsplit("/", 1)[-1]) == rank, path
+    assert _rank_of_file("rng-rank-00017.pt") == 17
+    assert _rank_of_file("mp_rank_00_model_states.pt") is None  # model states: local rank 0 of each node

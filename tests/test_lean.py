@@ -123,3 +123,15 @@ def test_lean_janus_model_equals_stock(dtype):
     bound = 1e-5 if dtype == torch.float32 else 2e-2
     worst = max(rel(g1[n], g0[n]) for n in g0 if g0[n].float().norm() > 0)
     assert worst < bound, worst
+
+
+def test_unknown_layers_are_refused_not_silently_left_stock():
+    """The memory estimate assumes the lean layers: a model where they cannot all be switched
+    (here a non-SiLU MLP) is refused when it is built."""
+    from janus_job.errors import JobError
+
+    cfg = tiny_qwen_config()
+    cfg.text_config.hidden_act = "gelu"
+    with pytest.raises(JobError, match="switched 5 of the language model's 7"):
+        model_from_config(cfg, None)
+    assert model_from_config(cfg, None, lean_activations=False) is not None
