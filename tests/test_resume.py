@@ -99,6 +99,18 @@ def test_checkpoint_killed_mid_write_is_never_resumed(tmp_path, uninterrupted):
     assert not (store / "step-00000099" / "COMPLETE").exists()
 
 
+def _uninterrupted_trainer_run(base, tmp_path):
+    """The real trainer on `base` without interruption: trace in ref-{rank}.jsonl, log in stdout."""
+    import subprocess
+
+    spec = worker.trainer_spec(base, tmp_path / "ref.yaml", tmp_path / "ref-checkpoints")
+    result = subprocess.run(worker.trainer_command(2, spec), cwd=worker.REPO, capture_output=True, text=True,
+                            env=worker.trainer_env(tmp_path / "ref-{rank}.jsonl", tmp_path / "staging-ref"),
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
 def test_real_trainer_survives_sigkill_of_a_rank(tmp_path):
     """`janus_job.train` under torchrun as the elastic PyTorchJob starts it: rank 1 is SIGKILLed from
     outside mid-run; torchrun restarts both ranks, the trainer resumes from its newest complete
@@ -111,11 +123,7 @@ def test_real_trainer_survives_sigkill_of_a_rank(tmp_path):
     import psutil
 
     base = worker.trainer_job(tmp_path / "job", steps=40, interval=5)
-    ref_spec = worker.trainer_spec(base, tmp_path / "ref.yaml", tmp_path / "ref-checkpoints")
-    reference = subprocess.run(worker.trainer_command(2, ref_spec), cwd=worker.REPO, capture_output=True, text=True,
-                               env=worker.trainer_env(tmp_path / "ref-{rank}.jsonl", tmp_path / "staging-ref"),
-                               timeout=300)
-    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-6000:]
+    reference = _uninterrupted_trainer_run(base, tmp_path)
 
     spec = worker.trainer_spec(base, tmp_path / "killed.yaml", tmp_path / "checkpoints")
     trace = tmp_path / "killed-{rank}.jsonl"
@@ -170,11 +178,7 @@ def test_real_trainer_checkpoints_on_sigterm_and_resumes_there(tmp_path):
     job = yaml.safe_load(base.read_text())
     job["data"]["num_workers"] = 2  # torchrun signals the whole process group, loader workers too
     base.write_text(yaml.safe_dump(job))
-    ref_spec = worker.trainer_spec(base, tmp_path / "ref.yaml", tmp_path / "ref-checkpoints")
-    reference = subprocess.run(worker.trainer_command(2, ref_spec), cwd=worker.REPO, capture_output=True, text=True,
-                               env=worker.trainer_env(tmp_path / "ref-{rank}.jsonl", tmp_path / "staging-ref"),
-                               timeout=300)
-    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-6000:]
+    reference = _uninterrupted_trainer_run(base, tmp_path)
 
     spec = worker.trainer_spec(base, tmp_path / "stopped.yaml", tmp_path / "checkpoints")
     trace = tmp_path / "stopped-{rank}.jsonl"
