@@ -162,8 +162,8 @@ def main() -> int:
         samples = make_samples(folder, counts, size)
         width = target_width or __import__("janus_job.frames", fromlist=["x"]).VGGT_TARGET_WIDTH
         start = time.perf_counter()
-        features = tiny_parts.MemoryFeatureSource(model, samples, width, processor.image_processor,
-                                                  dtype=None if args.tiny else torch.bfloat16)
+        features = tiny_parts.MemoryFeatureSource.computed(model, samples, width, processor.image_processor,
+                                                           dtype=None if args.tiny else torch.bfloat16)
         precompute_s = time.perf_counter() - start
         collate = data.JanusCollator(processor.tokenizer.pad_token_id)
 

@@ -144,23 +144,27 @@ def tiny_vggt_config():
 
 
 class MemoryFeatureSource:
-    """A FeatureSource (see janus_job.data) holding features computed by the given encoders.
+    """A FeatureSource (see janus_job.data) holding features in memory: spatial maps by sample
+    id, vision features by frame reference."""
 
-    The same computation the precompute job stores: spatial per sample (the aggregator over the
-    sample's frames), vision per frame (the frozen vision blocks, natural order). Tensors are
-    cast to `dtype` (the store keeps bf16).
-    """
+    def __init__(self, spatial: dict | None = None, vision: dict | None = None):
+        self.spatial = {} if spatial is None else spatial
+        self.vision = {} if vision is None else vision
 
-    def __init__(self, model, samples, target_width: int, image_processor=None, dtype=None,
-                 mode: str = "batched"):
+    @classmethod
+    def computed(cls, model, samples, target_width: int, image_processor=None, dtype=None,
+                 mode: str = "batched") -> "MemoryFeatureSource":
+        """Features computed by the model's encoders, as the precompute job stores them: spatial
+        per sample (the aggregator over the sample's frames), vision per frame (the frozen vision
+        blocks, natural order). Tensors are cast to `dtype` (the store keeps bf16)."""
         import torch
 
         from janus_job import frames
         from janus_job.model import encoder_autocast, vision_tower_features
         from janus_job.vggt import spatial_features
 
-        self.spatial: dict[str, torch.Tensor] = {}
-        self.vision: dict[str, torch.Tensor] = {}
+        spatial_maps: dict = {}
+        vision: dict = {}
         visual = model.model.visual
         device = visual.patch_embed.proj.weight.device
         processor = image_processor or tiny_image_processor(min_pixels=1, max_pixels=1 << 30)
@@ -170,15 +174,16 @@ class MemoryFeatureSource:
             stacked = torch.stack(decoded)[None].to(device)
             with torch.no_grad(), encoder_autocast(model.dtype, device):
                 spatial = spatial_features(model.aggregator, stacked, mode)[0]
-            self.spatial[sample.id] = spatial.to("cpu", dtype or spatial.dtype)
+            spatial_maps[sample.id] = spatial.to("cpu", dtype or spatial.dtype)
             for ref, image in zip(sample.images, decoded):
-                if ref in self.vision:
+                if ref in vision:
                     continue
                 out = processor(images=[frames.crop_to_even_patch_grid(image)], return_tensors="pt",
                                 do_rescale=False)
                 hidden = vision_tower_features(visual, out["pixel_values"].to(device),
                                                out["image_grid_thw"].to(device))[0]
-                self.vision[ref] = hidden.to("cpu", dtype or hidden.dtype)
+                vision[ref] = hidden.to("cpu", dtype or hidden.dtype)
+        return cls(spatial_maps, vision)
 
     def get_spatial(self, sample):
         from janus_job.errors import JobError

@@ -38,21 +38,6 @@ def sample(root, sample_id="ep/4", frame_ids=(0, 1, 2), human=None, answer=ANSWE
                   frame_paths=tuple(os.path.join(root, i) for i in images))
 
 
-class DictSource:
-    def __init__(self, spatial, vision):
-        self.spatial, self.vision = spatial, vision
-
-    def get_spatial(self, s):
-        if s.id not in self.spatial:
-            raise JobError(f"spatial features of sample {s.id} are missing from the store")
-        return self.spatial[s.id]
-
-    def get_vision(self, ref):
-        if ref not in self.vision:
-            raise JobError(f"vision features of frame {ref} are missing from the store")
-        return self.vision[ref]
-
-
 def test_labels_cover_only_the_assistant_answer(processor):
     tok = processor.tokenizer
     s = Sample(id="x", images=("a.png", "b.png"),
@@ -125,14 +110,14 @@ def test_missing_frame_is_reported_with_sample_id_and_path(processor, root):
 def test_unreadable_frame_is_reported_with_sample_id_and_path(processor, root):
     (root / "f2.png").write_bytes(b"not a png at all")
     ds = data.JanusDataset([sample(root, "ep/corrupt")], processor, spatial="online", vision="cached",
-                           features=DictSource({}, {}), target_width=TARGET_WIDTH)
+                           features=tiny.MemoryFeatureSource({}, {}), target_width=TARGET_WIDTH)
     with pytest.raises(JobError) as err:
         ds[0]
     assert "ep/corrupt" in str(err.value) and str(root / "f2.png") in str(err.value)
 
 
 def test_missing_cached_feature_names_the_sample(processor, root):
-    ds = data.JanusDataset([sample(root, "ep/nofeat")], processor, DictSource({}, {}),
+    ds = data.JanusDataset([sample(root, "ep/nofeat")], processor, tiny.MemoryFeatureSource({}, {}),
                            target_width=TARGET_WIDTH)
     with pytest.raises(JobError, match="ep/nofeat"):
         ds[0]
@@ -140,7 +125,7 @@ def test_missing_cached_feature_names_the_sample(processor, root):
 
 def test_cached_vision_with_a_wrong_grid_is_rejected(processor, root):
     s = sample(root, "ep/grid", (0,))
-    source = DictSource({"ep/grid": torch.zeros(12, 16, 8)}, {"f0.png": torch.zeros(100, 32)})
+    source = tiny.MemoryFeatureSource({"ep/grid": torch.zeros(12, 16, 8)}, {"f0.png": torch.zeros(100, 32)})
     with pytest.raises(JobError, match="re-run precompute"):
         data.JanusDataset([s], processor, source, target_width=TARGET_WIDTH)[0]
 
@@ -157,7 +142,7 @@ def test_collator_builds_the_batch_contract(processor, root):
     samples = [sample(root, "a", (0,)), sample(root, "b", (1, 2, 3)), sample(root, "c", (0, 3))]
     spatial = {s.id: torch.randn(12, 16, 8) for s in samples}
     vision = {f"f{i}.png": torch.randn(192, 32) for i in range(4)}
-    ds = data.JanusDataset(samples, processor, DictSource(spatial, vision), target_width=TARGET_WIDTH)
+    ds = data.JanusDataset(samples, processor, tiny.MemoryFeatureSource(spatial, vision), target_width=TARGET_WIDTH)
     items = [ds[i] for i in range(3)]
     batch = data.JanusCollator(processor.tokenizer.pad_token_id)(items)
     lengths = [it["input_ids"].shape[0] for it in items]

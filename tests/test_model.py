@@ -48,7 +48,7 @@ def world(tmp_path_factory):
         model.lm_head.weight.mul_(50)
     samples = [make_sample(root, "ep1/3", [0]), make_sample(root, "ep2/7", [1, 2, 3, 4]),
                make_sample(root, "ep3/2", [5, 0], answer="The next action is turn left 15 degrees.")]
-    features = tiny.MemoryFeatureSource(model, samples, TARGET_WIDTH, processor.image_processor)
+    features = tiny.MemoryFeatureSource.computed(model, samples, TARGET_WIDTH, processor.image_processor)
     collate = data.JanusCollator(processor.tokenizer.pad_token_id)
 
     def dataset(spatial, vision):
