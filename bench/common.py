@@ -82,6 +82,23 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], title:
     return text
 
 
+def scrape_metrics(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The sidecar's /metrics on this host, parsed with Prometheus' own parser: name -> [(labels, value)]."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        if response.status != 200:
+            raise RuntimeError(f"/metrics on port {port} answered HTTP {response.status}")
+        text = response.read().decode()
+    series: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            series.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return series
+
+
 def kill_tree(pid: int) -> list[int]:
     """SIGKILLs `pid` and every process below it; returns the pids killed.
 

@@ -28,11 +28,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+import common  # noqa: E402  (bench/common.py)
 
 GIB = 1024**3
 MIB = 1024**2
@@ -120,18 +122,6 @@ def _wait_for(predicate, timeout: float, what: str):
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    series: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            series.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-    return series
-
-
 def _nvidia_smi() -> dict[str, tuple[int, int]]:
     out = subprocess.run(
         ["nvidia-smi", "--query-gpu=uuid,memory.used,memory.total", "--format=csv,noheader,nounits"],
@@ -183,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
                 lambda: next((m.group(1) for l in lines if (m := re.search(r":(\d+)/metrics", l))), None),
                 30, "the sidecar to listen",
             ))
-            first = _scrape(port)
+            first = common.scrape_metrics(port)
             result["ranks_reporting_before_training"] = first["janus_monitor_ranks_reporting"][0][1]
 
             workers = [ctx.Process(target=_worker, args=(r, args, stats_dir, ready, stop)) for r in range(world)]
@@ -201,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"a rank could not write its stats: {reports}")
 
             def settled():
-                series = _scrape(port)
+                series = common.scrape_metrics(port)
                 reporting = series.get("janus_monitor_ranks_reporting", [({}, 0)])[0][1]
                 used = series.get("janus_gpu_memory_used_bytes", [])
                 return series if reporting == world and len(used) == world else None

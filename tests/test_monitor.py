@@ -11,12 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from janus_job.gpustats import GpuMemory, RankStatsWriter
 from janus_job.monitor import RankStats, memory_spread, node_balances
@@ -24,6 +22,9 @@ from janus_job.monitor import RankStats, memory_spread, node_balances
 GIB = 1024**3
 BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+import common  # noqa: E402  (bench/common.py: the /metrics scrape the GPU bench uses too)
 INTERVAL = 0.3
 
 
@@ -53,15 +54,7 @@ class Sidecar:
         raise AssertionError(f"no line matching {pattern!r}; sidecar said:\n" + "\n".join(self.lines))
 
     def scrape(self) -> dict[str, list[tuple[dict[str, str], float]]]:
-        url = f"http://127.0.0.1:{self.port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            assert response.status == 200
-            text = response.read().decode()
-        series: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                series.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-        return series
+        return common.scrape_metrics(self.port)
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
