@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import common  # noqa: E402  (bench/common.py)
-from janus_job.launch import ALLOCATOR_DEFAULT  # noqa: E402
+from janus_job.launch import ALLOCATOR_DEFAULT, cpu_adam_threads  # noqa: E402
 
 PHASES = ("data_wait", "vggt", "vision_tower", "llm_forward", "forward_other", "backward", "optimizer_step")
 SOURCE_SIZE = (640, 480)  # R2R/RxR frames (width, height)
@@ -126,17 +126,10 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
         except Exception as err:  # JobError: the product refuses this spec at this size
             return err
 
-    def stock_layers(setup):
-        if isinstance(setup, Setup):
-            return r(setup, lean_activations=False, description="janus defaults with transformers' own MLP "
-                     "and RMSNorm (no janus_job.lean)")
-        return setup
-
-    def default_allocator(setup):
-        if isinstance(setup, Setup):
-            return r(setup, allocator_conf="", description="janus defaults with torch's default CUDA allocator "
-                     "settings (no expandable segments)")
-        return setup
+    def janus_with(description: str, **changes):
+        """janus with Setup fields (not spec fields) changed; the spec's refusal passes through."""
+        setup = janus()
+        return r(setup, description=description, **changes) if isinstance(setup, Setup) else setup
 
     return {
         "official": OFFICIAL,
@@ -148,8 +141,10 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
         "janus_zero3": janus((("deepspeed.zero_stage", 3),), "janus defaults at ZeRO-3"),
         "janus_zero2": janus((("deepspeed.zero_stage", 2),), "janus defaults at ZeRO-2 (gradients reduce-scattered "
                              "at every micro-step; the default before ZeRO-1)"),
-        "janus_stock_layers": stock_layers(janus()),
-        "janus_default_allocator": default_allocator(janus()),
+        "janus_stock_layers": janus_with("janus defaults with transformers' own MLP and RMSNorm (no janus_job.lean)",
+                                         lean_activations=False),
+        "janus_default_allocator": janus_with("janus defaults with torch's default CUDA allocator settings "
+                                              "(no expandable segments)", allocator_conf=""),
         "janus_torch_adam": janus((("deepspeed.optimizer", "torch"),),
                                   "janus defaults with torch AdamW instead of DeepSpeed's"),
         "janus_length_grouped": janus((("training.balanced_sampler", False),),
@@ -909,8 +904,7 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
     if isinstance(setup, Setup) and setup.allocator_conf:
         env["PYTORCH_CUDA_ALLOC_CONF"] = setup.allocator_conf
     if isinstance(setup, Setup) and setup.deepspeed == "zero2_offload" and not args.tiny:
-        # torchrun sets 1 thread per rank, which leaves DeepSpeed's CPU Adam on one core
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
+        env.setdefault("OMP_NUM_THREADS", str(cpu_adam_threads(os.cpu_count() or nproc, nproc)))
     log_path = folder / "torchrun.log"
     print(f"[step.py] {name}: starting {nproc} ranks (log {log_path})", flush=True)
     started = time.monotonic()

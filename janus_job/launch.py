@@ -122,13 +122,18 @@ def runtime_defaults(spec, nproc: int, cpus: int) -> dict[str, str]:
         # store under deepspeed.init_distributed (pytorch/pytorch#135712).
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         ALLOCATOR_ENV: ALLOCATOR_DEFAULT,
+        # torchrun gives its ranks this long after forwarding SIGTERM before it SIGKILLs them
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(spec.cluster.termination_grace_seconds - SHUTDOWN_MARGIN_S),
     }
-    # torchrun gives its ranks this long after forwarding SIGTERM before it SIGKILLs them
-    defaults["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(spec.cluster.termination_grace_seconds - SHUTDOWN_MARGIN_S)
     if spec.deepspeed.offload_optimizer == "cpu":
-        # torchrun's default of 1 thread per process would run CPU Adam on one core per rank
-        defaults["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))
+        defaults["OMP_NUM_THREADS"] = str(cpu_adam_threads(cpus, nproc))
     return defaults
+
+
+def cpu_adam_threads(cpus: int, nproc: int) -> int:
+    """OpenMP threads per rank for DeepSpeed's CPU Adam: torchrun's default of 1 would run it on
+    one core per rank."""
+    return max(1, cpus // nproc)
 
 
 def launch(spec_path: str, env: Mapping[str, str] | None = None) -> None:

@@ -173,7 +173,7 @@ def tiny_frozen_encoders(seed: int = TINY_SEED) -> tuple[Any, Any]:
 def tiny_encoders(device: str = "cpu", *, vision: bool = True, target_width: int = TINY_TARGET_WIDTH,
                   seed: int = TINY_SEED) -> Encoders:
     """Seeded random tiny encoders (tests, the demo): the same code paths at CPU speed."""
-    from janus_job.tiny import tiny_image_processor, tiny_qwen_config
+    from janus_job.tiny import tiny_image_processor
 
     aggregator, visual = tiny_frozen_encoders(seed)
     config = aggregator.config
@@ -189,12 +189,11 @@ def tiny_encoders(device: str = "cpu", *, vision: bool = True, target_width: int
         ),
     )
     if vision:
-        vision_config = tiny_qwen_config().vision_config
         visual = visual.to(device).eval()
         processor = tiny_image_processor(max_pixels=4096 * 28 * 28)
         encoders.vision = _vision_fn(visual, processor, device, config.patch_size, 2)
         encoders.vision_fingerprint = vision_fingerprint(
-            frozen_visual_digest(visual.state_dict()), vision_config, processor, target_width, _compute_mode(device)
+            frozen_visual_digest(visual.state_dict()), visual.config, processor, target_width, _compute_mode(device)
         )
     return encoders
 

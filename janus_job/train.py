@@ -737,21 +737,23 @@ class Trainer:
                 interval = Interval()
             saved = checkpoints.should_save(self.step)
             if saved:
-                checkpoints.save(self.engine, self.step, self.client_state(),
-                                 lr_scheduler=self.engine.lr_scheduler)
+                self._save(checkpoints)
             if self.step < self.total_steps and stop.agreed(self.device):
                 self._stop(checkpoints, saved)
         checkpoints.wait()
         self._finish(metrics)
 
+    def _save(self, checkpoints: Any) -> None:
+        checkpoints.save(self.engine, self.step, self.client_state(), lr_scheduler=self.engine.lr_scheduler)
+
     def _stop(self, checkpoints: Any, saved: bool) -> None:
         """SIGTERM on some rank: checkpoint this step everywhere, then exit for a restart."""
-        from janus_job.stop import EXIT_CODE
-
         import torch.distributed as dist
 
+        from janus_job.stop import EXIT_CODE
+
         if not saved:
-            checkpoints.save(self.engine, self.step, self.client_state(), lr_scheduler=self.engine.lr_scheduler)
+            self._save(checkpoints)
         checkpoints.wait()
         # rank 0's wait ends with COMPLETE written; a rank leaving earlier makes its node's torchrun
         # stop the other local ranks, rank 0 among them
