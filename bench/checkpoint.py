@@ -5,7 +5,7 @@
 
 Starts one `torchrun` process group. Every rank builds JanusVLN at Qwen2.5-VL-7B shape (random
 weights, bf16, directly on its GPU; the frozen vision blocks are not checkpointed) and the
-DeepSpeed engine from the config `janus_job.deepspeed` renders for the spec defaults (ZeRO-2,
+DeepSpeed engine from the config `janus_job.config.deepspeed` renders for the spec defaults (ZeRO-2,
 bf16, AdamW). One optimizer step on a cheap surrogate loss (every trainable parameter gets a
 gradient, no forward pass) fills the Adam moments, then:
 
@@ -97,9 +97,11 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from janus_job.checkpoint import CheckpointManager
-    from janus_job.deepspeed import render_deepspeed_config
-    from janus_job.model import model_from_config, param_groups, qwen25_vl_7b_config
+    from janus_job.config.deepspeed import render_deepspeed_config
+    from janus_job.models.janusvln.build import model_from_config
+    from janus_job.models.janusvln.model import qwen25_vl_7b_config
+    from janus_job.train.checkpoint import CheckpointManager
+    from janus_job.train.engine import param_groups
 
     cuda = torch.cuda.is_available() and not args.tiny
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -115,7 +117,7 @@ def worker(args) -> None:
     if args.tiny or args.optimizer == "torch":
         config.pop("optimizer", None)  # torch AdamW: no DeepSpeed op to compile (CPU Adam / FusedAdam)
     if args.tiny:
-        from janus_job.tiny import tiny_qwen_config
+        from janus_job.demo.tiny import tiny_qwen_config
 
         qwen = tiny_qwen_config()
         config["bf16"] = {"enabled": False}

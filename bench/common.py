@@ -136,7 +136,7 @@ def default_job_spec(name: str, world_size: int, *, tiny: bool = False, override
     ("unchecked_fit", True), the spec is validated at 8 GPUs (where the memory-fit check, an upper
     bound for max_pixels images, runs) and then moved to `world_size`.
     """
-    from janus_job.spec import validate_spec
+    from janus_job.config.load import validate_spec
 
     unchecked = tiny or world_size < 8 or ("unchecked_fit", True) in overrides
     data = {

@@ -2,7 +2,7 @@
 
 One process per GPU writes its stats with `RankStatsWriter`; rank `--heavy-rank` allocates
 `--extra-gib` more than the others. The sidecar runs as its own process (`python -m
-janus_job.monitor`) on the stats directory. The bench then checks:
+janus_job.monitor.sidecar`) on the stats directory. The bench then checks:
 
 - `/metrics` answers before any rank has written, with janus_monitor_ranks_reporting 0;
 - every GPU's janus_gpu_memory_used_bytes / _total_bytes agree with
@@ -45,7 +45,7 @@ TINY_TOTAL_BYTES = 1 * GIB
 def _worker(rank: int, args: argparse.Namespace, stats_dir: str, ready, stop) -> None:
     import torch
 
-    from janus_job.gpustats import GpuMemory, RankStatsWriter
+    from janus_job.monitor.gpustats import GpuMemory, RankStatsWriter
 
     held = []
     gib = args.base_gib + (args.extra_gib if rank == args.heavy_rank else 0.0)
@@ -88,7 +88,7 @@ def _start_sidecar(args: argparse.Namespace, stats_dir: str) -> tuple[subprocess
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "janus_job.monitor",
+            sys.executable, "-m", "janus_job.monitor.sidecar",
             "--stats-dir", stats_dir,
             "--port", "0",
             "--host", "127.0.0.1",

@@ -2,8 +2,8 @@
 
 What one training sample costs the data path with cached features (features.mode precomputed):
 one spatial object (34x46x2048 bf16 = 6.4 MB) and one vision object per frame (1564x1280 bf16 =
-4.0 MB, 9 frames), each fetched, checksum-verified and decoded by janus_job.store, then tokenised
-and assembled by janus_job.data.JanusDataset. Samples are read in random order, like a shuffled
+4.0 MB, 9 frames), each fetched, checksum-verified and decoded by janus_job.features.store, then tokenised
+and assembled by janus_job.data.dataset.JanusDataset. Samples are read in random order, like a shuffled
 epoch, so with the node cache off every read goes to the store.
 
 Workers are separate processes (like DataLoader workers); the table shows samples/s and MB/s for
@@ -57,7 +57,7 @@ def start_moto() -> tuple[str, object]:
 
 def synthetic_samples(count: int):
     """Trajectory-like samples: sample i's current frame is new, its history the 8 before it."""
-    from janus_job.annotations import Sample
+    from janus_job.data.annotations import Sample
 
     samples = []
     for i in range(count):
@@ -69,7 +69,7 @@ def synthetic_samples(count: int):
 
 
 def fingerprints():
-    from janus_job.store import Fingerprint
+    from janus_job.features.store import Fingerprint
 
     return [Fingerprint("spatial", {"bench": "loader"}), Fingerprint("vision", {"bench": "loader"})]
 
@@ -84,7 +84,7 @@ def fill_store(args, samples) -> dict:
     """Writes one spatial object per sample and one vision object per frame (skips existing)."""
     import torch
 
-    from janus_job.store import FeatureStore
+    from janus_job.features.store import FeatureStore
 
     store = FeatureStore(args.store, endpoint_url=args.endpoint)
     store.check_reachable()
@@ -111,9 +111,9 @@ def fill_store(args, samples) -> dict:
 
 def worker_main(args, samples, worker: int, ready, go, queue) -> None:
     """One loader worker: random samples through the real dataset path until the deadline."""
-    from janus_job.data import JanusDataset
-    from janus_job.store import FeatureStore, StoreFeatureSource
-    from janus_job.tiny import tiny_processor
+    from janus_job.data.dataset import JanusDataset
+    from janus_job.demo.tiny import tiny_processor
+    from janus_job.features.store import FeatureStore, StoreFeatureSource
 
     store = FeatureStore(args.store, endpoint_url=args.endpoint, cache_dir=args.cache_dir,
                          cache_size_gib=args.cache_gib)

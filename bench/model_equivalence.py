@@ -60,7 +60,7 @@ def write_frames(folder: str, count: int, size, seed: int = 0) -> list[str]:
 
 
 def make_samples(folder: str, image_counts: list[int], size):
-    from janus_job.annotations import Sample
+    from janus_job.data.annotations import Sample
 
     names = write_frames(folder, max(image_counts) + len(image_counts), size)
     samples = []
@@ -77,9 +77,10 @@ def make_samples(folder: str, image_counts: list[int], size):
 def build(tiny: bool, device, attn: str):
     import torch
 
-    from janus_job import model as janus_model
-    from janus_job import tiny as tiny_parts
-    from janus_job.vggt import VGGTAggregatorConfig
+    from janus_job.demo import tiny as tiny_parts
+    from janus_job.models.janusvln.build import build_model
+    from janus_job.models.janusvln.model import qwen25_vl_7b_config
+    from janus_job.models.vggt import VGGTAggregatorConfig
 
     processor = tiny_parts.tiny_processor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
     tokenizer = processor.tokenizer
@@ -88,7 +89,7 @@ def build(tiny: bool, device, attn: str):
         vggt_config = VGGTAggregatorConfig.tiny()
         dtype = torch.float32
     else:
-        config = janus_model.qwen25_vl_7b_config()
+        config = qwen25_vl_7b_config()
         # the real Qwen tokenizer is not offline here: the tiny tokenizer's ids stand in for
         # Qwen's special tokens (the LM head and embeddings keep the full 152064 vocabulary)
         for attr, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -99,7 +100,7 @@ def build(tiny: bool, device, attn: str):
         dtype = torch.bfloat16
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = janus_model.build_model(config, vggt_config, dtype=dtype, device=device,
+    model = build_model(config, vggt_config, dtype=dtype, device=device,
                                     attn_implementation=attn, vggt_dtype=torch.float32)
     model.eval()
     if tiny:  # random tiny weights are nearly blind to their inputs: sharpen them
@@ -149,7 +150,8 @@ def main() -> int:
 
     import torch
 
-    from janus_job import data, tiny as tiny_parts
+    from janus_job.data import dataset as data
+    from janus_job.demo import tiny as tiny_parts
 
     counts = [int(c) for c in args.images.split(",")]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
@@ -160,7 +162,7 @@ def main() -> int:
     model, processor, dtype, build_s = build(args.tiny, device, args.attn)
     with tempfile.TemporaryDirectory(prefix="janus-eq-") as folder:
         samples = make_samples(folder, counts, size)
-        width = target_width or __import__("janus_job.frames", fromlist=["x"]).VGGT_TARGET_WIDTH
+        width = target_width or __import__("janus_job.data.frames", fromlist=["x"]).VGGT_TARGET_WIDTH
         start = time.perf_counter()
         features = tiny_parts.MemoryFeatureSource.computed(model, samples, width, processor.image_processor,
                                                            dtype=None if args.tiny else torch.bfloat16)

@@ -25,9 +25,16 @@ import io
 import sys
 import time
 
-from vggt_reference_check import (OFFICIAL_SOURCE_SIZE, TINY_TARGET_WIDTH, build_reference,
-                                  device_name, import_reference, sample_frames, synthetic_frame,
-                                  write_json)
+from vggt_reference_check import (
+    OFFICIAL_SOURCE_SIZE,
+    TINY_TARGET_WIDTH,
+    build_reference,
+    device_name,
+    import_reference,
+    sample_frames,
+    synthetic_frame,
+    write_json,
+)
 
 GOAL_SAMPLES_PER_S = 2.5
 
@@ -68,7 +75,7 @@ def preprocess_rate(seconds: float = 2.0) -> dict:
     """Decode a 640x480 JPEG and preprocess it, on one core: frames/s."""
     from PIL import Image
 
-    from janus_job.frames import load_frame, preprocess_for_vggt
+    from janus_job.data.frames import load_frame, preprocess_for_vggt
 
     buf = io.BytesIO()
     Image.fromarray(synthetic_frame(7)).save(buf, format="JPEG", quality=90)
@@ -83,7 +90,7 @@ def preprocess_rate(seconds: float = 2.0) -> dict:
 def main() -> int:
     import torch
 
-    from janus_job.vggt import FrameCausalAggregator, VGGTAggregatorConfig, spatial_features
+    from janus_job.models.vggt import FrameCausalAggregator, VGGTAggregatorConfig, spatial_features
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -44,7 +44,8 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import common  # noqa: E402  (bench/common.py)
-from janus_job.launch import ALLOCATOR_DEFAULT, cpu_adam_threads  # noqa: E402
+
+from janus_job.deploy.launch import ALLOCATOR_DEFAULT, cpu_adam_threads  # noqa: E402
 
 PHASES = ("data_wait", "vggt", "vision_tower", "llm_forward", "forward_other", "backward", "optimizer_step")
 SOURCE_SIZE = (640, 480)  # R2R/RxR frames (width, height)
@@ -81,7 +82,7 @@ class Setup:
     write_through: bool = False  # plan B: store every computed feature (1 epoch = all misses)
     vggt_mode: str = "streaming"  # online VGGT: "streaming" (one call per frame) | "batched" (per sample)
     vggt_registered: bool = False  # online VGGT inside the module tree (ZeRO-3 partitions it)
-    lean_activations: bool = False  # janus_job.lean MLP/RMSNorm (the product's model); False = transformers'
+    lean_activations: bool = False  # janus_job.models.janusvln.lean MLP/RMSNorm (the product's model); False = transformers'
     allocator_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the ranks ("" = torch's default allocator)
     spec_overrides: tuple = ()  # (dotted spec path, value) pairs for the spec-based configs
 
@@ -94,7 +95,7 @@ OFFICIAL = Setup(
 
 
 def janus_setup(world_size: int, tiny: bool = False, overrides: tuple = (), description: str = "") -> Setup:
-    """The spec defaults janus-train ships (as `janus_job.spec` defines them), plus `overrides`."""
+    """The spec defaults janus-train ships (as `janus_job.config.spec` defines them), plus `overrides`."""
     spec = janus_spec(world_size, tiny, overrides)
     t, d = spec.training, spec.data
     return Setup(
@@ -103,8 +104,8 @@ def janus_setup(world_size: int, tiny: bool = False, overrides: tuple = (), desc
         spec_overrides=overrides,
         spatial="cached" if spec.features.mode == "precomputed" else "online",
         vggt_mode="batched",  # the model's default, what the trainer runs online
-        vggt_registered=spec.deepspeed.zero_stage < 3,  # as janus_job.train attaches it
-        lean_activations=True,  # janus_job.train builds the model with it
+        vggt_registered=spec.deepspeed.zero_stage < 3,  # as janus_job.train.trainer attaches it
+        lean_activations=True,  # janus_job.train.trainer builds the model with it
         allocator_conf=ALLOCATOR_DEFAULT,  # janus-job launch sets it for the trainer
         vision="cached" if spec.features.cache_vision else "online",
         sampler="balanced" if t.balanced_sampler else "length_grouped",
@@ -141,7 +142,7 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
         "janus_zero3": janus((("deepspeed.zero_stage", 3),), "janus defaults at ZeRO-3"),
         "janus_zero2": janus((("deepspeed.zero_stage", 2),), "janus defaults at ZeRO-2 (gradients reduce-scattered "
                              "at every micro-step; the default before ZeRO-1)"),
-        "janus_stock_layers": janus_with("janus defaults with transformers' own MLP and RMSNorm (no janus_job.lean)",
+        "janus_stock_layers": janus_with("janus defaults with transformers' own MLP and RMSNorm (no janus_job.models.janusvln.lean)",
                                          lean_activations=False),
         "janus_default_allocator": janus_with("janus defaults with torch's default CUDA allocator settings "
                                               "(no expandable segments)", allocator_conf=""),
@@ -276,9 +277,9 @@ class TokenIds:
 
 
 class SyntheticDataset:
-    """Items in `janus_job.data.JanusDataset`'s format for `JanusCollator`.
+    """Items in `janus_job.data.dataset.JanusDataset`'s format for `JanusCollator`.
 
-    Online encoders: frames are really decoded (PIL or cv2) and preprocessed with janus_job.frames;
+    Online encoders: frames are really decoded (PIL or cv2) and preprocessed with janus_job.data.frames;
     pixel values come from Qwen's image processor. Cached features: bf16 tensors from an in-memory
     pool, copied per item like a store read (the store path's own speed is bench/loader.py's job).
     """
@@ -338,7 +339,7 @@ class SyntheticDataset:
     def _decode(self, index: int):
         import numpy as np
 
-        from janus_job import frames
+        from janus_job.data import frames
 
         data = self.jpegs[index]
         if self.decoder == "cv2":
@@ -358,7 +359,7 @@ class SyntheticDataset:
     def __getitem__(self, index: int) -> dict:
         import torch
 
-        from janus_job import frames
+        from janus_job.data import frames
 
         sample = self.samples[index]
         rng = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
@@ -401,7 +402,7 @@ class SyntheticDataset:
     @property
     def processor(self):
         if self._processor is None:
-            from janus_job.tiny import tiny_image_processor
+            from janus_job.demo.tiny import tiny_image_processor
 
             pixels = self.geometry.qwen_height * self.geometry.qwen_width
             self._processor = tiny_image_processor(min_pixels=pixels, max_pixels=pixels)
@@ -541,7 +542,7 @@ def _build_optimizer_ops(config: dict, skip: bool) -> dict:
 
 def _ds_config(setup: Setup, hidden: int, world: int, tiny: bool) -> dict:
     if setup.deepspeed == "spec":
-        from janus_job.deepspeed import render_deepspeed_config
+        from janus_job.config.deepspeed import render_deepspeed_config
 
         return render_deepspeed_config(janus_spec(world, tiny, setup.spec_overrides), world)
     if setup.deepspeed == "zero2_offload":
@@ -554,9 +555,12 @@ def worker(args: argparse.Namespace) -> None:
 
     import torch
 
-    from janus_job import frames
-    from janus_job.model import model_from_config, param_groups, qwen25_vl_7b_config
-    from janus_job.train import BatchWork, ParamCounts, init_distributed, model_flops, to_device
+    from janus_job.data import frames
+    from janus_job.models.janusvln.build import model_from_config
+    from janus_job.models.janusvln.model import qwen25_vl_7b_config
+    from janus_job.train.distributed import init_distributed
+    from janus_job.train.engine import param_groups, to_device
+    from janus_job.train.metrics import BatchWork, ParamCounts, model_flops
 
     folder = Path(args.run_dir)
     ranks, device = init_distributed()
@@ -579,12 +583,12 @@ def worker(args: argparse.Namespace) -> None:
     # -- model (random weights, built on the device) --
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.tiny:
-        from janus_job.tiny import tiny_qwen_config, tiny_tokenizer, tiny_vggt_config
+        from janus_job.demo.tiny import tiny_qwen_config, tiny_tokenizer, tiny_vggt_config
 
         qwen_config, vggt_config = tiny_qwen_config(tiny_tokenizer()), tiny_vggt_config()
         source_size, target_width = TINY_SOURCE_SIZE, TINY_TARGET_WIDTH
     else:
-        from janus_job.vggt import VGGTAggregatorConfig
+        from janus_job.models.vggt import VGGTAggregatorConfig
 
         qwen_config, vggt_config = qwen25_vl_7b_config(), VGGTAggregatorConfig()
         source_size, target_width = SOURCE_SIZE, setup.target_width
@@ -639,8 +643,8 @@ def worker(args: argparse.Namespace) -> None:
     global_batch = micro * accumulation * world
 
     # -- data --
-    from janus_job.data import JanusCollator
-    from janus_job.sampler import BalancedBatchSampler, LengthGroupedBatchSampler, load_ratios
+    from janus_job.data.dataset import JanusCollator
+    from janus_job.data.sampler import BalancedBatchSampler, LengthGroupedBatchSampler, load_ratios
 
     total_steps = args.warmup + args.steps + args.profile_steps
     samples = synthetic_samples(global_batch * total_steps, seed=args.seed)

@@ -7,13 +7,13 @@ appears with a plausible MFU. Everything runs through the real product path, eac
 process with a time limit (a hang fails that stage by name):
 
 1. `checkpoints`: a random-weight Qwen2.5-VL-7B directory (built on the GPU in bf16, saved as
-   safetensors, with janus_job.tiny's offline tokenizer and image processor: the real Qwen
+   safetensors, with janus_job.demo.tiny's offline tokenizer and image processor: the real Qwen
    tokenizer is not available, so the config's special-token ids are those of that tokenizer) and
    a seeded random VGGT-1B aggregator `model.safetensors` (`aggregator.*` keys);
 2. `dataset`: two synthetic trajectories of 640x480 frames in JanusVLN's annotation format
-   (janus_job.demo's synthesiser; 24 samples with 1..9 frames);
+   (janus_job.demo.run's synthesiser; 24 samples with 1..9 frames);
 3. `precompute`: `python -m janus_job.cli precompute` fills a file:// store (spatial + vision);
-4. `train-precomputed`, `train-online`: `torchrun --nproc-per-node N -m janus_job.train` on two
+4. `train-precomputed`, `train-online`: `torchrun --nproc-per-node N -m janus_job.train.trainer` on two
    job specs that differ only in `features.mode` and `features.cache_vision` (which the spec
    requires false in online mode) (same seed, checkpoints, data; ZeRO-2, torch fused AdamW, bf16,
    log_interval 1, JANUS_METRICS_FILE);
@@ -39,10 +39,10 @@ upper bound.
 
 `--tiny` runs the same stages on CPU (gloo) with the demo's tiny checkpoints, fp32. Two tiny-only
 differences, both because the product has no setting for the VGGT architecture (it assumes
-VGGT-1B): precompute runs `janus_job.precompute.load_encoders` / `run_worker` / `finalize` (what
+VGGT-1B): precompute runs `janus_job.features.encoders.load_encoders` / `run_worker` / `finalize` (what
 `run_pod` runs) with the tiny VGGT config, and the trainer ranks start through this file's
-`_train` entry, which gives `janus_job.model`'s checkpoint loader the tiny config and then calls
-`janus_job.train.main`. Full size runs `janus_job.train` itself.
+`_train` entry, which gives `janus_job.models.janusvln.model`'s checkpoint loader the tiny config and then calls
+`janus_job.train.trainer.main`. Full size runs `janus_job.train.trainer` itself.
 
     python3 bench/train_full.py --gpus 2                  # device: 2 x H200, < 6 minutes
     python3 bench/train_full.py --gpus 2 --zero-stage 3   # device: 2 x H100
@@ -106,7 +106,7 @@ def make_checkpoints(workdir: Path, tiny: bool) -> dict:
     started = time.perf_counter()
     models = workdir / "models"
     if tiny:
-        from janus_job.demo import write_tiny_models
+        from janus_job.demo.run import write_tiny_models
 
         qwen_dir, vggt_path = write_tiny_models(models)
         return {"qwen": str(qwen_dir), "vggt": str(vggt_path), "card": "cpu", "gpu_memory_gib": None,
@@ -115,9 +115,10 @@ def make_checkpoints(workdir: Path, tiny: bool) -> dict:
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from janus_job.model import _default_dtype, qwen25_vl_7b_config
-    from janus_job.tiny import QWEN_SPECIAL_TOKENS, tiny_image_processor, tiny_tokenizer
-    from janus_job.vggt import FrameCausalAggregator, VGGTAggregatorConfig
+    from janus_job.demo.tiny import QWEN_SPECIAL_TOKENS, tiny_image_processor, tiny_tokenizer
+    from janus_job.models.janusvln.build import _default_dtype
+    from janus_job.models.janusvln.model import qwen25_vl_7b_config
+    from janus_job.models.vggt import FrameCausalAggregator, VGGTAggregatorConfig
 
     if not torch.cuda.is_available():
         raise SystemExit("checkpoints: full size builds the 7B model on the GPU and none is visible (use --tiny)")
@@ -162,9 +163,10 @@ def make_checkpoints(workdir: Path, tiny: bool) -> dict:
 
 def precompute_tiny(spec_path: str) -> None:
     """What `janus-job precompute` (run_pod, one in-process worker) runs, with the tiny VGGT config."""
-    from janus_job.precompute import finalize, load_encoders, run_worker
-    from janus_job.spec import load_spec
-    from janus_job.vggt import VGGTAggregatorConfig
+    from janus_job.config.load import load_spec
+    from janus_job.features.encoders import load_encoders
+    from janus_job.features.precompute import finalize, run_worker
+    from janus_job.models.vggt import VGGTAggregatorConfig
 
     spec = load_spec(spec_path)
     encoders = load_encoders(spec, "cpu", vggt_config=VGGTAggregatorConfig.tiny())
@@ -175,14 +177,14 @@ def precompute_tiny(spec_path: str) -> None:
 
 def train_tiny(spec_path: str) -> None:
     """One trainer rank whose VGGT checkpoints load with the tiny architecture (see the docstring)."""
-    import janus_job.model
-    from janus_job.train import main as train_main
-    from janus_job.vggt import VGGTAggregatorConfig, load_aggregator
+    import janus_job.models.janusvln.build
+    from janus_job.models.vggt import VGGTAggregatorConfig, load_aggregator
+    from janus_job.train.trainer import main as train_main
 
     def load_tiny(path: str, config: Any = None, **kwargs: Any) -> Any:
         return load_aggregator(path, config or VGGTAggregatorConfig.tiny(), **kwargs)
 
-    janus_job.model.load_aggregator = load_tiny
+    janus_job.models.janusvln.build.load_aggregator = load_tiny
     train_main(["--spec", spec_path])
 
 
@@ -267,16 +269,16 @@ def child_env(workdir: Path) -> dict:
 
 
 def make_dataset(root: Path, tiny: bool) -> Path:
-    """janus_job.demo's synthesiser at JanusVLN's frame size."""
-    from janus_job import demo
+    """janus_job.demo.run's synthesiser at JanusVLN's frame size."""
+    from janus_job.demo import run as demo
 
     return demo.synthesize_dataset(root, episodes=EPISODES, frame_size=FRAME_SIZE,
                                    steps=TINY_STEPS_PER_EPISODE if tiny else STEPS_PER_EPISODE)
 
 
 def job_spec(workdir: Path, annotations: Path, models: dict, args: argparse.Namespace, mode: str) -> dict:
-    """The demo's spec (janus_job.demo.demo_spec), sized for this check; only features.mode varies."""
-    from janus_job.demo import demo_spec
+    """The demo's spec (janus_job.demo.run.demo_spec), sized for this check; only features.mode varies."""
+    from janus_job.demo.run import demo_spec
 
     gpu = not args.tiny
     spec = demo_spec(workdir, annotations, Path(models["qwen"]), Path(models["vggt"]), steps=args.steps, gpu=gpu,
@@ -314,8 +316,9 @@ def write_spec(path: Path, spec: dict) -> None:
 
 def fit_estimates(spec_paths: dict[str, Path]) -> dict:
     """The spec's own memory estimate per mode (validating the specs: a refusal fails here)."""
+    from janus_job.config.load import load_spec
+    from janus_job.config.memory import estimate_gpu_memory
     from janus_job.errors import JobError
-    from janus_job.spec import estimate_gpu_memory, load_spec
 
     out = {}
     for mode, path in spec_paths.items():
@@ -451,7 +454,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
             if args.tiny:
                 command += [me, "_train", "--spec", str(spec_paths[mode])]
             else:
-                command += ["-m", "janus_job.train", "--spec", str(spec_paths[mode])]
+                command += ["-m", "janus_job.train.trainer", "--spec", str(spec_paths[mode])]
             lines, wall = run_stage(stage, command, run_env, limit(stage), workdir / "logs")
             report["stages_s"][stage] = wall
             run = summarise_run(mode, lines, wall, read_metrics(metrics, args.gpus))

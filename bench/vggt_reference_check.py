@@ -129,7 +129,7 @@ def sample_frames(num_frames: int, target_width: int, seed: int = 0):
     """``(S, 3, H, W)`` preprocessed frames of one synthetic sample."""
     import torch
 
-    from janus_job.frames import preprocess_for_vggt
+    from janus_job.data.frames import preprocess_for_vggt
 
     return torch.stack([preprocess_for_vggt(synthetic_frame(seed * 1000 + j), target_width)
                         for j in range(num_frames)])
@@ -181,7 +181,7 @@ def reference_stream(ref, frames, autocast_dtype):
 def ours(model, frames, mode, autocast_dtype):
     import torch
 
-    from janus_job.vggt import spatial_features
+    from janus_job.models.vggt import spatial_features
 
     with torch.autocast(frames.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
@@ -196,7 +196,7 @@ def check_preprocessing(ref_pkg, tiny: bool) -> dict:
     import torch
     from PIL import Image
 
-    from janus_job.frames import load_frame, preprocess_for_vggt
+    from janus_job.data.frames import load_frame, preprocess_for_vggt
 
     try:
         load_fn = importlib.import_module("qwen_vl.model.vggt.utils.load_fn")
@@ -225,8 +225,8 @@ def main() -> int:
 
     import torch
 
-    from janus_job.frames import frame_geometry
-    from janus_job.vggt import FrameCausalAggregator, VGGTAggregatorConfig
+    from janus_job.data.frames import frame_geometry
+    from janus_job.models.vggt import FrameCausalAggregator, VGGTAggregatorConfig
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,7 @@
 """A small DeepSpeed training run under torchrun, driven by the checkpoint tests.
 
 Tiny MLP (a frozen input layer, dropout), real DeepSpeed ZeRO (gloo, CPU), torch AdamW, a
-warmup+decay LR schedule, janus_job.sampler.BalancedBatchSampler and janus_job.checkpoint. Rank 0
+warmup+decay LR schedule, janus_job.data.sampler.BalancedBatchSampler and janus_job.train.checkpoint. Rank 0
 appends one JSON line per optimizer step to --step-log: the attempt (torchrun restart count), step, the
 sample ids every rank actually trained (gathered), the global mean loss and the lr.
 
@@ -16,9 +16,9 @@ checkpoint (the "uninterrupted run at the new size from the same state").
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
-import faulthandler
 import signal
 import sys
 
@@ -162,8 +162,8 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from janus_job.checkpoint import CheckpointManager
-    from janus_job.sampler import BalancedBatchSampler
+    from janus_job.data.sampler import BalancedBatchSampler
+    from janus_job.train.checkpoint import CheckpointManager
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = parse_args()
@@ -278,13 +278,13 @@ if __name__ == "__main__":
     main()
 
 
-# ---------------------------------------------------------------- the real trainer (janus_job.train)
+# ---------------------------------------------------------------- the real trainer (janus_job.train.trainer)
 
 def trainer_job(root, *, steps: int, interval: int, keep: int = 3):
     """The demo's tiny job (synthetic data, tiny models, precomputed features) on 2 CPU ranks."""
     import yaml
 
-    from janus_job.demo import precompute_features, prepare_job
+    from janus_job.demo.run import precompute_features, prepare_job
 
     spec_path = prepare_job(root, steps=steps, gpu=False)
     precompute_features(spec_path)
@@ -311,7 +311,7 @@ def trainer_command(nproc: int, spec_path, max_restarts: int = 0) -> list[str]:
 
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "trainer-test",
-            "--max-restarts", str(max_restarts), "--module", "janus_job.train", "--spec", str(spec_path)]
+            "--max-restarts", str(max_restarts), "--module", "janus_job.train.trainer", "--spec", str(spec_path)]
 
 
 def trainer_env(trace_template, staging) -> dict:

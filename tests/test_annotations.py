@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from janus_job.annotations import (
+from janus_job.data.annotations import (
     NAVIGATION_PROMPT,
     action_from_frame_name,
     build_scalevln,

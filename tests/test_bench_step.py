@@ -53,8 +53,8 @@ def test_synthetic_samples_follow_the_history_frame_rule():
 
 
 def test_synthetic_item_matches_the_batch_contract():
-    from janus_job import frames
-    from janus_job.data import JanusCollator
+    from janus_job.data import frames
+    from janus_job.data.dataset import JanusCollator
 
     geometry = frames.frame_geometry(640, 480)
     assert geometry.tokens_per_image == 391 and geometry.spatial_grid == (34, 46)
@@ -107,7 +107,7 @@ def test_tiny_official_and_janus_side_by_side(tmp_path):
     assert official["deepspeed_config"]["zero_optimization"]["stage3_max_reuse_distance"] == int(1e9)
     assert janus["phase_shares"]["vggt"] == 0 and janus["phase_shares"]["vision_tower"] == 0
     assert janus["sampler"] == "balanced" and janus["spatial_source"] == "cached"
-    from janus_job.deepspeed import render_deepspeed_config
+    from janus_job.config.deepspeed import render_deepspeed_config
 
     shipped = render_deepspeed_config(step.janus_spec(2, tiny=True), 2)
     assert janus["zero_stage"] == shipped["zero_optimization"]["stage"]

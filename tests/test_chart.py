@@ -10,8 +10,9 @@ import helm_python
 import pytest
 import yaml
 
-from janus_job.render import render_objects
-from janus_job.spec import chart_values_yaml, json_schema, load_spec, spec_to_values
+from janus_job.config.load import load_spec
+from janus_job.config.schema import chart_values_yaml, json_schema, spec_to_values
+from janus_job.deploy.render import render_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "janus-train"

@@ -1,7 +1,7 @@
 """`helm install -f job.yaml` and `janus-job validate` accept exactly the same files.
 
 Helm checks structure with values.schema.json and the rules between fields with
-templates/_validate.tpl; Python checks both with janus_job.spec. These tests hold the two together:
+templates/_validate.tpl; Python checks both with janus_job.config.spec. These tests hold the two together:
 every bad-spec case of test_spec.py and a seeded sweep of generated specs must get the same verdict
 from both, and where both refuse, Helm must name every field Python names."""
 
@@ -12,12 +12,14 @@ import random
 import helm_python
 import pytest
 from pydantic import ValidationError
-
-from janus_job.deepspeed import deepspeed_problems
-from janus_job.errors import JobError
-from janus_job.render import CHART_DIR
-from janus_job.spec import JobSpec, spec_problems, validate_spec
 from test_spec import BAD, MINIMAL, with_changes
+
+from janus_job.config.deepspeed import deepspeed_problems
+from janus_job.config.load import validate_spec
+from janus_job.config.rules import spec_problems
+from janus_job.config.spec import JobSpec
+from janus_job.deploy.render import CHART_DIR
+from janus_job.errors import JobError
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,7 @@ def test_good_files_pass_both(chart):
 def test_helm_memory_estimate_equals_pythons(chart, stage, offload, checkpointing, mode, vision_lr, micro, nodes):
     import re
 
-    from janus_job.spec import estimate_gpu_memory
+    from janus_job.config.memory import estimate_gpu_memory
 
     values = with_changes({"deepspeed": {"zero_stage": stage, "offload_optimizer": offload},
                            "training.gradient_checkpointing": checkpointing, "training.micro_batch_size": micro,

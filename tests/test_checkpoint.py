@@ -10,8 +10,8 @@ import json
 import fsspec
 import pytest
 
-from janus_job.checkpoint import COMPLETE, CheckpointManager, step_tag
 from janus_job.errors import JobError
+from janus_job.train.checkpoint import COMPLETE, CheckpointManager, step_tag
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -125,7 +125,7 @@ def test_checkpoint_bench_tiny_runs_and_reports(tmp_path):
 
 
 def test_resume_from_a_chosen_checkpoint_by_hand(store_url, tmp_path, capsys):
-    from janus_job.checkpoint import main
+    from janus_job.train.checkpoint import main
 
     for step in (10, 20, 30):
         _write(store_url, step, SHARDS)
@@ -147,7 +147,7 @@ def test_each_rank_fetches_its_own_optimizer_shard(bf16):
 
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from janus_job.checkpoint import _rank_of_file
+    from janus_job.train.checkpoint import _rank_of_file
 
     namer = types.SimpleNamespace(_get_zero_ckpt_prefix=lambda dp, bf16_mode: DeepSpeedEngine._get_zero_ckpt_prefix(
         None, dp, bf16_mode))

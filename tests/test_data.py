@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_job import data, frames, tiny
-from janus_job.annotations import Sample
+from janus_job.data import dataset as data
+from janus_job.data import frames
+from janus_job.data.annotations import Sample
+from janus_job.demo import tiny
 from janus_job.errors import JobError
 
 TARGET_WIDTH = 224

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from janus_job.deepspeed import render_deepspeed_config
+from janus_job.config.deepspeed import render_deepspeed_config
+from janus_job.config.load import load_spec, validate_spec
+from janus_job.config.spec import JobSpec
 from janus_job.errors import JobError
-from janus_job.spec import JobSpec, load_spec, validate_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -34,7 +34,7 @@ def test_demo_runs_end_to_end_and_prints_the_training_log_line(tmp_path):
 
 
 def test_demo_refuses_a_non_empty_workdir(tmp_path):
-    from janus_job.demo import run_demo
+    from janus_job.demo.run import run_demo
     from janus_job.errors import JobError
 
     (tmp_path / "precious.txt").write_text("keep me")

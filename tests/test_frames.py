@@ -9,10 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
+from janus_job.data.frames import (
+    crop_to_even_patch_grid,
+    frame_geometry,
+    load_frame,
+    preprocess_for_vggt,
+    qwen_image_size,
+    vggt_image_size,
+    vggt_patch_grid,
+)
 from janus_job.errors import JobError
-from janus_job.frames import (crop_to_even_patch_grid, frame_geometry, load_frame,
-                              preprocess_for_vggt, qwen_image_size, vggt_image_size,
-                              vggt_patch_grid)
 
 
 def gradient(height: int, width: int) -> np.ndarray:

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from janus_job import gpustats
-from janus_job.gpustats import (
+from janus_job.monitor import gpustats
+from janus_job.monitor.gpustats import (
     GpuMemory,
     MemoryExtremes,
     NvmlMemoryReader,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from janus_job.deploy.launch import ALLOCATOR_DEFAULT, ALLOCATOR_ENV, runtime_defaults, torchrun_arguments
 from janus_job.errors import JobError
-from janus_job.launch import ALLOCATOR_DEFAULT, ALLOCATOR_ENV, runtime_defaults, torchrun_arguments
 
 
 def args_for(env: dict, **overrides) -> list[str]:
@@ -31,7 +31,7 @@ def test_static_job_passes_the_node_rank_not_a_process_rank():
     assert option(args, "--master-port") == "23456"
     assert option(args, "--max-restarts") == "0"
     assert "--rdzv-endpoint" not in args
-    assert args[-4:] == ["--module", "janus_job.train", "--spec", "/etc/janus/job.yaml"]
+    assert args[-4:] == ["--module", "janus_job.train.trainer", "--spec", "/etc/janus/job.yaml"]
 
 
 def test_older_operator_without_pet_variables_uses_pod_rank_and_world_size():
@@ -119,7 +119,7 @@ def test_two_nodes_started_like_the_pytorchjob_train_together(tmp_path):
     import sys
     from pathlib import Path
 
-    from janus_job.demo import precompute_features, prepare_job
+    from janus_job.demo.run import precompute_features, prepare_job
 
     spec = prepare_job(tmp_path, steps=3, gpu=False, nodes=2, micro_batch_size=1, global_batch_size=4)
     precompute_features(spec)

@@ -1,4 +1,4 @@
-"""janus_job.lean: same values as transformers' MLP and RMSNorm, less kept for backward."""
+"""janus_job.models.janusvln.lean: same values as transformers' MLP and RMSNorm, less kept for backward."""
 
 import copy
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
-from janus_job.lean import make_activation_lean
-from janus_job.model import model_from_config
-from janus_job.tiny import tiny_qwen_config
+from janus_job.demo.tiny import tiny_qwen_config
+from janus_job.models.janusvln.build import model_from_config
+from janus_job.models.janusvln.lean import make_activation_lean
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -106,7 +106,7 @@ def test_lean_janus_model_equals_stock(dtype):
     layers = cfg.text_config.num_hidden_layers
     assert make_activation_lean(lean.model.language_model) == 3 * layers + 1  # + the final norm
     built = model_from_config(cfg, None, dtype=dtype)  # the default switches the language model only
-    assert sum(m.forward.__func__.__module__ == "janus_job.lean" for m in built.modules()
+    assert sum(m.forward.__func__.__module__ == "janus_job.models.janusvln.lean" for m in built.modules()
                if "forward" in m.__dict__) == 3 * layers + 1
     ids = torch.randint(20, 200, (2, 24))
     labels = ids.clone()

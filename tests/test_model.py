@@ -10,9 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_job import data, model as janus_model, tiny
-from janus_job.annotations import Sample
+from janus_job.data import dataset as data
+from janus_job.data.annotations import Sample
+from janus_job.demo import tiny
 from janus_job.errors import JobError
+from janus_job.models.janusvln import build, export
+from janus_job.models.janusvln import model as janus_model
+from janus_job.train import engine
 
 TARGET_WIDTH = 224  # 160x120 frames -> 168x224 -> 12x16 patches: 6x8 merge units, 2x2 windows
 
@@ -39,7 +43,7 @@ def world(tmp_path_factory):
     _frames(root, 6)
     torch.manual_seed(0)
     processor = tiny.tiny_processor()
-    model = janus_model.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
+    model = build.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
                                           tiny.tiny_vggt_config(), dtype=torch.float32)
     model.eval()
     with torch.no_grad():  # random init is nearly blind to its inputs (loss ~ ln V): sharpen it
@@ -181,10 +185,10 @@ def test_gradient_checkpointing_keeps_the_loss(world):
     processor = world["processor"]
     torch.manual_seed(3)
     channels = world["model"].merger.context_dim
-    plain = janus_model.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
+    plain = build.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
                                           spatial_channels=channels)
     torch.manual_seed(3)
-    ckpt = janus_model.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
+    ckpt = build.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
                                          gradient_checkpointing=True, spatial_channels=channels)
     batch = _batch(world, "cached", "cached", [1])
     plain.train(), ckpt.train()
@@ -197,7 +201,7 @@ def test_gradient_checkpointing_keeps_the_loss(world):
 
 
 def test_param_groups_follow_janusvln(world):
-    groups = janus_model.param_groups(world["model"], lr=2e-5, merger_lr=1e-5, vision_lr=1e-6,
+    groups = engine.param_groups(world["model"], lr=2e-5, merger_lr=1e-5, vision_lr=1e-6,
                                       weight_decay=0.01)
     by_name = {g["name"]: g for g in groups}
     assert by_name["llm"]["lr"] == 2e-5 and by_name["merger"]["lr"] == 1e-5
@@ -211,7 +215,7 @@ def test_param_groups_follow_janusvln(world):
 
 def test_online_spatial_needs_an_aggregator(world):
     processor = world["processor"]
-    bare = janus_model.model_from_config(tiny.tiny_qwen_config(processor.tokenizer))
+    bare = build.model_from_config(tiny.tiny_qwen_config(processor.tokenizer))
     with pytest.raises(JobError, match="no VGGT aggregator"):
         bare(**_batch(world, "online", "cached", [0]))
 
@@ -222,7 +226,7 @@ def test_export_has_janusvln_key_layout(world, tmp_path):
 
     model = world["model"]
     out = tmp_path / "export"
-    keys = janus_model.export_janusvln_checkpoint(model, str(out), tokenizer=world["processor"].tokenizer)
+    keys = export.export_janusvln_checkpoint(model, str(out), tokenizer=world["processor"].tokenizer)
     assert "merger.ln_q.weight" in keys and "merger.mlp.0.weight" in keys and "merger.mlp.2.bias" in keys
     assert "visual.merger.ln_q.weight" in keys and "visual.blocks.0.attn.qkv.weight" in keys
     assert "model.embed_tokens.weight" in keys and "model.layers.0.self_attn.q_proj.weight" in keys
@@ -266,7 +270,7 @@ def test_equivalence_bench_tiny_mode(tmp_path):
 def test_detached_aggregator_stays_out_of_the_module_tree(world, tmp_path):
     processor = world["processor"]
     registered = world["model"]
-    detached = janus_model.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
+    detached = build.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
                                              tiny.tiny_vggt_config(), register_vggt=False)
     detached.load_state_dict({k: v for k, v in registered.state_dict().items() if not k.startswith("vggt.")})
     detached.aggregator.load_state_dict(registered.aggregator.state_dict())
@@ -276,11 +280,11 @@ def test_detached_aggregator_stays_out_of_the_module_tree(world, tmp_path):
     batch = _batch(world, "online", "online", [0, 2])
     with torch.no_grad():
         assert _rel(detached(**batch).loss, registered(**batch).loss) <= 1e-6
-    keys = janus_model.export_janusvln_checkpoint(detached, str(tmp_path / "x"))
+    keys = export.export_janusvln_checkpoint(detached, str(tmp_path / "x"))
     assert "vggt.aggregator.camera_token" in keys
-    bare = janus_model.model_from_config(tiny.tiny_qwen_config(processor.tokenizer), spatial_channels=64)
+    bare = build.model_from_config(tiny.tiny_qwen_config(processor.tokenizer), spatial_channels=64)
     with pytest.raises(JobError, match="VGGT aggregator weights"):
-        janus_model.export_janusvln_checkpoint(bare, str(tmp_path / "y"))
+        export.export_janusvln_checkpoint(bare, str(tmp_path / "y"))
     assert not (tmp_path / "y").exists()
     with pytest.raises(TypeError, match="batch contract"):
         detached(**batch, position_ids=None)
@@ -304,7 +308,7 @@ def test_build_model_loads_qwen_and_vggt_from_paths_and_urls(world, tmp_path):
         memory.pipe(f"/qwen-{os.getpid()}/{name}", (qwen_dir / name).read_bytes())
 
     for source in (str(qwen_dir), f"memory:///qwen-{os.getpid()}"):
-        built = janus_model.build_model(source, vggt=str(vggt_file), dtype=torch.float32,
+        built = build.build_model(source, vggt=str(vggt_file), dtype=torch.float32,
                                         vggt_config=tiny.tiny_vggt_config(),
                                         cache_dir=str(tmp_path / "cache"))
         ours = built.state_dict()
@@ -314,4 +318,4 @@ def test_build_model_loads_qwen_and_vggt_from_paths_and_urls(world, tmp_path):
         assert torch.equal(built.merger.ln_q.weight, torch.ones_like(built.merger.ln_q.weight))
         assert built.merger.context_dim == 2 * tiny.tiny_vggt_config().embed_dim
     with pytest.raises(JobError, match="not a directory"):
-        janus_model.build_model(str(tmp_path / "nope"))
+        build.build_model(str(tmp_path / "nope"))

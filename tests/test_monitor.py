@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from janus_job.gpustats import GpuMemory, RankStatsWriter
-from janus_job.monitor import RankStats, memory_spread, node_balances
+from janus_job.monitor.gpustats import GpuMemory, RankStatsWriter
+from janus_job.monitor.sidecar import RankStats, memory_spread, node_balances
 
 GIB = 1024**3
 BIN = Path(sys.executable).parent
@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import common  # noqa: E402  (bench/common.py: the /metrics scrape the GPU bench uses too)
+
 INTERVAL = 0.3
 
 
@@ -264,7 +265,7 @@ def test_bad_flags_are_user_errors(tmp_path):
 
 def test_sidecar_modules_import_neither_torch_nor_pydantic():
     code = (
-        "import sys, janus_job.monitor, janus_job.commands.monitor, janus_job.gpustats; "
+        "import sys, janus_job.monitor.sidecar, janus_job.cli.monitor, janus_job.monitor.gpustats; "
         "print(sorted(m for m in ('torch', 'pydantic', 'pynvml') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

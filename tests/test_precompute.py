@@ -4,7 +4,6 @@ marker, a SIGKILLed run resumed without recomputation, fingerprint refusal, veri
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_job import frames as frame_ops
-from janus_job.annotations import build_vlnce, load_annotations, write_annotations
+from janus_job.config.load import load_spec
+from janus_job.data import frames as frame_ops
+from janus_job.data.annotations import build_vlnce, load_annotations, write_annotations
 from janus_job.errors import JobError
-from janus_job.precompute import finalize, run_pod, run_worker, tiny_encoders
-from janus_job.spec import load_spec
-from janus_job.store import FeatureStore, StoreFeatureSource, decode_tensor
+from janus_job.features.encoders import tiny_encoders
+from janus_job.features.precompute import finalize, run_pod, run_worker
+from janus_job.features.store import FeatureStore, StoreFeatureSource, decode_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 EPISODE_LENGTHS = {"3": 12, "8": 5, "11": 3}  # 20 samples, 20 distinct frames
@@ -227,11 +227,11 @@ def test_encoders_load_from_checkpoint_files(tmp_path):
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from janus_job.model import vision_tower_features
-    from janus_job.precompute import frozen_visual_digest, load_encoders, load_qwen_visual
-    from janus_job.store import state_dict_digest
-    from janus_job.tiny import tiny_image_processor, tiny_qwen_config, tiny_tokenizer
-    from janus_job.vggt import FrameCausalAggregator, VGGTAggregatorConfig
+    from janus_job.demo.tiny import tiny_image_processor, tiny_qwen_config, tiny_tokenizer
+    from janus_job.features.encoders import frozen_visual_digest, load_encoders, load_qwen_visual
+    from janus_job.features.store import state_dict_digest
+    from janus_job.models.janusvln.model import vision_tower_features
+    from janus_job.models.vggt import FrameCausalAggregator, VGGTAggregatorConfig
 
     torch.manual_seed(5)
     aggregator = FrameCausalAggregator(VGGTAggregatorConfig.tiny())

@@ -13,10 +13,9 @@ For each (old, new) world size, under real torchrun + DeepSpeed ZeRO-2 (gloo, CP
 
 from __future__ import annotations
 
+import ckpt_worker as worker
 import pytest
 import torch
-
-import ckpt_worker as worker
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +67,7 @@ def test_resize_resumes_with_resharded_state(tmp_path, old, new):
         assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}: loss after resume differs"
         assert resumed[step]["lr"] == reference[step]["lr"]
     # step SAVE_AT+1 trains the global batch the sampler defines for it at any world size
-    from janus_job.sampler import BalancedBatchSampler
+    from janus_job.data.sampler import BalancedBatchSampler
 
     _, _, lengths, ids = worker.dataset()
     sampler = BalancedBatchSampler(lengths, micro_batch_size=MICRO, world_size=old, rank=0,
@@ -88,13 +87,13 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
 
 
 def test_real_trainer_resumes_at_another_world_size(tmp_path):
-    """`janus_job.train` saved at 2 ranks resumes at 1 rank (accumulation 1 -> 2) from the step-4
+    """`janus_job.train.trainer` saved at 2 ranks resumes at 1 rank (accumulation 1 -> 2) from the step-4
     checkpoint: same samples per step, same lr, same loss (to the log line's precision) as the
     2-rank continuation from that checkpoint, which itself equals the original run."""
     import shutil
     import subprocess
 
-    from janus_job.checkpoint import main as checkpoint_cli
+    from janus_job.train.checkpoint import main as checkpoint_cli
 
     base = worker.trainer_job(tmp_path / "job", steps=12, interval=4)
 

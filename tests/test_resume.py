@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 import ckpt_worker as worker
+import pytest
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +91,7 @@ def test_checkpoint_killed_mid_write_is_never_resumed(tmp_path, uninterrupted):
     assert _starts(records) == [(0, None), (1, 3)], "resumed from something other than the last complete one"
     _assert_same_training(worker.effective_steps(records), uninterrupted)
     # the interrupted step-6 was written again by the restarted run and completed this time
-    from janus_job.checkpoint import CheckpointManager
+    from janus_job.train.checkpoint import CheckpointManager
 
     manager = CheckpointManager(str(store), 2, INTERVAL, rank=0, world_size=1, staging_dir=tmp_path / "s")
     assert [ref.step for ref in manager.complete_checkpoints()] == [3, 6]
@@ -112,7 +111,7 @@ def _uninterrupted_trainer_run(base, tmp_path):
 
 
 def test_real_trainer_survives_sigkill_of_a_rank(tmp_path):
-    """`janus_job.train` under torchrun as the elastic PyTorchJob starts it: rank 1 is SIGKILLed from
+    """`janus_job.train.trainer` under torchrun as the elastic PyTorchJob starts it: rank 1 is SIGKILLed from
     outside mid-run; torchrun restarts both ranks, the trainer resumes from its newest complete
     checkpoint, and the samples trained (per rank, step, micro-step), losses and lrs equal an
     uninterrupted run's."""
@@ -169,10 +168,10 @@ def test_real_trainer_checkpoints_on_sigterm_and_resumes_there(tmp_path):
     import subprocess
     import time
 
-    from janus_job.checkpoint import CheckpointManager
-    from janus_job.stop import EXIT_CODE
-
     import yaml
+
+    from janus_job.train.checkpoint import CheckpointManager
+    from janus_job.train.stop import EXIT_CODE
 
     base = worker.trainer_job(tmp_path / "job", steps=30, interval=1000)  # no interval checkpoint
     job = yaml.safe_load(base.read_text())

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from janus_job.errors import JobError
-from janus_job.sampler import (
+from janus_job.data.sampler import (
     BalancedBatchSampler,
     LengthGroupedBatchSampler,
     gradient_accumulation_for,
     load_ratios,
 )
+from janus_job.errors import JobError
 
 TOKENS_PER_IMAGE = 391  # 640x480 frame at JanusVLN's resolution after the 2x2 merge
 

@@ -9,7 +9,7 @@ import helm_python
 import pytest
 import yaml
 
-from janus_job.render import render_chart
+from janus_job.deploy.render import render_chart
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUE_FILES = sorted((ROOT / "examples").glob("*.yaml")) + [ROOT / "charts" / "janus-train" / "ci" / "all-features-values.yaml"]

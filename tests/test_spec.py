@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from janus_job.config.load import load_spec, validate_spec
+from janus_job.config.memory import estimate_gpu_memory
+from janus_job.config.schema import spec_to_values
+from janus_job.config.spec import JobSpec
 from janus_job.errors import JobError
-from janus_job.spec import JobSpec, estimate_gpu_memory, load_spec, spec_to_values, validate_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(ROOT / ".venv" / "bin" / "janus-job")

@@ -7,15 +7,14 @@ import multiprocessing
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from janus_job.annotations import Sample
+from janus_job.data.annotations import Sample
 from janus_job.errors import JobError
-from janus_job.store import (
+from janus_job.features.store import (
     FeatureStore,
     Fingerprint,
     LocalCache,

@@ -15,14 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from janus_job.train import (
-    BatchWork,
-    ParamCounts,
-    format_log_line,
-    lr_factor,
-    model_flops,
-    peak_flops_per_device,
-)
+from janus_job.train.engine import lr_factor
+from janus_job.train.metrics import BatchWork, ParamCounts, format_log_line, model_flops, peak_flops_per_device
 
 LOG_LINE = re.compile(
     r"^train step=(?P<step>\d+)/(?P<total>\d+) s/it=(?P<s_per_it>[\d.]+) samples/s=(?P<samples>[\d.e+-]+) "
@@ -108,7 +102,7 @@ def edit_spec(spec_path: Path, target: Path, change) -> Path:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> Path:
     """A tiny job whose store is complete: synthetic data, tiny models, precomputed features."""
-    from janus_job.demo import precompute_features, prepare_job
+    from janus_job.demo.run import precompute_features, prepare_job
 
     root = tmp_path_factory.mktemp("train-job")
     spec_path = prepare_job(root, steps=3, gpu=False)

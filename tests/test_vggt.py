@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from janus_job.errors import JobError
-from janus_job.vggt import (FrameCausalAggregator, VGGTAggregatorConfig, load_aggregator,
-                            spatial_features)
+from janus_job.models.vggt import FrameCausalAggregator, VGGTAggregatorConfig, load_aggregator, spatial_features
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = VGGTAggregatorConfig.tiny()

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import kill_tree  # noqa: E402  (bench/common.py)
+
 WIDTH = 64
 DONE = "ZERO3-STALL-WORKER-DONE"
 HANG_TIMEOUT_S = 45.0  # a finishing run takes a few seconds; a stalled one never finishes

@@ -1,0 +1,5 @@
+"""`python -m janus_job.cli ...` is the `janus-job` command."""
+
+from janus_job.cli import main
+
+main()

@@ -1,0 +1,80 @@
+"""CLI commands of the spec area: validate, render, schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+
+from janus_job.errors import JobError
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def validate(spec_path: Path = typer.Argument(..., help="Job spec YAML (the chart's values file).")) -> None:
+    """Check a job spec; prints what it resolves to, or every problem with its fix."""
+    from janus_job.config.load import load_spec
+    from janus_job.config.memory import estimate_gpu_memory
+
+    spec = load_spec(spec_path)
+    t = spec.training
+    resize = f"elastic {spec.min_nodes}-{spec.max_nodes} nodes" if spec.elastic else "fixed"
+    typer.echo(
+        f"ok: {spec.name}: {t.nodes} node(s) x {t.gpus_per_node} GPUs = {spec.world_size} ranks, "
+        f"global batch {spec.global_batch_size} = micro {t.micro_batch_size} x accumulation "
+        f"{spec.accumulation_for(spec.world_size)} x {spec.world_size}, ZeRO-{spec.deepspeed.zero_stage}, "
+        f"features {spec.features.mode}, resize {resize}\n"
+        f"    estimated GPU memory: {estimate_gpu_memory(spec).describe()}"
+    )
+
+
+def render(
+    spec_path: Path = typer.Argument(..., help="Job spec YAML."),
+    out: Path = typer.Option(..., "--out", help="Directory for deepspeed.json and manifests.yaml."),
+    namespace: str = typer.Option("default", help="Release namespace when cluster.namespace is unset."),
+) -> None:
+    """Write DIR/deepspeed.json and DIR/manifests.yaml (the chart rendered by Helm) for a spec."""
+    from janus_job.config.deepspeed import render_deepspeed_config
+    from janus_job.config.load import load_spec
+    from janus_job.config.schema import spec_to_values
+    from janus_job.deploy.render import render_chart
+
+    spec = load_spec(spec_path)
+    deepspeed_json = json.dumps(render_deepspeed_config(spec, spec.world_size), indent=2) + "\n"
+    manifests = render_chart(spec_to_values(spec), namespace=namespace)
+    if out.exists() and not out.is_dir():
+        raise JobError(f"--out {out}: exists and is not a directory; fix: pass a directory path")
+    _write_atomically(out / "deepspeed.json", deepspeed_json)
+    _write_atomically(out / "manifests.yaml", manifests)
+    typer.echo(f"wrote {out / 'deepspeed.json'} and {out / 'manifests.yaml'}")
+
+
+def schema(
+    values: bool = typer.Option(False, "--values", help="Print the chart's default values.yaml instead."),
+) -> None:
+    """Print the JSON Schema of the job spec (= charts/janus-train/values.schema.json)."""
+    from janus_job.config.schema import chart_values_yaml, json_schema
+
+    typer.echo(chart_values_yaml() if values else json.dumps(json_schema(), indent=2), nl=not values)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds this area's commands to the main app."""
+    app.command("validate")(validate)
+    app.command("render")(render)
+    app.command("schema")(schema)

@@ -1,1 +1,0 @@
-"""Subcommands of janus-job, one module per area."""

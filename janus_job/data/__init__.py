@@ -1,0 +1,1 @@
+"""Training data: annotation index, frame preprocessing, dataset + collation, batch sampler."""

@@ -1,0 +1,316 @@
+"""JanusVLN annotations: the sample index and the builder from trajectory folders.
+
+The annotation format is JanusVLN's: a JSON list (or JSON lines) of records
+``{"id": str, "conversations": [{"from": "human"|"gpt", "value": str}, ...], "images": [str, ...]}``
+where ``images`` are the sample's frames in order, history first and the current frame last,
+relative to ``data.image_root`` (absolute paths are kept as they are), and the human turns hold one
+``<image>`` tag per image.
+
+The builder turns trajectory folders into such records with JanusVLN's history rule: for step
+``i`` the frames are ``0..i`` while ``i <= max_history`` (8), else ``max_history + 1`` indices
+spread evenly over ``0..i`` (numpy ``linspace`` truncated to integers), so the first and the
+current frame are always included.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from janus_job.errors import JobError
+from janus_job.io import read_bytes
+
+IMAGE_TAG = "<image>"
+ROLES = ("human", "gpt")
+DEFAULT_MAX_HISTORY = 8
+ACTIONS = ("STOP", "MOVE_FORWARD", "TURN_LEFT", "TURN_RIGHT")
+
+# The instruction prompt of built annotations (our wording). A dataset that must tokenise exactly
+# like an existing JanusVLN annotation file should use that file, or pass its prompt to the builder.
+# {history} is one <image> tag per history frame.
+NAVIGATION_PROMPT = (
+    "You navigate by vision and language. Earlier views along the route:{history}\n"
+    "Current view:<image>\n"
+    "Instruction: {instruction}\n"
+    "Choose the next action: MOVE_FORWARD, TURN_LEFT, TURN_RIGHT or STOP."
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample: ``images`` as written in the annotation, ``frame_paths`` resolved."""
+
+    id: str
+    images: tuple[str, ...]
+    conversations: tuple[Mapping[str, str], ...] = ()
+    frame_paths: tuple[str, ...] = ()
+    index: int = -1
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.images)
+
+    @property
+    def current_image(self) -> str:
+        return self.images[-1]
+
+
+@dataclass
+class AnnotationSet:
+    """The ordered samples of one annotation file and the digest that names it in the store."""
+
+    path: str
+    digest: str
+    samples: list[Sample] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    def unique_images(self) -> list[str]:
+        """Every distinct frame (annotation string), in first-use order."""
+        seen: dict[str, None] = {}
+        for sample in self.samples:
+            for image in sample.images:
+                seen.setdefault(image, None)
+        return list(seen)
+
+    def image_path(self, image: str) -> str:
+        for sample in self.samples:
+            if image in sample.images:
+                return sample.frame_paths[sample.images.index(image)]
+        raise KeyError(image)
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def load_annotations(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    max_images: int | None = None,
+    endpoint_url: str | None = None,
+) -> AnnotationSet:
+    """Reads and validates a JanusVLN annotation file (.json list or .jsonl, optionally .gz)."""
+    try:
+        raw = read_bytes(path, endpoint_url)
+    except OSError as err:
+        raise JobError(f"data.annotations: cannot read {path}: {err.strerror or err}") from err
+    source = str(path)
+    if source.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    records = _parse_records(raw, source)
+    root = str(image_root) if image_root else ""
+    samples = [
+        _validate_record(record, position, source, root, max_images) for position, record in enumerate(records)
+    ]
+    if not samples:
+        raise JobError(f"data.annotations: {source} holds no samples")
+    return AnnotationSet(path=source, digest=hashlib.sha256(raw).hexdigest()[:32], samples=samples)
+
+
+def load_spec_annotations(spec: Any) -> AnnotationSet:
+    """The annotations a job spec names (its data section; the store's endpoint for s3://)."""
+    return load_annotations(
+        spec.data.annotations,
+        spec.data.image_root,
+        max_images=spec.data.max_history_images + 1,
+        endpoint_url=spec.features.endpoint_url,
+    )
+
+
+def _parse_records(raw: bytes, path: str) -> list[Any]:
+    text = raw.decode("utf-8", errors="replace")
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as err:
+                    raise JobError(f"data.annotations: {path} line {line_no} is not JSON: {err}") from err
+        return records
+    try:
+        records = json.loads(text)
+    except ValueError as err:
+        raise JobError(f"data.annotations: {path} is not valid JSON: {err}") from err
+    if not isinstance(records, list):
+        raise JobError(f"data.annotations: {path} must hold a JSON list of samples, found {type(records).__name__}")
+    return records
+
+
+def _validate_record(record: Any, position: int, path: str, root: str, max_images: int | None) -> Sample:
+    def bad(field_name: str, problem: str) -> JobError:
+        name = record.get("id") if isinstance(record, dict) else None
+        which = f"record {position}" + (f" (id {name!r})" if isinstance(name, str) and name else "")
+        return JobError(f"data.annotations: {path}: {which}: field {field_name!r} {problem}")
+
+    if not isinstance(record, dict):
+        raise bad("(record)", f"must be an object, found {type(record).__name__}")
+    sample_id = record.get("id")
+    if not isinstance(sample_id, str) or not sample_id:
+        raise bad("id", "must be a non-empty string")
+    images = record.get("images", record.get("image"))
+    if images is None:
+        raise bad("images", "is missing (a list of frame paths, history first, current last)")
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
+        raise bad("images", "must be a non-empty list of non-empty path strings")
+    if max_images is not None and len(images) > max_images:
+        raise bad("images", f"has {len(images)} frames; at most {max_images} (data.max_history_images + 1)")
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or len(conversations) < 2:
+        raise bad("conversations", "must be a list of at least two turns (human, then gpt)")
+    tags = 0
+    for turn_no, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise bad(f"conversations[{turn_no}]", 'must be {"from": "human"|"gpt", "value": str}')
+        if turn["from"] == "human":
+            tags += turn["value"].count(IMAGE_TAG)
+    if conversations[0]["from"] != "human":
+        raise bad("conversations[0]", "must come from 'human'")
+    if tags != len(images):
+        raise bad("conversations", f"hold {tags} {IMAGE_TAG} tags but 'images' lists {len(images)} frames")
+    return Sample(
+        id=sample_id,
+        images=tuple(images),
+        conversations=tuple(dict(turn) for turn in conversations),
+        frame_paths=tuple(os.path.join(root, image) for image in images),
+        index=position,
+    )
+
+
+# ---------------------------------------------------------------- the builder
+
+
+def history_indices(step: int, max_history: int = DEFAULT_MAX_HISTORY) -> list[int]:
+    """Frame indices of step ``step``: all of 0..step while short, else evenly spread over it."""
+    if step < 0:
+        raise ValueError("step must be >= 0")
+    if step <= max_history:
+        return list(range(step + 1))
+    count = max_history + 1
+    # numpy.linspace(0, step, count, dtype=int): start + k * (step / (count - 1)), truncated.
+    spacing = step / (count - 1)
+    indices = [int(k * spacing) for k in range(count - 1)]
+    return indices + [step]
+
+
+def trajectory_records(
+    episode_id: str,
+    frames: Sequence[str],
+    instruction: str,
+    actions: Sequence[str],
+    *,
+    max_history: int = DEFAULT_MAX_HISTORY,
+    prompt: str = NAVIGATION_PROMPT,
+) -> list[dict]:
+    """One record per step; ``frames`` are annotation image strings, ``actions[i]`` the answer at step i."""
+    if len(actions) != len(frames):
+        raise JobError(f"episode {episode_id}: {len(frames)} frames but {len(actions)} actions")
+    records = []
+    for step, answer in enumerate(actions):
+        images = [frames[j] for j in history_indices(step, max_history)]
+        question = prompt.format(history=IMAGE_TAG * (len(images) - 1), instruction=instruction)
+        records.append(
+            {
+                "id": f"{episode_id}/{os.path.basename(frames[step])}",
+                "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                "images": images,
+            }
+        )
+    return records
+
+
+def action_from_frame_name(path: str) -> str:
+    """VLN-CE frame names end in the action taken there: ``..._<word>`` or ``..._<word>_<word>``."""
+    parts = Path(path).stem.split("_")
+    return "_".join(parts[-2:]).upper() if len(parts) > 3 else parts[-1].upper()
+
+
+def build_vlnce(
+    episodes_file: str | os.PathLike,
+    trajectory_root: str | os.PathLike,
+    image_root: str | os.PathLike,
+    *,
+    max_history: int = DEFAULT_MAX_HISTORY,
+) -> list[dict]:
+    """R2R/RxR VLN-CE layout: ``<trajectory_root>/<episode_id>/*.png``, actions in the frame names,
+    instructions in the VLN-CE episodes file (``{"episodes": [{"episode_id", "instruction":
+    {"instruction_text"}}]}``, optionally gzipped)."""
+    data = _read_json(episodes_file)
+    episodes = data.get("episodes") if isinstance(data, dict) else None
+    if not isinstance(episodes, list):
+        raise JobError(f"{episodes_file}: expected a VLN-CE episodes file with an 'episodes' list")
+    records = []
+    for position, episode in enumerate(episodes):
+        try:
+            episode_id = str(episode["episode_id"])
+            instruction = str(episode["instruction"]["instruction_text"]).strip()
+        except (KeyError, TypeError) as err:
+            raise JobError(f"{episodes_file}: episode {position} lacks {err}") from err
+        frames = sorted(str(p) for p in Path(trajectory_root, episode_id).glob("*.png"))
+        relative = [os.path.relpath(frame, image_root) for frame in frames]
+        actions = [action_from_frame_name(frame) for frame in frames]
+        records += trajectory_records(episode_id, relative, instruction, actions, max_history=max_history)
+    return records
+
+
+def build_scalevln(
+    annotations_file: str | os.PathLike,
+    trajectory_root: str | os.PathLike,
+    image_root: str | os.PathLike,
+    *,
+    max_history: int = DEFAULT_MAX_HISTORY,
+    action_names: Sequence[str] = ACTIONS,
+) -> list[dict]:
+    """ScaleVLN / DAgger layout: ``<trajectory_root>/<name>/rgb/*.jpg`` with an episode list
+    ``[{"id", "instructions": [...], "video": ".../<name>", "actions": [int, ...]}]``; the answer
+    at step i is ``actions[i + 1]`` and STOP at the last frame."""
+    episodes = _read_json(annotations_file)
+    if not isinstance(episodes, list):
+        raise JobError(f"{annotations_file}: expected a list of episodes")
+    records = []
+    for position, episode in enumerate(episodes):
+        try:
+            episode_id = str(episode["id"])
+            instruction = str(episode["instructions"][0])
+            name = str(episode["video"]).split("/")[1]
+            codes = list(episode["actions"])
+        except (KeyError, TypeError, IndexError) as err:
+            raise JobError(f"{annotations_file}: episode {position} lacks {err}") from err
+        frames = sorted(str(p) for p in Path(trajectory_root, name, "rgb").glob("*.jpg"))
+        if len(codes) < len(frames):
+            raise JobError(f"{annotations_file}: episode {episode_id} has {len(frames)} frames, {len(codes)} actions")
+        actions = [action_names[codes[i + 1]] for i in range(len(frames) - 1)] + ["STOP"]
+        relative = [os.path.relpath(frame, image_root) for frame in frames]
+        records += trajectory_records(episode_id, relative, instruction, actions[: len(frames)], max_history=max_history)
+    return records
+
+
+def write_annotations(records: Iterable[dict], path: str | os.PathLike) -> int:
+    """Writes records atomically (temp file, then rename); returns how many."""
+    records = list(records)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(records)
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    try:
+        raw = Path(path).read_bytes()
+        if str(path).endswith(".gz"):
+            raw = gzip.decompress(raw)
+        return json.loads(raw)
+    except (OSError, ValueError) as err:
+        raise JobError(f"cannot read {path}: {err}") from err

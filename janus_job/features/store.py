@@ -1,0 +1,729 @@
+"""Feature store over fsspec: content keys, fingerprint manifests, atomic checked objects, local cache.
+
+Layout under the store root (``s3://bucket/prefix``, ``file:///path`` or a plain path)::
+
+    manifest-spatial.json            fingerprint of the spatial function (refused if it differs)
+    manifest-vision.json             fingerprint of the vision-tower function
+    spatial/ab/<64 hex>.jnsf         one object per distinct ordered frame sequence
+    vision/ab/<64 hex>.jnsf          one object per distinct frame content
+    frames/<annotations>/<shard>.json   annotation image string -> frame content hash
+    markers/<annotations>/shard-*.json  one per finished precompute worker
+    markers/<annotations>/COMPLETE.json the final marker the trainer waits on
+
+Keys are content-derived (docs/features.md): a frame is identified by the sha256 of its file
+bytes; a spatial key hashes the fingerprint id with the ordered frame hashes, a vision key the
+fingerprint id with one frame hash. Changing an image, the frame order, the weights or the
+geometry therefore changes the key; nothing stale can be served under a current key.
+
+Objects are ``MAGIC | u32 header length | JSON header | raw tensor bytes``; the header carries
+dtype, shape, byte count and the payload's sha256, verified on every read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from janus_job.errors import JobError
+from janus_job.io import require_s3_credentials, s3_filesystem
+
+if TYPE_CHECKING:
+    import torch
+
+    from janus_job.data.annotations import Sample
+
+MAGIC = b"JNSF1\n"
+OBJECT_SUFFIX = ".jnsf"
+KINDS = ("spatial", "vision")
+_TMP_MARK = ".tmp."
+_STALE_TMP_S = 3600.0
+_DTYPES = ("bfloat16", "float16", "float32", "float64", "int64", "int32", "uint8")
+
+
+# ---------------------------------------------------------------- hashing and keys
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Content hash of a file (a frame's identity)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    except OSError as err:
+        raise JobError(f"cannot read frame {path}: {err.strerror or err}") from err
+    return digest.hexdigest()
+
+
+def state_dict_digest(state_dict: Mapping[str, Any]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted name order.
+
+    Independent of the checkpoint's file format (model.pt vs model.safetensors), sensitive to
+    every weight bit and to the dtype the weights are held in.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything the cached function depends on besides its input frames.
+
+    ``fields`` holds e.g. weights digest, preprocessing geometry, layer, dtype and the code
+    version of the function. Two stores agree only if every field agrees.
+    """
+
+    kind: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise JobError(f"fingerprint kind must be one of {KINDS}, got {self.kind!r}")
+
+    def canonical(self) -> str:
+        return json.dumps({"kind": self.kind, "fields": dict(self.fields)}, sort_keys=True)
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.canonical().encode()).hexdigest()[:32]
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        names = sorted(set(self.fields) | set(other.fields))
+        return [
+            f"{name}: store has {other.fields.get(name)!r}, this job has {self.fields.get(name)!r}"
+            for name in names
+            if self.fields.get(name) != other.fields.get(name)
+        ]
+
+
+def spatial_key(fingerprint_id: str, frame_hashes: Iterable[str]) -> str:
+    hashes = list(frame_hashes)
+    if not hashes:
+        raise JobError("a spatial key needs at least one frame")
+    text = "spatial\n" + fingerprint_id + "\n" + "\n".join(hashes)
+    return _object_key("spatial", hashlib.sha256(text.encode()).hexdigest())
+
+
+def vision_key(fingerprint_id: str, frame_hash: str) -> str:
+    text = "vision\n" + fingerprint_id + "\n" + frame_hash
+    return _object_key("vision", hashlib.sha256(text.encode()).hexdigest())
+
+
+def _object_key(kind: str, digest: str) -> str:
+    return f"{kind}/{digest[:2]}/{digest}{OBJECT_SUFFIX}"
+
+
+# ---------------------------------------------------------------- serialisation
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def encode_tensor(tensor: torch.Tensor) -> bytes:
+    """Header + raw bytes; decode_tensor returns a bit-identical tensor."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise JobError(f"cannot store a tensor of dtype {dtype}; supported: {_DTYPES}")
+    payload = _tensor_bytes(tensor)
+    header = json.dumps(
+        {
+            "dtype": dtype,
+            "shape": list(tensor.shape),
+            "nbytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        },
+        sort_keys=True,
+    ).encode()
+    return MAGIC + len(header).to_bytes(4, "little") + header + payload
+
+
+def decode_tensor(blob: bytes, key: str) -> torch.Tensor:
+    """Parses and verifies an object; any damage raises JobError naming the key."""
+    import torch
+
+    def corrupt(why: str) -> JobError:
+        return JobError(
+            f"feature object {key} is corrupt ({why}); delete it and rerun "
+            "`janus-job precompute` (it recomputes only what is missing)"
+        )
+
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
+        raise corrupt("bad magic")
+    start = len(MAGIC) + 4
+    header_len = int.from_bytes(blob[len(MAGIC) : start], "little")
+    try:
+        header = json.loads(blob[start : start + header_len])
+        dtype = getattr(torch, header["dtype"])
+        shape = [int(n) for n in header["shape"]]
+        nbytes, checksum = int(header["nbytes"]), str(header["sha256"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise corrupt(f"unreadable header: {err}") from err
+    payload = memoryview(blob)[start + header_len :]
+    if len(payload) != nbytes:
+        raise corrupt(f"payload is {len(payload)} bytes, header says {nbytes}")
+    if hashlib.sha256(payload).hexdigest() != checksum:
+        raise corrupt("checksum mismatch")
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------- local cache
+
+
+class LocalCache:
+    """Node-local, size-limited LRU cache of verified objects, shared by processes on one node.
+
+    Fill is temp file + os.replace (atomic); hits refresh the file's mtime; eviction removes the
+    least recently used files until the total is under the limit. Lock-free: concurrent fills of
+    one key write identical bytes, and an evicted file still open by a reader stays readable.
+    """
+
+    def __init__(self, root: str | os.PathLike, size_limit_bytes: int) -> None:
+        self.root = Path(root)
+        self.limit = int(size_limit_bytes)
+        self._since_scan = 0
+        self._lock = threading.Lock()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise JobError(f"features.cache_dir {self.root} is not writable: {err}") from err
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str) -> bytes | None:
+        path = self._path(key)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        return blob
+
+    def put(self, key: str, blob: bytes) -> None:
+        if self.limit <= 0 or len(blob) > self.limit:
+            return
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{_TMP_MARK}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as handle:
+            handle.write(blob)
+        os.replace(tmp, path)
+        with self._lock:
+            self._since_scan += len(blob)
+            due = self._since_scan > max(self.limit // 20, 1)
+            if due:
+                self._since_scan = 0
+        if due:
+            self.evict()
+
+    def discard(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        found = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = Path(dirpath) / name
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                if _TMP_MARK in name:
+                    if time.time() - stat.st_mtime > _STALE_TMP_S:
+                        path.unlink(missing_ok=True)
+                    continue
+                found.append((stat.st_mtime, stat.st_size, path))
+        return found
+
+    def size(self) -> int:
+        return sum(size for _t, size, _p in self.entries())
+
+    def evict(self) -> None:
+        entries = sorted(self.entries())
+        total = sum(size for _t, size, _p in entries)
+        for _mtime, size, path in entries:
+            if total <= self.limit:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+# ---------------------------------------------------------------- the store
+
+
+@dataclass
+class StoreReport:
+    objects: dict[str, int]
+    bytes: dict[str, int]
+    corrupt: list[str]
+    stale_temp: list[str]
+    manifests: dict[str, dict | None]
+
+
+class FeatureStore:
+    """A feature store at ``url``; create one per process (it re-opens its connection after fork)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_size_gib: float = 0.0,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        max_attempts: int = 3,
+    ) -> None:
+        if not url:
+            raise JobError("features.store is empty: give an s3://bucket/prefix, file:///path or a path")
+        self.url = url
+        self.endpoint_url = endpoint_url or None
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.max_attempts = max_attempts
+        self.protocol, self.root = _split_url(url)
+        self.cache = (
+            LocalCache(cache_dir, int(cache_size_gib * (1 << 30)))
+            if cache_dir and cache_size_gib > 0
+            else None
+        )
+        self._fs = None
+        self._fs_pid = None
+        self._fingerprints: dict[str, Fingerprint] = {}
+
+    @classmethod
+    def from_spec(cls, spec: Any, *, local_cache: bool = True) -> FeatureStore:
+        """The spec's store; ``local_cache=False`` for writers (precompute), which never re-read."""
+        features = spec.features
+        return cls(
+            str(features.store),
+            endpoint_url=getattr(features, "endpoint_url", None),
+            cache_dir=getattr(features, "cache_dir", None) if local_cache else None,
+            cache_size_gib=float(getattr(features, "cache_size_gib", 0) or 0) if local_cache else 0.0,
+        )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fs"] = None
+        state["_fs_pid"] = None
+        return state
+
+    # -- connection
+
+    @property
+    def fs(self):
+        if self._fs is None or self._fs_pid != os.getpid():
+            self._fs = self._connect()
+            self._fs_pid = os.getpid()
+        return self._fs
+
+    def _connect(self):
+        if self.protocol == "file":
+            from fsspec.implementations.local import LocalFileSystem
+
+            return LocalFileSystem()
+        if self.protocol != "s3":
+            raise JobError(f"features.store {self.url!r}: only s3:// and file:// (or a path) are supported")
+        require_s3_credentials(self.url)
+        return s3_filesystem(self.endpoint_url, connect_timeout_s=self.connect_timeout_s,
+                             read_timeout_s=self.read_timeout_s, max_attempts=self.max_attempts)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Runs one storage operation, turning transport failures into a JobError."""
+        try:
+            return fn()
+        except (FileNotFoundError, JobError):
+            raise
+        except PermissionError as err:
+            raise JobError(
+                f"feature store {self.url} refused {what}: {err}. Check the credentials "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, from features.credentials_secret)."
+            ) from err
+        except Exception as err:  # botocore/aiohttp/OS errors all mean the same to the user
+            where = f" at endpoint {self.endpoint_url}" if self.endpoint_url else ""
+            raise JobError(
+                f"feature store {self.url}{where} failed during {what}: {type(err).__name__}: {err}. "
+                "Check features.store, features.endpoint_url and that the bucket exists and is reachable."
+            ) from err
+
+    def check_reachable(self) -> None:
+        """Fails fast (JobError) when the bucket or directory cannot be listed."""
+        if self.protocol == "file":
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self._call(f"listing bucket {bucket}", lambda: self.fs.ls(bucket, detail=False))
+        except FileNotFoundError as err:
+            raise JobError(f"bucket {bucket} of features.store {self.url} does not exist: create it first") from err
+
+    # -- raw objects
+
+    def put_bytes(self, key: str, blob: bytes) -> None:
+        """Atomic publish: a reader sees the whole object or nothing."""
+        if self.protocol == "file":
+            path = Path(self._path(key))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}{_TMP_MARK}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(blob)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise JobError(f"cannot write {path}: {err}") from err
+            return
+        # One S3 PUT (or a multipart upload) becomes visible only when complete.
+        self._call(f"writing {key}", lambda: self.fs.pipe_file(self._path(key), blob))
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        # One GET: s3fs would otherwise send a HEAD first to decide on ranged parallel reads.
+        options = {"max_concurrency": 1} if self.protocol == "s3" else {}
+        try:
+            return self._call(f"reading {key}", lambda: self.fs.cat_file(self._path(key), **options))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str) -> bool:
+        return bool(self._call(f"checking {key}", lambda: self.fs.exists(self._path(key))))
+
+    def delete(self, key: str) -> None:
+        try:
+            self._call(f"deleting {key}", lambda: self.fs.rm_file(self._path(key)))
+        except FileNotFoundError:
+            pass
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every visible key under ``prefix`` (one recursive listing; temp files excluded)."""
+        base = self._path(prefix).rstrip("/")
+        if self.protocol == "file" and not Path(base).exists():
+            return []
+        try:
+            paths = self._call(f"listing {prefix}", lambda: self.fs.find(base))
+        except FileNotFoundError:
+            return []
+        root = self.root.rstrip("/") + "/"
+        keys = []
+        for path in paths:
+            key = path[len(root) :] if path.startswith(root) else path.split(root, 1)[-1]
+            if _TMP_MARK not in key.rsplit("/", 1)[-1]:
+                keys.append(key)
+        return sorted(keys)
+
+    def list_sizes(self, prefix: str) -> dict[str, int]:
+        base = self._path(prefix).rstrip("/")
+        if self.protocol == "file" and not Path(base).exists():
+            return {}
+        try:
+            found = self._call(f"listing {prefix}", lambda: self.fs.find(base, detail=True))
+        except FileNotFoundError:
+            return {}
+        root = self.root.rstrip("/") + "/"
+        return {
+            path[len(root) :]: int(info.get("size") or 0)
+            for path, info in found.items()
+            if path.startswith(root) and _TMP_MARK not in path.rsplit("/", 1)[-1]
+        }
+
+    def temp_files(self) -> list[str]:
+        """Leftover temp files of killed local writers (never visible as objects)."""
+        if self.protocol != "file" or not Path(self.root).exists():
+            return []
+        return [
+            str(Path(d) / name)
+            for d, _dirs, files in os.walk(self.root)
+            for name in files
+            if _TMP_MARK in name
+        ]
+
+    def clean_temp_files(self, *, min_age_s: float = _STALE_TMP_S) -> int:
+        """Removes temp files of dead local writers: ours (same host, pid gone) or older than min_age_s."""
+        removed = 0
+        host = socket.gethostname()
+        for path in self.temp_files():
+            name = Path(path).name
+            try:
+                _, _, rest = name.partition(_TMP_MARK)
+                tmp_host, pid, _ = rest.rsplit(".", 2)
+                dead = tmp_host == host and not _pid_alive(int(pid))
+                old = time.time() - os.stat(path).st_mtime > min_age_s
+            except (ValueError, FileNotFoundError):
+                continue
+            if dead or old:
+                Path(path).unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # -- tensors
+
+    def put_tensor(self, key: str, tensor: torch.Tensor) -> int:
+        blob = encode_tensor(tensor)
+        self.put_bytes(key, blob)
+        if self.cache is not None:
+            self.cache.put(key, blob)
+        return len(blob)
+
+    def get_tensor(self, key: str) -> torch.Tensor | None:
+        """The verified tensor, or None if absent. Corruption raises JobError naming the key."""
+        if self.cache is not None:
+            blob = self.cache.get(key)
+            if blob is not None:
+                try:
+                    return decode_tensor(blob, key)
+                except JobError:
+                    self.cache.discard(key)  # a damaged local copy: fall back to the store
+        blob = self.get_bytes(key)
+        if blob is None:
+            return None
+        tensor = decode_tensor(blob, f"{self.url}/{key}")
+        if self.cache is not None:
+            self.cache.put(key, blob)
+        return tensor
+
+    # -- manifests (fingerprints)
+
+    def open(self, fingerprints: Iterable[Fingerprint], *, create: bool) -> None:
+        """Checks (or, with create, writes) each kind's manifest. A different fingerprint is refused."""
+        for fingerprint in fingerprints:
+            key = f"manifest-{fingerprint.kind}.json"
+            found = self.get_bytes(key)
+            if found is None:
+                if not create:
+                    raise JobError(
+                        f"feature store {self.url} has no {fingerprint.kind} features ({key} missing): "
+                        "run `janus-job precompute --spec ...` first, or set features.mode: read_through"
+                    )
+                record = {"format": 1, "kind": fingerprint.kind, "id": fingerprint.id, "fields": dict(fingerprint.fields)}
+                self.put_bytes(key, json.dumps(record, sort_keys=True, indent=1).encode())
+                found = self.get_bytes(key)  # re-read: a concurrent creator with other settings loses here
+            self._check_manifest(fingerprint, found, key)
+            self._fingerprints[fingerprint.kind] = fingerprint
+
+    def _check_manifest(self, fingerprint: Fingerprint, blob: bytes | None, key: str) -> None:
+        try:
+            record = json.loads(blob or b"")
+            stored = Fingerprint(record["kind"], record["fields"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise JobError(f"{self.url}/{key} is not a valid manifest: {err}") from err
+        if stored.id != fingerprint.id:
+            diffs = "; ".join(fingerprint.differences(stored)) or "fingerprint ids differ"
+            raise JobError(
+                f"feature store {self.url} was built with a different {fingerprint.kind} function "
+                f"({diffs}). Refusing to reuse it: point features.store at a new prefix, or "
+                "rebuild this one with the current weights and geometry."
+            )
+
+    def manifest(self, kind: str) -> dict | None:
+        blob = self.get_bytes(f"manifest-{kind}.json")
+        return json.loads(blob) if blob else None
+
+    def fingerprint(self, kind: str) -> Fingerprint:
+        if kind not in self._fingerprints:
+            raise JobError(f"the {kind} manifest of {self.url} was not opened; call FeatureStore.open first")
+        return self._fingerprints[kind]
+
+    def spatial_key(self, frame_hashes: Iterable[str]) -> str:
+        return spatial_key(self.fingerprint("spatial").id, frame_hashes)
+
+    def vision_key(self, frame_hash: str) -> str:
+        return vision_key(self.fingerprint("vision").id, frame_hash)
+
+    # -- frame index, markers, completion
+
+    def write_json(self, key: str, record: Any) -> None:
+        self.put_bytes(key, json.dumps(record, sort_keys=True).encode())
+
+    def read_json(self, key: str) -> Any | None:
+        blob = self.get_bytes(key)
+        if blob is None:
+            return None
+        try:
+            return json.loads(blob)
+        except ValueError as err:
+            raise JobError(f"{self.url}/{key} is not valid JSON ({err}); delete it and rerun precompute") from err
+
+    def frame_index(self, annotations_digest: str) -> dict[str, str]:
+        """annotation image string -> frame content hash, as recorded by precompute."""
+        merged: dict[str, str] = {}
+        for key in self.list_keys(f"frames/{annotations_digest}"):
+            merged.update(self.read_json(key) or {})
+        return merged
+
+    def marker_prefix(self, annotations_digest: str) -> str:
+        return f"markers/{annotations_digest}"
+
+    def completion(self, annotations_digest: str) -> dict | None:
+        return self.read_json(f"{self.marker_prefix(annotations_digest)}/COMPLETE.json")
+
+    def wait_complete(self, annotations_digest: str, timeout_s: float, poll_s: float = 10.0) -> dict:
+        """Blocks until precompute's final marker for these annotations exists (JobError on timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            record = self.completion(annotations_digest)
+            if record is not None:
+                return record
+            now = time.monotonic()
+            if now >= deadline:
+                done = len(self.list_keys(self.marker_prefix(annotations_digest)))
+                raise JobError(
+                    f"precompute into {self.url} did not finish within {timeout_s:.0f}s "
+                    f"({done} shard markers present, no COMPLETE.json): check the precompute Job's logs"
+                )
+            time.sleep(min(poll_s, max(deadline - now, 0.01)))
+
+    def missing(self, samples: Iterable[Sample], frame_hashes: Mapping[str, str], *, vision: bool) -> list[str]:
+        """Ids of samples with any feature absent from the store (one listing, no per-key requests)."""
+        present = set(self.list_keys("spatial"))
+        if vision:
+            present |= set(self.list_keys("vision"))
+        absent = []
+        for sample in samples:
+            hashes = [frame_hashes.get(image) for image in sample.images]
+            if any(h is None for h in hashes):
+                absent.append(sample.id)
+                continue
+            keys = [self.spatial_key(hashes)]
+            if vision:
+                keys += [self.vision_key(h) for h in hashes]
+            if any(key not in present for key in keys):
+                absent.append(sample.id)
+        return absent
+
+    def verify(self, *, check_checksums: bool = True) -> StoreReport:
+        """Counts objects and bytes per kind and (optionally) reads every object to check it."""
+        objects, sizes, corrupt = {}, {}, []
+        for kind in KINDS:
+            listed = self.list_sizes(kind)
+            objects[kind] = len(listed)
+            sizes[kind] = sum(listed.values())
+            if check_checksums:
+                for key in listed:
+                    blob = self.get_bytes(key)
+                    try:
+                        decode_tensor(blob or b"", key)
+                    except JobError:
+                        corrupt.append(key)
+        return StoreReport(
+            objects=objects,
+            bytes=sizes,
+            corrupt=corrupt,
+            stale_temp=self.temp_files(),
+            manifests={kind: self.manifest(kind) for kind in KINDS},
+        )
+
+
+# ---------------------------------------------------------------- the trainer's feature source
+
+
+class StoreFeatureSource:
+    """Feature source for janus_job.data.dataset: spatial per sample, vision per frame, from the store.
+
+    ``frame_hashes`` maps annotation image strings to content hashes (FeatureStore.frame_index);
+    with ``hash_frames`` the frame files are hashed instead (read-through mode, or to distrust the
+    index). In read-through mode ``compute_spatial`` / ``compute_vision`` fill misses and the
+    result is written back (identical bytes from every rank, atomic put: races are harmless).
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        *,
+        frame_hashes: Mapping[str, str] | None = None,
+        image_root: str | os.PathLike | None = None,
+        compute_spatial: Callable[[Sample], torch.Tensor] | None = None,
+        compute_vision: Callable[[str], torch.Tensor] | None = None,
+    ) -> None:
+        self.store = store
+        self.frame_hashes = dict(frame_hashes) if frame_hashes is not None else None
+        self.image_root = image_root
+        self.compute_spatial = compute_spatial
+        self.compute_vision = compute_vision
+
+    def frame_hash(self, image: str) -> str:
+        if self.frame_hashes is not None:
+            found = self.frame_hashes.get(image)
+            if found is not None:
+                return found
+            if self.compute_vision is None and self.compute_spatial is None:
+                raise JobError(
+                    f"frame {image} is not in the store's frame index: the store was built from other "
+                    "annotations; rerun `janus-job precompute` for these annotations"
+                )
+        path = os.path.join(str(self.image_root), image) if self.image_root else image
+        return sha256_file(path)
+
+    def get_spatial(self, sample: Sample) -> torch.Tensor:
+        key = self.store.spatial_key([self.frame_hash(image) for image in sample.images])
+        return self._read_through(key, self.compute_spatial, sample, f"spatial features of sample {sample.id}")
+
+    def get_vision(self, frame_ref: str) -> torch.Tensor:
+        key = self.store.vision_key(self.frame_hash(frame_ref))
+        return self._read_through(key, self.compute_vision, frame_ref, f"vision features of frame {frame_ref}")
+
+    def _read_through(self, key: str, compute: Any, item: Any, what: str) -> torch.Tensor:
+        """The stored tensor; on a miss, `compute(item)` written back, or JobError without one."""
+        tensor = self.store.get_tensor(key)
+        if tensor is not None:
+            return tensor
+        if compute is None:
+            raise JobError(f"{what} are missing from {self.store.url} ({key})")
+        tensor = compute(item).to("cpu")
+        self.store.put_tensor(key, tensor)
+        return tensor
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    if url.startswith("s3://"):
+        root = url[len("s3://") :].strip("/")
+        if not root:
+            raise JobError(f"features.store {url!r} names no bucket: use s3://bucket/prefix")
+        return "s3", root
+    if url.startswith("file://"):
+        return "file", os.path.abspath(url[len("file://") :]).rstrip("/") or "/"
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise JobError(f"features.store scheme {scheme}:// is not supported: use s3:// or file://")
+    return "file", os.path.abspath(url).rstrip("/") or "/"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,1 @@
+"""JanusVLN on Qwen2.5-VL: the model, building it from checkpoints, export, lean activations."""

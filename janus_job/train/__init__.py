@@ -1,0 +1,1 @@
+"""Training: the trainer loop, the DeepSpeed engine and step, process groups, metrics, checkpoints, stop."""
