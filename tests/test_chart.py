@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import helm_python
@@ -16,9 +17,9 @@ from janus_job.deploy.render import render_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "janus-train"
-CRD = ROOT.parent / "shared" / "crds" / "kubeflow.org_pytorchjobs.yaml"
-ALL_FEATURES = CHART / "ci" / "all-features-values.yaml"
-VALUE_FILES = sorted((ROOT / "examples").glob("*.yaml")) + [ALL_FEATURES]
+# ../shared/crds beside the checkout; JANUS_CRD_DIR names another place (a git worktree elsewhere)
+CRD = Path(os.environ.get("JANUS_CRD_DIR", ROOT.parent / "shared" / "crds")) / "kubeflow.org_pytorchjobs.yaml"
+VALUE_FILES = sorted((ROOT / "examples").glob("*.yaml")) + sorted((CHART / "ci").glob("*.yaml"))
 IDS = [p.stem for p in VALUE_FILES]
 K8S_VERSION = "1.33.0"
 
@@ -34,7 +35,8 @@ def rendered() -> dict[str, list[dict]]:
 
 
 def by_kind(objects: list[dict], kind: str) -> list[dict]:
-    return [o for o in objects if o["kind"] == kind]
+    """The chart's own objects of a kind; the install/upgrade hook's objects are left out."""
+    return [o for o in objects if o["kind"] == kind and "helm.sh/hook" not in o["metadata"].get("annotations", {})]
 
 
 def pod_templates(job: dict) -> dict[str, dict]:
@@ -147,7 +149,7 @@ def test_two_node_infiniband_job(rendered):
         assert env["JANUS_STATS_DIR"] == "/var/run/janus/stats"
         assert trainer["resources"]["limits"]["rdma/hca_shared_devices_a"] == 1
         assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 8
-        assert "IPC_LOCK" in trainer["securityContext"]["capabilities"]["add"]
+        assert trainer["securityContext"]["capabilities"] == {"drop": ["ALL"]}  # nothing added (Pod Security)
         assert pod["priorityClassName"] == "janus-train"
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H800"}
         shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
@@ -172,12 +174,14 @@ def test_gpu_balance_sidecar_is_native_and_unprivileged(rendered):
                                       "--interval", "30", "--warn-ratio", "0.15", "--stale-after", "120"]
         assert "gpu" not in json.dumps(sidecar["resources"])
         sc = sidecar["securityContext"]
-        assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 1000
+        assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"] == {"drop": ["ALL"]}
         assert {"name": "metrics", "containerPort": 9500, "protocol": "TCP"} in sidecar["ports"]
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
         assert mounts["/var/run/janus/stats"] == "gpu-stats"
         assert {"name": "gpu-stats", "mountPath": "/var/run/janus/stats", "readOnly": True} in sidecar["volumeMounts"]
     (monitor,) = by_kind(rendered["all-features-values"], "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert not by_kind(rendered["minimal"], "PodMonitor")  # off by default
 
@@ -185,8 +189,9 @@ def test_gpu_balance_sidecar_is_native_and_unprivileged(rendered):
 def test_all_features_job(rendered):
     (job,) = by_kind(rendered["all-features-values"], "PyTorchJob")
     run = job["spec"]["runPolicy"]
+    # backoff 5 per node x 4 nodes at most; the gang is the elastic minimum (2), not training.nodes (4)
     assert run == {"backoffLimit": 20, "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 86400, "suspend": True,
-                   "schedulingPolicy": {"minAvailable": 4, "queue": "research", "priorityClass": "janus-train"}}
+                   "schedulingPolicy": {"minAvailable": 2, "queue": "research", "priorityClass": "janus-train"}}
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
     assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
     master = pod_templates(job)["Master"]
@@ -282,13 +287,16 @@ def _strict_k8s(obj: dict) -> None:
 
 @pytest.mark.parametrize("path", VALUE_FILES, ids=IDS)
 def test_core_objects_match_kubernetes_schemas(rendered, path):
-    for obj in rendered[path.stem]:
-        if obj["kind"] in ("ConfigMap", "Job"):
+    kinds = set()
+    for obj in rendered[path.stem]:  # hook objects included
+        kinds.add(obj["kind"])
+        if obj["kind"] not in ("PyTorchJob", "PodMonitor"):
             _strict_k8s(obj)
-        elif obj["kind"] == "PyTorchJob":  # its pod templates are core PodSpecs
+        if obj["kind"] == "PyTorchJob":  # its pod templates are core PodSpecs
             for role, template in pod_templates(obj).items():
                 _strict_k8s({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"x-{role.lower()}", **template["metadata"]},
                              "spec": template["spec"]})
+    assert {"ConfigMap", "Job", "PyTorchJob", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
 
 
 def test_strict_kubernetes_check_can_fail(rendered):
@@ -311,10 +319,16 @@ def test_notes_tell_how_to_follow_and_scale():
     with helm_python.Chart.load(CHART) as chart:
         out = chart.render(values=user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), name="r2r", namespace="janus")
     notes = out["janus-train/templates/NOTES.txt"]
-    assert "kubectl -n janus logs -f r2r-2node-ib-master-0 -c pytorch" in notes
+    # elastic: global rank 0 is whichever pod the rendezvous makes it, so NOTES follow all trainer pods
+    assert "master-0 -c pytorch" not in notes
+    assert "logs -f -l janus-train.io/job=r2r-2node-ib,app.kubernetes.io/component=trainer -c pytorch" in notes
+    assert "logs job/r2r-2node-ib-validate" in notes
     (job,) = by_kind(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r", namespace="janus"), "Job")
     assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
     assert "scale pytorchjob/r2r-2node-ib --replicas" in notes and "--set training.nodes=" in notes
+    with helm_python.Chart.load(CHART) as chart:
+        fixed = chart.render(values=user_values(ROOT / "examples" / "r2r-1node.yaml"), name="r", namespace="janus")
+    assert "kubectl -n janus logs -f r2r-1node-master-0 -c pytorch" in fixed["janus-train/templates/NOTES.txt"]
 
 
 def test_kubectl_scale_target_is_the_worker_count_the_elastic_job_follows():

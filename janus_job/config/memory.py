@@ -92,6 +92,15 @@ def estimate_gpu_memory(spec: JobSpec, world_size: int | None = None) -> MemoryE
                           logit_bytes / gib, RUNTIME_OVERHEAD_GIB)
 
 
+def checkpoint_gib(spec: JobSpec) -> float:
+    """Size of one checkpoint: bf16 weights, fp32 master weights and both Adam moments of the trainable
+    parameters (frozen ones are not saved); 101 GiB for JanusVLN-7B."""
+    trainable = QWEN_LLM_PARAMS + QWEN_MERGER_PARAMS + SPATIAL_MERGER_PARAMS
+    if spec.training.vision_learning_rate is not None:
+        trainable += QWEN_VISION_PARAMS
+    return 14 * trainable / 1024**3
+
+
 def memory_problems(spec: JobSpec) -> list[Problem]:
     limit = spec.cluster.resources.gpu_memory_gib * 0.95
     smallest_world = spec.min_nodes * spec.training.gpus_per_node

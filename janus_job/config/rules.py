@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from janus_job.config.memory import memory_problems
+from janus_job.config.memory import checkpoint_gib, memory_problems
 from janus_job.config.spec import DNS_LABEL_MAX, MIN_ELASTIC_NODES, JobSpec
 from janus_job.errors import Problem
 
@@ -24,6 +24,7 @@ def _longest_generated_suffix(spec: JobSpec) -> str:
         "-master-0",
         f"-precompute-{'x' * PRECOMPUTE_HASH_LEN}-{spec.precompute.pods - 1}",  # Indexed Job pod hostname
         "-spec",
+        "-validate",  # the install/upgrade hook's ConfigMap and Job
     ]
     return max(suffixes, key=len)
 
@@ -135,5 +136,52 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
             f"use at least 2 x interval_seconds ({2 * spec.monitor.interval_seconds})",
         ))
 
+    problems.extend(pod_security_problems(spec))
+    problems.extend(staging_problems(spec))
     problems.extend(memory_problems(spec))
     return problems
+
+
+# -- what the namespace admits ----------------------------------------------------------------------
+APPARMOR_ANNOTATION = "container.apparmor.security.beta.kubernetes.io/"
+
+
+def pod_security_problems(spec: JobSpec) -> list[Problem]:
+    """The spec-dependent parts of the Pod Security Standards (the chart's fixed parts meet `restricted`,
+    tests/test_pod_security.py checks the rendered pods): refused when the stated level would refuse them."""
+    c = spec.cluster
+    problems = []
+    if c.network == "hostnetwork" and c.pod_security != "privileged":
+        problems.append(Problem(
+            "cluster.pod_security",
+            f"network 'hostnetwork' runs the training pods in the node's network namespace (hostNetwork), which "
+            f"Pod Security '{c.pod_security}' refuses",
+            "label the namespace pod-security.kubernetes.io/enforce=privileged and set cluster.pod_security: "
+            "privileged, or use network infiniband/roce",
+        ))
+    if c.pod_security != "privileged":
+        for key, value in c.pod_annotations.items():
+            allowed = value == "runtime/default" or value.startswith("localhost/")
+            if key.startswith(APPARMOR_ANNOTATION) and not allowed:
+                problems.append(Problem(
+                    f"cluster.pod_annotations.{key}",
+                    f"AppArmor profile '{value}' is refused by Pod Security '{c.pod_security}'",
+                    "use runtime/default or localhost/<profile>, or remove the annotation",
+                ))
+    return problems
+
+
+STAGING_CHECKPOINTS = 3  # one being saved, one fetched for a resume, its universal (resharded) copy
+
+
+def staging_problems(spec: JobSpec) -> list[Problem]:
+    """The chart sizes each training pod's staging volume from cluster.checkpoint_staging_gib."""
+    need = math.ceil(STAGING_CHECKPOINTS * checkpoint_gib(spec))
+    if spec.cluster.checkpoint_staging_gib < need:
+        return [Problem(
+            "cluster.checkpoint_staging_gib",
+            f"{spec.cluster.checkpoint_staging_gib:g} GiB cannot hold a checkpoint save, a fetched checkpoint and "
+            f"its resharded copy ({STAGING_CHECKPOINTS} x {checkpoint_gib(spec):.0f} GiB)",
+            f"use at least {need}",
+        )]
+    return []

@@ -36,10 +36,25 @@ def defaults_values() -> dict[str, Any]:
     return _defaults_of(JobSpec)
 
 
+def _require_defaults(model: type[BaseModel], node: dict[str, Any], defs: dict[str, Any]) -> None:
+    """Marks every field with a default as required. Helm validates the values merged with values.yaml,
+    where these are always present, unless the user's file sets them to null: Helm deletes such keys,
+    and without this the templates would render zeros and empty strings in their place."""
+    required = set(node.get("required", []))
+    for name, field in model.model_fields.items():
+        if not field.is_required() and field.get_default(call_default_factory=True) is not None:
+            required.add(name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann.__name__ in defs:
+            _require_defaults(ann, defs[ann.__name__], defs)
+    node["required"] = [name for name in model.model_fields if name in required]
+
+
 def json_schema() -> dict[str, Any]:
-    """The chart's values.schema.json."""
+    """The chart's values.schema.json (every defaulted field required: see `_require_defaults`)."""
     schema = JobSpec.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    _require_defaults(JobSpec, schema, schema.get("$defs", {}))
     return schema
 
 

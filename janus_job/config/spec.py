@@ -161,8 +161,14 @@ class DeepSpeedSpec(Section):
 
 
 class ResourcesSpec(Section):
-    cpu: str | None = Field(None, description="CPU request=limit of every GPU pod (training and precompute), e.g. '96'.")
-    memory: str | None = Field(None, description="Memory request=limit of every GPU pod (training and precompute), e.g. '1500Gi'.")
+    cpu: str = Field(
+        "96", min_length=1,
+        description="CPU request=limit of every GPU pod (training and precompute). The default fits an 8-GPU "
+        "H100/H800 node (2 x 48+ cores): 8 ranks, their DataLoader workers and CPU Adam threads.")
+    memory: str = Field(
+        "900Gi", min_length=1,
+        description="Memory request=limit of every GPU pod, /dev/shm included. The default fits the allocatable "
+        "memory of a 1 TiB 8-GPU node; raise it for optimizer/parameter offload (e.g. '1500Gi' on 2 TiB nodes).")
     gpu_resource_name: str = Field("nvidia.com/gpu", min_length=1, description="Extended resource name of the GPUs.")
     gpu_memory_gib: float = Field(80, gt=0, description="Memory of one GPU (H100/H800: 80), used by the fit check.")
 
@@ -190,13 +196,29 @@ class ClusterSpec(Section):
         description="Restart policy of the training replicas: OnFailure restarts a failed pod in place (the job "
         "resumes from its newest checkpoint); ExitCode restarts only on signals/exit codes >= 128.",
     )
-    backoff_limit: int = Field(10, ge=0, le=1000, description="PyTorchJob runPolicy.backoffLimit (pod restarts before failure).")
+    backoff_limit_per_node: int = Field(
+        10, ge=0, le=1000,
+        description="Container restarts allowed per node before the PyTorchJob fails: runPolicy.backoffLimit is this "
+        "x the most nodes the job may run on (the operator counts every restart, the sidecar's included).")
     termination_grace_seconds: int = Field(
         600, ge=60, le=86400,
         description="terminationGracePeriodSeconds of the training pods: after SIGTERM the ranks finish their step, "
         "checkpoint it and upload before this runs out (torchrun waits this long minus 15 s before SIGKILL).")
     clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="PyTorchJob runPolicy.cleanPodPolicy.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished job after this many seconds.")
+    pod_security: Literal["restricted", "baseline", "privileged"] = Field(
+        "restricted",
+        description="Pod Security Standards level the namespace enforces (label pod-security.kubernetes.io/enforce; "
+        "manifests/namespace.yaml: restricted). validate refuses a spec whose pods that level would refuse; the "
+        "hostnetwork preset needs privileged.")
+    checkpoint_staging_gib: float = Field(
+        400, gt=0, le=100_000,
+        description="Node-local checkpoint staging of each training pod (JANUS_CHECKPOINT_STAGING): a save, a fetched "
+        "checkpoint and its resharded copy; at least 3 x the estimated checkpoint (JanusVLN-7B: 101-109 GiB).")
+    checkpoint_staging_storage_class: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+        description="Stage checkpoints on a per-pod generic ephemeral volume of this StorageClass "
+        "(checkpoint_staging_gib) instead of an emptyDir on the node's disk.")
 
 
 class MonitorSpec(Section):
@@ -206,6 +228,10 @@ class MonitorSpec(Section):
     stale_after_seconds: int = Field(120, ge=1, description="WARN when a rank's stats file is older than this.")
     port: int = Field(9464, ge=1024, le=65535, description="Prometheus /metrics port of the sidecar.")
     pod_monitor: bool = Field(False, description="Create a prometheus-operator PodMonitor.")
+    scraper_namespace: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="Namespace of the Prometheus that scrapes /metrics: the NetworkPolicy admits only it to the "
+        "metrics port (unset: any pod in the cluster).")
 
 
 class JobSpec(Section):

@@ -3,21 +3,63 @@
 {{- .Values.cluster.namespace | default .Release.Namespace -}}
 {{- end }}
 
+{{/*
+Every value the templates read. Helm deletes a key that the user's file sets to null (and the schema
+then never sees it); values.schema.json requires these, and this check names the field again where a
+schema is skipped (helm --skip-schema-validation), so that nothing renders as 0 or "" in its place.
+*/}}
+{{- define "janus-train.requireValues" -}}
+{{- range $path := list
+    "name"
+    "image.repository" "image.tag" "image.pull_policy" "image.pull_secrets"
+    "features.mode" "features.credentials_from" "features.cache_dir" "features.cache_size_gib"
+    "precompute.pods" "precompute.gpus_per_pod" "precompute.backoff_limit_per_index"
+    "training.nodes" "training.gpus_per_node" "training.suspend"
+    "training.resize.policy" "training.resize.max_restarts"
+    "cluster.service_account" "cluster.node_selector" "cluster.tolerations" "cluster.affinity"
+    "cluster.gang_scheduler" "cluster.resources.cpu" "cluster.resources.memory"
+    "cluster.resources.gpu_resource_name" "cluster.shm_size" "cluster.network" "cluster.rdma_resource"
+    "cluster.rdma_resource_count" "cluster.roce_gid_index" "cluster.pod_annotations" "cluster.restart_policy"
+    "cluster.backoff_limit_per_node" "cluster.termination_grace_seconds" "cluster.clean_pod_policy"
+    "cluster.checkpoint_staging_gib"
+    "monitor.enabled" "monitor.interval_seconds" "monitor.imbalance_warning_ratio" "monitor.stale_after_seconds"
+    "monitor.port" "monitor.pod_monitor" }}
+{{- $value := $.Values }}
+{{- $missing := false }}
+{{- range $key := splitList "." $path }}
+{{- if and (not $missing) (kindIs "map" $value) (hasKey $value $key) }}
+{{- $value = index $value $key }}
+{{- else }}
+{{- $missing = true }}
+{{- end }}
+{{- end }}
+{{- if or $missing (kindIs "invalid" $value) }}
+{{- required (printf "%s: null or missing (Helm drops a key set to null); fix: remove the line to take the chart default, or set a value (janus-job schema describes it)" $path) nil }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Recommended labels (app.kubernetes.io/*) shared by every object. */}}
 {{- define "janus-train.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
-app.kubernetes.io/name: {{ .Chart.Name }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/name: {{ .Chart.Name | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
 app.kubernetes.io/part-of: janus-train
-janus-train.io/job: {{ .Values.name }}
+janus-train.io/job: {{ .Values.name | quote }}
 {{- end }}
 
 {{- define "janus-train.selectorLabels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-janus-train.io/job: {{ .Values.name }}
+app.kubernetes.io/name: {{ .Chart.Name | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+janus-train.io/job: {{ .Values.name | quote }}
+{{- end }}
+
+{{/* Labels of the training pods: what the NetworkPolicy and the PodDisruptionBudget select. */}}
+{{- define "janus-train.trainerSelector" -}}
+{{ include "janus-train.selectorLabels" . }}
+app.kubernetes.io/component: trainer
 {{- end }}
 
 {{/* sha256 of the validated spec: pods restart when it changes. */}}
@@ -33,18 +75,18 @@ janus-train.io/job: {{ .Values.name }}
 {{- end -}}
 {{- end }}
 
-{{/* Pod-level settings shared by the precompute and training pods. */}}
+{{/* Pod-level settings shared by the precompute, training and validation pods (Pod Security: restricted). */}}
 {{- define "janus-train.podSpecCommon" -}}
-serviceAccountName: {{ .Values.cluster.service_account }}
+serviceAccountName: {{ .Values.cluster.service_account | quote }}
 automountServiceAccountToken: false
 {{- with .Values.image.pull_secrets }}
 imagePullSecrets:
 {{- range . }}
-  - name: {{ . }}
+  - name: {{ . | quote }}
 {{- end }}
 {{- end }}
 {{- with .Values.cluster.priority_class }}
-priorityClassName: {{ . }}
+priorityClassName: {{ . | quote }}
 {{- end }}
 {{- with .Values.cluster.node_selector }}
 nodeSelector:
@@ -67,10 +109,22 @@ securityContext:
     type: RuntimeDefault
 {{- end }}
 
-{{/* Environment shared by GPU containers: spec path, object-store endpoint, pod identity. */}}
+{{/* Container security of every container (Pod Security: restricted; no capability is added). */}}
+{{- define "janus-train.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{/* Environment shared by GPU containers: spec path, writable paths, object-store endpoint, pod identity. */}}
 {{- define "janus-train.env" -}}
 - name: JANUS_SPEC
   value: /etc/janus/job.yaml
+- name: HOME
+  value: /home/janus
+- name: TMPDIR
+  value: /tmp
 - name: NODE_NAME
   valueFrom:
     fieldRef:
@@ -94,7 +148,7 @@ securityContext:
 {{- if and (eq .Values.features.credentials_from "secret") .Values.features.credentials_secret }}
 envFrom:
   - secretRef:
-      name: {{ .Values.features.credentials_secret }}
+      name: {{ .Values.features.credentials_secret | quote }}
 {{- end }}
 {{- end }}
 
@@ -130,41 +184,53 @@ envFrom:
 {{- end }}
 {{- end }}
 
-{{/* GPU (+ RDMA, CPU, memory) requests = limits of one GPU pod; argument: (list $ gpuCount). */}}
+{{/* Sizes in GiB of the node-disk emptyDirs of a GPU pod (the ephemeral-storage request adds them up). */}}
+{{- define "janus-train.tmpGiB" -}}16{{- end }}
+{{- define "janus-train.homeGiB" -}}64{{- end }}
+{{- define "janus-train.cacheGiB" -}}{{ int (ceil .Values.features.cache_size_gib) }}{{- end }}
+{{- define "janus-train.stagingGiB" -}}{{ int (ceil .Values.cluster.checkpoint_staging_gib) }}{{- end }}
+
+{{/*
+Requests = limits of one GPU pod's main container (Guaranteed QoS); argument: (list $ gpuCount trainer).
+ephemeral-storage is requested for the emptyDirs on the node's disk, so the scheduler places the pod
+where they fit and the kubelet does not evict it under disk pressure.
+*/}}
 {{- define "janus-train.gpuResources" -}}
 {{- $ := index . 0 -}}
 {{- $gpus := index . 1 -}}
+{{- $trainer := index . 2 -}}
 {{- $c := $.Values.cluster -}}
-{{- $r := dict $c.resources.gpu_resource_name $gpus -}}
-{{- if ne $c.network "tcp" }}{{- $_ := set $r $c.rdma_resource (int $c.rdma_resource_count) -}}{{- end }}
-{{- with $c.resources.cpu }}{{- $_ := set $r "cpu" . -}}{{- end }}
-{{- with $c.resources.memory }}{{- $_ := set $r "memory" . -}}{{- end }}
+{{- $r := dict $c.resources.gpu_resource_name $gpus "cpu" $c.resources.cpu "memory" $c.resources.memory -}}
+{{- if and $trainer (ne $c.network "tcp") }}{{- $_ := set $r $c.rdma_resource (int $c.rdma_resource_count) -}}{{- end }}
+{{- $disk := add (include "janus-train.tmpGiB" $) (include "janus-train.homeGiB" $) -}}
+{{- if gt (float64 $.Values.features.cache_size_gib) 0.0 }}{{- $disk = add $disk (include "janus-train.cacheGiB" $) -}}{{- end }}
+{{- if and $trainer (not $c.checkpoint_staging_storage_class) }}{{- $disk = add $disk (include "janus-train.stagingGiB" $) -}}{{- end }}
 requests:
 {{- toYaml $r | nindent 2 }}
+  ephemeral-storage: {{ printf "%dGi" $disk | quote }}
 limits:
 {{- toYaml $r | nindent 2 }}
 {{- end }}
 
-{{- define "janus-train.gpuContainerSecurity" -}}
-allowPrivilegeEscalation: false
-capabilities:
-  drop: ["ALL"]
-  add: ["IPC_LOCK"]
-{{- end }}
-
-{{/* Volumes: the spec, /dev/shm, the feature cache. */}}
+{{/* Volumes of every GPU pod: the spec, /dev/shm, /tmp, HOME (model and compiler caches), the feature cache. */}}
 {{- define "janus-train.volumes" -}}
 - name: spec
   configMap:
-    name: {{ .Values.name }}-spec
+    name: {{ printf "%s-spec" .Values.name | quote }}
 - name: dshm
   emptyDir:
     medium: Memory
-    sizeLimit: {{ .Values.cluster.shm_size }}
+    sizeLimit: {{ .Values.cluster.shm_size | quote }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ printf "%sGi" (include "janus-train.tmpGiB" .) | quote }}
+- name: home
+  emptyDir:
+    sizeLimit: {{ printf "%sGi" (include "janus-train.homeGiB" .) | quote }}
 {{- if gt (float64 .Values.features.cache_size_gib) 0.0 }}
 - name: feature-cache
   emptyDir:
-    sizeLimit: {{ printf "%dGi" (int (ceil .Values.features.cache_size_gib)) }}
+    sizeLimit: {{ printf "%sGi" (include "janus-train.cacheGiB" .) | quote }}
 {{- end }}
 {{- end }}
 
@@ -174,9 +240,13 @@ capabilities:
   readOnly: true
 - name: dshm
   mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/janus
 {{- if gt (float64 .Values.features.cache_size_gib) 0.0 }}
 - name: feature-cache
-  mountPath: {{ .Values.features.cache_dir }}
+  mountPath: {{ .Values.features.cache_dir | quote }}
 {{- end }}
 {{- end }}
 
