@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "janus-train"
 # ../shared/crds beside the checkout; JANUS_CRD_DIR names another place (a git worktree elsewhere)
 CRD = Path(os.environ.get("JANUS_CRD_DIR", ROOT.parent / "shared" / "crds")) / "kubeflow.org_pytorchjobs.yaml"
+ALL_FEATURES = CHART / "ci" / "all-features-values.yaml"
 VALUE_FILES = sorted((ROOT / "examples").glob("*.yaml")) + sorted((CHART / "ci").glob("*.yaml"))
 IDS = [p.stem for p in VALUE_FILES]
 K8S_VERSION = "1.33.0"
@@ -345,3 +346,94 @@ def test_kubectl_scale_target_is_the_worker_count_the_elastic_job_follows():
         (job,) = by_kind(render_objects(values), "PyTorchJob")
         assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == nodes - 1
         assert job["spec"]["elasticPolicy"]["minReplicas"] <= nodes <= job["spec"]["elasticPolicy"]["maxReplicas"]
+
+
+# -- pods that stay --------------------------------------------------------------------------------
+
+
+def _trainer(objects: list[dict], role: str = "Master") -> dict:
+    (job,) = by_kind(objects, "PyTorchJob")
+    return pod_templates(job)[role]
+
+
+def test_checkpoint_staging_volume_and_disk_requests(rendered):
+    from janus_job.spec import checkpoint_gib, load_spec
+
+    spec = load_spec(ROOT / "examples" / "r2r-2node-ib.yaml")
+    assert 100 < checkpoint_gib(spec) < 102  # the 101 GiB measured at full size (docs/operations.md)
+    pod = _trainer(rendered["r2r-2node-ib"])["spec"]
+    (trainer,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    staging = volumes[mounts[env["JANUS_CHECKPOINT_STAGING"]]]
+    assert staging["emptyDir"] == {"sizeLimit": "400Gi"}  # cluster.checkpoint_staging_gib
+    # every node-disk emptyDir is requested: /tmp 16 + HOME 64 + feature cache 300 + staging 400
+    assert trainer["resources"]["requests"]["ephemeral-storage"] == "780Gi"
+    assert trainer["resources"]["requests"]["cpu"] == "96" and trainer["resources"]["limits"]["memory"] == "1000Gi"
+    (precompute,) = by_kind(rendered["r2r-2node-ib"], "Job")
+    (worker,) = precompute["spec"]["template"]["spec"]["containers"]
+    assert worker["resources"]["requests"]["ephemeral-storage"] == "380Gi"  # no staging
+    assert "rdma/hca_shared_devices_a" not in worker["resources"]["limits"]  # precompute needs no RDMA
+
+    values = user_values(ROOT / "examples" / "minimal.yaml")
+    values["cluster"] = {"checkpoint_staging_gib": 500, "checkpoint_staging_storage_class": "local-nvme"}
+    pod = _trainer(render_objects(values))["spec"]
+    claim = next(v for v in pod["volumes"] if v["name"] == "checkpoint-staging")["ephemeral"]["volumeClaimTemplate"]
+    assert claim["spec"]["storageClassName"] == "local-nvme"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "500Gi"
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "280Gi"  # 16 + 64 + 200
+    _strict_k8s({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod})
+
+
+def test_default_resources_fit_an_8_gpu_node(rendered):
+    (trainer,) = _trainer(rendered["minimal"])["spec"]["containers"]
+    assert trainer["resources"]["limits"] == {"cpu": "96", "memory": "900Gi", "nvidia.com/gpu": 8}
+
+
+def test_restart_budget_scales_with_the_node_count():
+    values = user_values(ROOT / "examples" / "r2r-2node-ib.yaml")
+    for max_nodes in (2, 3, 4):
+        values["training"]["resize"]["max_nodes"] = max_nodes
+        (job,) = by_kind(render_objects(values), "PyTorchJob")
+        assert job["spec"]["runPolicy"]["backoffLimit"] == 10 * max_nodes
+        assert job["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"] == 2  # the elastic minimum
+
+
+def test_disruption_budget_and_network_policy_select_the_trainer_pods(rendered):
+    objects = rendered["all-features-values"]
+    labels = _trainer(objects)["metadata"]["labels"]
+    (pdb,) = by_kind(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 0 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    peers, metrics = policy["spec"]["ingress"]
+    # the job's own training pods, any port (rendezvous 23456, NCCL/Gloo pick theirs at run time)
+    assert peers == {"from": [{"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}]}
+    assert metrics == {"ports": [{"port": 9500, "protocol": "TCP"}]}  # any scraper
+    (precompute,) = by_kind(objects, "Job")
+    assert not policy["spec"]["podSelector"]["matchLabels"].items() <= \
+        precompute["spec"]["template"]["metadata"]["labels"].items()
+    values = user_values(ALL_FEATURES)
+    values["monitor"]["scraper_namespace"] = "monitoring"
+    (policy,) = by_kind(render_objects(values), "NetworkPolicy")
+    assert policy["spec"]["ingress"][1]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+INJECTION = "x\nhostPID: true\nprivileged: true"
+STRING_FIELDS = [("cluster", "service_account"), ("cluster", "priority_class"), ("cluster", "queue"),
+                 ("features", "credentials_secret"), ("features", "endpoint_url"), ("features", "cache_dir"),
+                 ("image", "tag"), ("image", "repository"), ("cluster", "nccl_socket_ifname")]
+
+
+@pytest.mark.parametrize("section,field", STRING_FIELDS, ids=[f"{s}.{f}" for s, f in STRING_FIELDS])
+def test_spec_strings_render_as_one_scalar(section, field):
+    """Even a string that validate would refuse stays one YAML scalar in the templates (quote/toYaml)."""
+    values = user_values(ALL_FEATURES)
+    values[section][field] = INJECTION
+    text = json.dumps(render_objects(values))
+    assert '"hostPID"' not in text and '"privileged"' not in text
+    assert json.dumps(INJECTION)[1:-1] in text
