@@ -80,9 +80,8 @@ def test_helm_refuses_values_that_violate_the_schema(case, change, word):
     values = user_values(ROOT / "examples" / "minimal.yaml")
     for key, value in change.items():
         values[key] = {**values[key], **value} if isinstance(value, dict) and key in values else value
-    with helm_python.Chart.load(CHART) as chart:
-        with pytest.raises(helm_python.HelmError) as err:
-            chart.render(values=values, name="janus-train", namespace="janus", is_install=True)
+    with helm_python.Chart.load(CHART) as chart, pytest.raises(helm_python.HelmError) as err:
+        chart.render(values=values, name="janus-train", namespace="janus", is_install=True)
     assert word in str(err.value)
     report = helm_python.lint(CHART, values, strict=True)
     assert report["errors"], report
@@ -176,7 +175,8 @@ def test_gpu_balance_sidecar_is_native_and_unprivileged(rendered):
         assert "gpu" not in json.dumps(sidecar["resources"])
         sc = sidecar["securityContext"]
         assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 1000
-        assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}
         assert {"name": "metrics", "containerPort": 9500, "protocol": "TCP"} in sidecar["ports"]
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
         assert mounts["/var/run/janus/stats"] == "gpu-stats"

@@ -20,7 +20,8 @@ def test_every_example_has_rendered_manifests():
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
 def test_rendered_example_is_current(tmp_path, example):
     proc = subprocess.run([sys.executable, "-m", "janus_job.cli", "render", str(example), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+                          capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     committed = ROOT / "manifests" / "examples" / example.stem
     for name in ("deepspeed.json", "manifests.yaml"):

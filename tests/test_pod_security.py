@@ -70,7 +70,7 @@ def baseline_violations(metadata: dict, spec: dict) -> list[str]:
             host_port = port.get("hostPort", port.get("containerPort") if spec.get("hostNetwork") else 0)
             if host_port:
                 out.append(f"Host Ports: {c['name']} {host_port}")
-    profiles = [pod_sc.get("appArmorProfile", {}).get("type")] + [sc.get("appArmorProfile", {}).get("type") for _, sc in scs]
+    profiles = [sc.get("appArmorProfile", {}).get("type") for sc in [pod_sc, *(sc for _, sc in scs)]]
     if any(p not in (None, "RuntimeDefault", "Localhost") for p in profiles):
         out.append("AppArmor: appArmorProfile")
     for key, value in metadata.get("annotations", {}).items():
@@ -80,7 +80,7 @@ def baseline_violations(metadata: dict, spec: dict) -> list[str]:
         if se and (se.get("type", "") not in SELINUX_TYPES or se.get("user") or se.get("role")):
             out.append("SELinux")
     out += [f"/proc Mount Type: {name}" for name, sc in scs if sc.get("procMount", "Default") != "Default"]
-    seccomp = [pod_sc.get("seccompProfile", {}).get("type")] + [sc.get("seccompProfile", {}).get("type") for _, sc in scs]
+    seccomp = [sc.get("seccompProfile", {}).get("type") for sc in [pod_sc, *(sc for _, sc in scs)]]
     if "Unconfined" in seccomp:
         out.append("Seccomp: Unconfined")
     out += [f"Sysctls: {s['name']}" for s in pod_sc.get("sysctls", []) if s["name"] not in SAFE_SYSCTLS]
@@ -98,7 +98,8 @@ def restricted_violations(metadata: dict, spec: dict) -> list[str]:
             out.append(f"Volume Types: {v['name']} {sorted(kinds - RESTRICTED_VOLUMES)}")
     out += [f"Privilege Escalation: {name}" for name, sc in scs if sc.get("allowPrivilegeEscalation") is not False]
     for name, sc in scs:
-        if sc.get("runAsNonRoot") is False or (sc.get("runAsNonRoot") is None and pod_sc.get("runAsNonRoot") is not True):
+        own = sc.get("runAsNonRoot")
+        if own is False or (own is None and pod_sc.get("runAsNonRoot") is not True):
             out.append(f"Running as Non-root: {name}")
     if pod_sc.get("runAsUser") == 0 or any(sc.get("runAsUser") == 0 for _, sc in scs):
         out.append("Running as Non-root user")
@@ -145,9 +146,8 @@ def qos_class(spec: dict) -> str:
         requests = c.get("resources", {}).get("requests", {})
         for resource in ("cpu", "memory"):
             any_set |= resource in limits or resource in requests
-            if resource not in limits:
-                guaranteed = False
-            elif quantity(requests.get(resource, limits[resource])) != quantity(limits[resource]):
+            limit = limits.get(resource)
+            if limit is None or quantity(requests.get(resource, limit)) != quantity(limit):
                 guaranteed = False
     return "Guaranteed" if guaranteed else ("Burstable" if any_set else "BestEffort")
 
@@ -239,15 +239,18 @@ MUTATIONS = [
     ("HostProcess", "baseline", lambda m, s: s["securityContext"].update(windowsOptions={"hostProcess": True})),
     ("Host Namespaces", "baseline", lambda m, s: s.update(hostPID=True)),
     ("Privileged Containers", "baseline", lambda m, s: s["containers"][0]["securityContext"].update(privileged=True)),
-    ("Capabilities", "baseline", lambda m, s: s["containers"][0]["securityContext"]["capabilities"].update(add=["IPC_LOCK"])),
+    ("Capabilities", "baseline",
+     lambda m, s: s["containers"][0]["securityContext"]["capabilities"].update(add=["IPC_LOCK"])),
     ("HostPath Volumes", "baseline", lambda m, s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}})),
     ("Host Ports", "baseline", lambda m, s: s["containers"][0]["ports"][0].update(hostPort=23456)),
     ("AppArmor", "baseline", lambda m, s: m["annotations"].update({APPARMOR_PREFIX + "pytorch": "unconfined"})),
     ("SELinux", "baseline", lambda m, s: s["securityContext"].update(seLinuxOptions={"type": "spc_t"})),
     ("/proc Mount Type", "baseline", lambda m, s: s["containers"][0]["securityContext"].update(procMount="Unmasked")),
     ("Seccomp", "baseline", lambda m, s: s["securityContext"].update(seccompProfile={"type": "Unconfined"})),
-    ("Sysctls", "baseline", lambda m, s: s["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}])),
-    ("Volume Types", "restricted", lambda m, s: s["volumes"].append({"name": "n", "nfs": {"server": "x", "path": "/"}})),
+    ("Sysctls", "baseline",
+     lambda m, s: s["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}])),
+    ("Volume Types", "restricted",
+     lambda m, s: s["volumes"].append({"name": "n", "nfs": {"server": "x", "path": "/"}})),
     ("Privilege Escalation", "restricted",
      lambda m, s: s["containers"][0]["securityContext"].pop("allowPrivilegeEscalation")),
     ("Running as Non-root", "restricted", lambda m, s: s["securityContext"].pop("runAsNonRoot")),
