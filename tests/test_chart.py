@@ -426,14 +426,18 @@ def test_disruption_budget_and_network_policy_select_the_trainer_pods(rendered):
 INJECTION = "x\nhostPID: true\nprivileged: true"
 STRING_FIELDS = [("cluster", "service_account"), ("cluster", "priority_class"), ("cluster", "queue"),
                  ("features", "credentials_secret"), ("features", "endpoint_url"), ("features", "cache_dir"),
-                 ("image", "tag"), ("image", "repository"), ("cluster", "nccl_socket_ifname")]
+                 ("image", "tag"), ("image", "repository"), ("cluster", "nccl_socket_ifname"), ("cluster", "namespace"),
+                 ("cluster", "nccl_ib_hca"), ("cluster", "rdma_resource"), ("cluster", "resources")]
 
 
 @pytest.mark.parametrize("section,field", STRING_FIELDS, ids=[f"{s}.{f}" for s, f in STRING_FIELDS])
 def test_spec_strings_render_as_one_scalar(section, field):
     """Even a string that validate would refuse stays one YAML scalar in the templates (quote/toYaml)."""
     values = user_values(ALL_FEATURES)
-    values[section][field] = INJECTION
+    if field == "resources":  # the GPU resource name is a key in requests/limits
+        values[section][field]["gpu_resource_name"] = INJECTION
+    else:
+        values[section][field] = INJECTION
     text = json.dumps(render_objects(values))
     assert '"hostPID"' not in text and '"privileged"' not in text
     assert json.dumps(INJECTION)[1:-1] in text
