@@ -86,6 +86,7 @@ def test_hook_runs_validate_before_install_and_upgrade():
     # Helm creates hooks of one phase in ascending weight: the ConfigMap exists before the Job's pod
     assert int(configmap["metadata"]["annotations"]["helm.sh/hook-weight"]) < \
         int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert job["metadata"]["annotations"]["helm.sh/hook-output-log-policy"] == "hook-failed"
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
