@@ -357,7 +357,7 @@ def _trainer(objects: list[dict], role: str = "Master") -> dict:
 
 
 def test_checkpoint_staging_volume_and_disk_requests(rendered):
-    from janus_job.spec import checkpoint_gib, load_spec
+    from janus_job.config.memory import checkpoint_gib
 
     spec = load_spec(ROOT / "examples" / "r2r-2node-ib.yaml")
     assert 100 < checkpoint_gib(spec) < 102  # the 101 GiB measured at full size (docs/operations.md)

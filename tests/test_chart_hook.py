@@ -20,8 +20,8 @@ import helm_python
 import pytest
 import yaml
 
-from janus_job.render import render_objects
-from janus_job.spec import defaults_values
+from janus_job.config.schema import defaults_values
+from janus_job.deploy.render import render_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "janus-train"

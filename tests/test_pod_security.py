@@ -18,9 +18,10 @@ from pathlib import Path
 import helm_python
 import pytest
 
+from janus_job.config.load import validate_spec
+from janus_job.config.schema import spec_to_values
+from janus_job.deploy.render import render_objects
 from janus_job.errors import JobError
-from janus_job.render import render_objects
-from janus_job.spec import spec_to_values, validate_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "janus-train"
