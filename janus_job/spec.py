@@ -184,12 +184,8 @@ class ClusterSpec(Section):
     queue: str | None = Field(None, description="Volcano queue (gang_scheduler: volcano).")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     shm_size: str = Field("64Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$", description="/dev/shm size (memory emptyDir) for DataLoader workers.")
-    network: Literal["tcp", "infiniband", "roce", "hostnetwork"] = Field("tcp", description="NCCL network preset, see docs/deploy.md.")
-    rdma_resource: str = Field("rdma/hca_shared_devices_a", min_length=1, description="RDMA device-plugin resource (infiniband/roce).")
+    rdma_resource: str = Field("rdma/hca_shared_devices_a", min_length=1, description="RDMA device-plugin resource (network presets other than tcp).")
     rdma_resource_count: int = Field(1, ge=1, le=64, description="RDMA devices requested per pod.")
-    nccl_ib_hca: str | None = Field(None, description="NCCL_IB_HCA, e.g. 'mlx5' (infiniband/roce).")
-    nccl_socket_ifname: str | None = Field(None, description="NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, e.g. 'eth0'.")
-    roce_gid_index: int = Field(3, ge=0, le=255, description="NCCL_IB_GID_INDEX for RoCE v2.")
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations (e.g. Multus networks).")
     restart_policy: Literal["OnFailure", "ExitCode", "Never"] = Field(
         "OnFailure",
@@ -203,6 +199,35 @@ class ClusterSpec(Section):
         "checkpoint it and upload before this runs out (torchrun waits this long minus 15 s before SIGKILL).")
     clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="PyTorchJob runPolicy.cleanPodPolicy.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished job after this many seconds.")
+
+
+class NetworkSpec(Section):
+    """NCCL's network: janus-job launch sets the variables (janus_job/network.py), checks the node and
+    the transport NCCL actually uses at start; docs/network.md."""
+
+    preset: Literal["tcp", "infiniband", "roce", "hostnetwork"] = Field(
+        "tcp", description="tcp: sockets only; infiniband/roce: NCCL's IB transport over the RDMA device plugin's "
+        "HCAs; hostnetwork: the node's network namespace (RDMA devices of the host).")
+    ib_hca: str | None = Field(
+        None, description="NCCL_IB_HCA in NCCL's syntax, exact or excluding: '=mlx5_0,mlx5_1', '=mlx5_0:1', "
+        "'^=mlx5_bond_0' (unset: NCCL uses every ACTIVE HCA port).")
+    socket_ifname: str | None = Field(
+        None, description="NCCL_SOCKET_IFNAME in NCCL's syntax ('eth0', '=eth0,eth1', '^docker,lo'); a list "
+        "without '^' also becomes GLOO_SOCKET_IFNAME.")
+    ib_gid_index: int | None = Field(None, ge=0, le=255, description="NCCL_IB_GID_INDEX (unset: NCCL picks the RoCE v2 GID).")
+    ib_tc: int | None = Field(None, ge=0, le=255, description="NCCL_IB_TC, the traffic class of NCCL's IB/RoCE traffic.")
+    ib_sl: int | None = Field(None, ge=0, le=15, description="NCCL_IB_SL, the InfiniBand service level.")
+    gdr_level: Literal["LOC", "PIX", "PXB", "PHB", "SYS"] | None = Field(
+        None, description="NCCL_NET_GDR_LEVEL (unset: NCCL decides from the PCI topology).")
+    check: Literal["error", "warn", "off"] = Field(
+        "error", description="What a missing RDMA prerequisite, a socket fallback under an RDMA preset or a bus "
+        "bandwidth below min_busbw_gbs does at start: fail the job, log a warning, or skip the check.")
+    min_busbw_gbs: float | None = Field(
+        None, gt=0, description="Expected all-reduce bus bandwidth (GB/s, nccl-tests' busbw) of a multi-node job "
+        "(unset: 40 for the RDMA presets, none for tcp).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Further variables for NCCL or its plugins (e.g. NCCL_IB_TIMEOUT: '22'); "
+        "names janus-train sets itself are refused.")
 
 
 class MonitorSpec(Section):
@@ -228,6 +253,7 @@ class JobSpec(Section):
     training: TrainingSpec
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
 
     # -- derived values every consumer should use instead of recomputing -------------------
@@ -402,8 +428,7 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("cluster.queue", "gang_scheduler 'volcano' needs a queue", "set cluster.queue (e.g. default)"))
     if c.gang_scheduler != "volcano" and c.queue:
         problems.append(Problem("cluster.queue", f"queues are a Volcano feature; gang_scheduler is '{c.gang_scheduler}'", "remove cluster.queue or set gang_scheduler: volcano"))
-    if c.network == "tcp" and c.nccl_ib_hca:
-        problems.append(Problem("cluster.nccl_ib_hca", "has no effect with network 'tcp'", "remove it or choose network infiniband/roce"))
+    problems.extend(network_problems(spec.network))
 
     if spec.monitor.stale_after_seconds <= spec.monitor.interval_seconds:
         problems.append(Problem(
@@ -414,6 +439,25 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
         ))
 
     problems.extend(memory_problems(spec))
+    return problems
+
+
+def network_problems(n: NetworkSpec) -> list[Problem]:
+    """NCCL's list syntax, the env passthrough and the fields that only an RDMA preset uses."""
+    from janus_job import network
+
+    problems = []
+    if n.ib_hca is not None and (why := network.check_hca_filter(n.ib_hca)):
+        problems.append(Problem("network.ib_hca", why, "see NCCL_IB_HCA in docs/network.md"))
+    if n.socket_ifname is not None and (why := network.check_ifname_filter(n.socket_ifname)):
+        problems.append(Problem("network.socket_ifname", why, "write interface names like 'eth0' or '=eth0,eth1'"))
+    for name, what, fix in network.check_env(n.env):
+        problems.append(Problem(f"network.env.{name}", what, fix))
+    if n.preset == "tcp":
+        for name in ("ib_hca", "ib_gid_index", "ib_tc", "ib_sl", "gdr_level"):
+            if getattr(n, name) is not None:
+                problems.append(Problem(f"network.{name}", "has no effect with network.preset 'tcp'",
+                                        "remove it or choose preset infiniband, roce or hostnetwork"))
     return problems
 
 

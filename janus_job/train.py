@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from janus_job.errors import JobError
+from janus_job.network import NetworkSettings, check_process_group
 
 METRICS_FILE_ENV = "JANUS_METRICS_FILE"
 SAMPLE_TRACE_ENV = "JANUS_SAMPLE_TRACE"  # per-rank JSON lines of the sample ids trained, for resume checks
@@ -537,6 +538,7 @@ class Trainer:
 
         spec, t = self.spec, self.spec.training
         self.ranks, self.device = init_distributed()
+        check_process_group(NetworkSettings.of(spec.network), self.device)  # the network line, or JobError
         self._seed_everything(t.seed)
 
         annotations = load_spec_annotations(spec)

@@ -101,12 +101,12 @@ def _generated_spec(rng: random.Random) -> dict:
     if rng.random() < 0.3:
         features["endpoint_url"] = c(["https://minio:9000", "minio:9000"])
     cluster = {"gang_scheduler": c(["none", "none", "volcano", "scheduler-plugins"]),
-               "network": c(["tcp", "infiniband", "roce", "hostnetwork"]),
                "resources": {"gpu_memory_gib": c([24, 40, 80, 80, 141])}}
     if rng.random() < 0.5:
         cluster["queue"] = "default"
+    net = {"preset": c(["tcp", "infiniband", "roce", "hostnetwork"])}
     if rng.random() < 0.3:
-        cluster["nccl_ib_hca"] = "mlx5"
+        net["ib_hca"] = "=mlx5_0,mlx5_1"
     data = {"annotations": "s3://d/a.json", "image_root": "s3://d/images", "max_history_images": c([0, 4, 8, 8, 16]),
             "max_pixels": c([576 * 28 * 28, 576 * 28 * 28, 1024 * 28 * 28, 64 * 28 * 28]),
             "min_pixels": c([16 * 28 * 28, 16 * 28 * 28, 100 * 28 * 28]), "num_workers": c([0, 4, 8]),
@@ -114,7 +114,7 @@ def _generated_spec(rng: random.Random) -> dict:
     monitor = {"interval_seconds": c([10, 30, 60]), "stale_after_seconds": c([30, 120])}
     return {"name": c(["r2r", "a" * 45, "b" * 50]), "model": MINIMAL["model"], "data": data, "features": features,
             "precompute": {"pods": c([1, 2, 16])}, "training": training, "deepspeed": deepspeed,
-            "cluster": cluster, "monitor": monitor}
+            "cluster": cluster, "network": net, "monitor": monitor}
 
 
 def _tidy(values: dict) -> dict:
@@ -131,7 +131,7 @@ def _tidy(values: dict) -> dict:
     if ds["zero_stage"] < 3:
         ds.update(offload_param="none")
         ds.pop("stage3", None)
-    c.pop("nccl_ib_hca", None)
+    values["network"].pop("ib_hca", None)
     if c["gang_scheduler"] == "volcano":
         c["queue"] = "default"
     else:

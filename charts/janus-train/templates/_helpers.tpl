@@ -98,35 +98,15 @@ envFrom:
 {{- end }}
 {{- end }}
 
-{{/* NCCL settings of the network preset (docs/deploy.md describes each). */}}
+{{/* Network variables: `janus-job launch` sets NCCL's from the spec's network section
+(janus_job/network.py); the pod only adds what the API server knows. */}}
 {{- define "janus-train.ncclEnv" -}}
-{{- $c := .Values.cluster -}}
-- name: NCCL_DEBUG
-  value: WARN
-- name: TORCH_NCCL_ASYNC_ERROR_HANDLING
-  value: "1"
-{{- if eq $c.network "tcp" }}
-- name: NCCL_IB_DISABLE
-  value: "1"
-{{- else }}
-- name: NCCL_IB_DISABLE
-  value: "0"
-- name: NCCL_NET_GDR_LEVEL
-  value: PHB
-{{- with $c.nccl_ib_hca }}
-- name: NCCL_IB_HCA
-  value: {{ . | quote }}
-{{- end }}
-{{- end }}
-{{- if eq $c.network "roce" }}
-- name: NCCL_IB_GID_INDEX
-  value: {{ int $c.roce_gid_index | quote }}
-{{- end }}
-{{- with $c.nccl_socket_ifname }}
-- name: NCCL_SOCKET_IFNAME
-  value: {{ . | quote }}
-- name: GLOO_SOCKET_IFNAME
-  value: {{ . | quote }}
+{{- if eq .Values.network.preset "hostnetwork" }}
+# torchrun's rendezvous address: the pod IP (the node's IP here), not the node name via /etc/hosts
+- name: JANUS_POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 {{- end }}
 {{- end }}
 
@@ -136,7 +116,7 @@ envFrom:
 {{- $gpus := index . 1 -}}
 {{- $c := $.Values.cluster -}}
 {{- $r := dict $c.resources.gpu_resource_name $gpus -}}
-{{- if ne $c.network "tcp" }}{{- $_ := set $r $c.rdma_resource (int $c.rdma_resource_count) -}}{{- end }}
+{{- if ne $.Values.network.preset "tcp" }}{{- $_ := set $r $c.rdma_resource (int $c.rdma_resource_count) -}}{{- end }}
 {{- with $c.resources.cpu }}{{- $_ := set $r "cpu" . -}}{{- end }}
 {{- with $c.resources.memory }}{{- $_ := set $r "memory" . -}}{{- end }}
 requests:
@@ -181,7 +161,7 @@ capabilities:
 {{- end }}
 
 {{- define "janus-train.hostNetwork" -}}
-{{- if eq .Values.cluster.network "hostnetwork" }}
+{{- if eq .Values.network.preset "hostnetwork" }}
 hostNetwork: true
 dnsPolicy: ClusterFirstWithHostNet
 {{- end }}

@@ -119,8 +119,12 @@ compares both sides over every bad-spec case and a sweep of generated specs.
 {{- if and (ne $c.gang_scheduler "volcano") $c.queue -}}
 {{- $problems = append $problems "cluster.queue: queues are a Volcano feature\n    fix: remove cluster.queue or set gang_scheduler: volcano" -}}
 {{- end -}}
-{{- if and (eq $c.network "tcp") $c.nccl_ib_hca -}}
-{{- $problems = append $problems "cluster.nccl_ib_hca: has no effect with network 'tcp'\n    fix: remove it or choose network infiniband/roce" -}}
+{{- if eq $v.network.preset "tcp" -}}
+{{- range $key := list "ib_hca" "ib_gid_index" "ib_tc" "ib_sl" "gdr_level" -}}
+{{- if not (kindIs "invalid" (index $v.network $key)) -}}
+{{- $problems = append $problems (printf "network.%s: has no effect with network.preset 'tcp'\n    fix: remove it or choose preset infiniband, roce or hostnetwork" $key) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if le (int $m.stale_after_seconds) (int $m.interval_seconds) -}}
 {{- $problems = append $problems (printf "monitor.stale_after_seconds: %d s is not longer than monitor.interval_seconds\n    fix: use at least 2 x interval_seconds (%d)" (int $m.stale_after_seconds) (mul 2 (int $m.interval_seconds))) -}}
