@@ -5,7 +5,7 @@
     python bench/netcheck.py --gpus 8 --preset infiniband   # also asks for NCCL's IB transport
     python bench/netcheck.py --cpu --nodes 2 --ranks-per-node 1   # gloo, two torchrun agents on this host
 
-Writes <out or $OUT or bench/results>/<date>-<card>-<ranks>-netcheck.json with the line, every
+Writes <out or $OUT or bench/results>/<date>-<card>-<ranks>-netcheck[-<preset>].json with the line, every
 size's bandwidth, the settings and NCCL's own init lines about the network. Needs torch and the
 repository on PYTHONPATH, nothing else (no pydantic, no DeepSpeed). Exit status 2 when the check
 refuses (network.check: error), like the trainer.
@@ -43,6 +43,13 @@ def _settings(args: argparse.Namespace) -> network.NetworkSettings:
                                    check=args.check, min_busbw_gbs=args.min_busbw)
 
 
+def _nccl_version() -> str:
+    import torch
+
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def worker(args: argparse.Namespace) -> int:
     """One rank under torchrun."""
     import torch
@@ -73,7 +80,7 @@ def worker(args: argparse.Namespace) -> int:
         write_json_atomic(args.result, {
             "result": result.to_json() if result else None, "refused": code != 0,
             "backend": backend, "torch": torch.__version__,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else None,
+            "nccl": _nccl_version() if backend == "nccl" else None,
             "nccl_init": nccl_lines,
         })
     dist.destroy_process_group()
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ranks = nodes * per_node
     card = "cpu" if args.cpu else card_name()
     record.update(card=card, ranks=ranks, nodes=nodes, settings=asdict(settings))
-    path = results_path(card, ranks, args.out, tag="netcheck")
+    path = results_path(card, ranks, args.out, tag="netcheck" if args.preset == "tcp" else f"netcheck-{args.preset}")
     write_json_atomic(path, record)
     print(f"netcheck: wrote {path}", flush=True)
     return 2 if record["refused"] else max(codes)
