@@ -125,7 +125,7 @@ class NameFilter:
     @classmethod
     def parse(cls, text: str, *, ports: bool = True) -> NameFilter:
         """Raises ValueError naming what is wrong (the caller adds the field)."""
-        rest = text.strip()
+        rest = text  # NCCL does not strip blanks: ' mlx5_1' would match nothing
         exclude = rest.startswith("^")
         rest = rest[1:] if exclude else rest
         exact = rest.startswith("=")
@@ -135,7 +135,7 @@ class NameFilter:
         entries = []
         entry_re = rf"({_IF_NAME})(?::([0-9]+))?" if ports else rf"({_IF_NAME})"
         for item in rest.split(","):
-            m = re.fullmatch(entry_re, item.strip())
+            m = re.fullmatch(entry_re, item)
             if not m:
                 form = "a name or name:port (mlx5_0, mlx5_0:1)" if ports else "an interface name (eth0)"
                 raise ValueError(f"'{item}' in '{text}' is not {form}")

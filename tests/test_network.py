@@ -314,3 +314,33 @@ def test_two_nodes_below_the_expected_bandwidth(tmp_path):
     assert proc.stderr.count("error: all-reduce bus bandwidth") == 2, proc.stderr
     proc, record = netcheck(tmp_path / "warn", "--nodes", "2", "--min-busbw", "10000", "--check", "warn")
     assert proc.returncode == 0 and "expected>=10000GB/s WARN: all-reduce bus bandwidth" in proc.stdout
+
+
+def test_nccl_warnings_in_the_debug_file_reach_stderr(tmp_path, capsys):
+    log = tmp_path / "nccl.7.log"
+    log.write_text(IB_LOG)
+    forwarder = network._WarningForwarder(str(log))
+    forwarder.pump()
+    with log.open("a") as f:
+        f.write("node-0:1:2 [0] misc.cc:1 NCCL WARN Cuda failure 'out of memory'\nnode-0:1:2 [0] NCCL INFO half")
+    forwarder.pump()
+    forwarder.pump()
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["node-0:1234:1290 [0] transport/net_ib.cc:123 NCCL WARN NET/IB : Got async event : port error",
+                   "node-0:1:2 [0] misc.cc:1 NCCL WARN Cuda failure 'out of memory'"]  # each once, INFO never
+
+
+def test_one_rank_group_and_check_off(tmp_path):
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        lines = []
+        result = network.check_process_group(NetworkSettings(preset="infiniband"), torch.device("cpu"),
+                                             log=lambda line, **_: lines.append(line))
+        assert result.busbw_gbs is None and result.problem is None  # one rank moves nothing between ranks
+        assert lines == ["network transport=gloo nodes=1 ranks=1 busbw=n/a expected>=n/a ok"]
+        assert network.check_process_group(NetworkSettings(check="off"), torch.device("cpu")) is None
+    finally:
+        dist.destroy_process_group()

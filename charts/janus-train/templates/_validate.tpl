@@ -119,6 +119,34 @@ compares both sides over every bad-spec case and a sweep of generated specs.
 {{- if and (ne $c.gang_scheduler "volcano") $c.queue -}}
 {{- $problems = append $problems "cluster.queue: queues are a Volcano feature\n    fix: remove cluster.queue or set gang_scheduler: volcano" -}}
 {{- end -}}
+{{- /* network (janus_job/network.py: NCCL's list syntax, the env passthrough) */ -}}
+{{- $n := $v.network -}}
+{{- $entry := "[A-Za-z0-9][A-Za-z0-9_.-]*" -}}
+{{- with $n.ib_hca -}}
+{{- if not (regexMatch (printf "^\\^?=?%s(:[0-9]+)?(,%s(:[0-9]+)?)*$" $entry $entry) .) -}}
+{{- $problems = append $problems (printf "network.ib_hca: '%s' is not NCCL_IB_HCA's syntax (names or name:port, comma-separated, after an optional ^ and =)\n    fix: see NCCL_IB_HCA in docs/network.md" .) -}}
+{{- else if not (or (hasPrefix "^" .) (hasPrefix "=" .)) -}}
+{{- $problems = append $problems (printf "network.ib_hca: '%s' is a prefix list: NCCL would also take every HCA whose name starts with it (e.g. mlx5_bond_0)\n    fix: list the HCAs exactly ('=mlx5_0,mlx5_1') or exclude some ('^=mlx5_bond_0')" .) -}}
+{{- end -}}
+{{- end -}}
+{{- with $n.socket_ifname -}}
+{{- if not (regexMatch (printf "^\\^?=?%s(,%s)*$" $entry $entry) .) -}}
+{{- $problems = append $problems (printf "network.socket_ifname: '%s' is not NCCL_SOCKET_IFNAME's syntax\n    fix: write interface names like 'eth0' or '=eth0,eth1'" .) -}}
+{{- end -}}
+{{- end -}}
+{{- $owned := list "NCCL_IB_DISABLE" "NCCL_IB_HCA" "NCCL_IB_GID_INDEX" "NCCL_IB_TC" "NCCL_IB_SL" "NCCL_NET_GDR_LEVEL" "NCCL_SOCKET_IFNAME" "GLOO_SOCKET_IFNAME" "NCCL_DEBUG" "NCCL_DEBUG_SUBSYS" "NCCL_DEBUG_FILE" "TORCH_NCCL_ASYNC_ERROR_HANDLING" -}}
+{{- $runtime := list "RANK" "WORLD_SIZE" "LOCAL_RANK" "LOCAL_WORLD_SIZE" "GROUP_RANK" "GROUP_WORLD_SIZE" "ROLE_RANK" "ROLE_WORLD_SIZE" "ROLE_NAME" "MASTER_ADDR" "MASTER_PORT" "NODE_RANK" -}}
+{{- range $name, $value := $n.env -}}
+{{- if not (regexMatch "^[A-Za-z_][A-Za-z0-9_]*$" $name) -}}
+{{- $problems = append $problems (printf "network.env.%s: not an environment variable name\n    fix: use letters, digits and '_', not starting with a digit" $name) -}}
+{{- else if has $name $owned -}}
+{{- $problems = append $problems (printf "network.env.%s: set by janus-train\n    fix: use the network section's field for it (docs/network.md)" $name) -}}
+{{- else if or (has $name $runtime) (hasPrefix "PET_" $name) (hasPrefix "TORCHELASTIC_" $name) (hasPrefix "JANUS_" $name) -}}
+{{- $problems = append $problems (printf "network.env.%s: set by torchrun, the training operator or janus-train per process\n    fix: remove it from network.env" $name) -}}
+{{- else if regexMatch "[\\x00-\\x1f]" (toString $value) -}}
+{{- $problems = append $problems (printf "network.env.%s: the value contains a control character\n    fix: write the value on one line" $name) -}}
+{{- end -}}
+{{- end -}}
 {{- if eq $v.network.preset "tcp" -}}
 {{- range $key := list "ib_hca" "ib_gid_index" "ib_tc" "ib_sl" "gdr_level" -}}
 {{- if not (kindIs "invalid" (index $v.network $key)) -}}
