@@ -184,7 +184,8 @@ class ClusterSpec(Section):
     queue: str | None = Field(None, description="Volcano queue (gang_scheduler: volcano).")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     shm_size: str = Field("64Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$", description="/dev/shm size (memory emptyDir) for DataLoader workers.")
-    rdma_resource: str = Field("rdma/hca_shared_devices_a", min_length=1, description="RDMA device-plugin resource (network presets other than tcp).")
+    rdma_resource: str = Field("rdma/hca_shared_devices_a", min_length=1,
+                               description="RDMA device-plugin resource (network presets other than tcp).")
     rdma_resource_count: int = Field(1, ge=1, le=64, description="RDMA devices requested per pod.")
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations (e.g. Multus networks).")
     restart_policy: Literal["OnFailure", "ExitCode", "Never"] = Field(
@@ -214,8 +215,10 @@ class NetworkSpec(Section):
     socket_ifname: str | None = Field(
         None, description="NCCL_SOCKET_IFNAME in NCCL's syntax ('eth0', '=eth0,eth1', '^docker,lo'); a list "
         "without '^' also becomes GLOO_SOCKET_IFNAME.")
-    ib_gid_index: int | None = Field(None, ge=0, le=255, description="NCCL_IB_GID_INDEX (unset: NCCL picks the RoCE v2 GID).")
-    ib_tc: int | None = Field(None, ge=0, le=255, description="NCCL_IB_TC, the traffic class of NCCL's IB/RoCE traffic.")
+    ib_gid_index: int | None = Field(None, ge=0, le=255,
+                                     description="NCCL_IB_GID_INDEX (unset: NCCL picks the RoCE v2 GID).")
+    ib_tc: int | None = Field(None, ge=0, le=255,
+                              description="NCCL_IB_TC, the traffic class of NCCL's IB/RoCE traffic.")
     ib_sl: int | None = Field(None, ge=0, le=15, description="NCCL_IB_SL, the InfiniBand service level.")
     gdr_level: Literal["LOC", "PIX", "PXB", "PHB", "SYS"] | None = Field(
         None, description="NCCL_NET_GDR_LEVEL (unset: NCCL decides from the PCI topology).")
