@@ -145,7 +145,8 @@ def test_two_node_infiniband_job(rendered):
         assert trainer["name"] == "pytorch"
         assert trainer["command"] == ["janus-job", "launch", "--spec", "/etc/janus/job.yaml"]
         env = {e["name"]: e.get("value") for e in trainer["env"]}
-        assert env["NCCL_IB_DISABLE"] == "0" and env["NCCL_IB_HCA"] == "mlx5"
+        assert not [name for name in env if name.startswith("NCCL_")]  # janus-job launch sets them from the spec
+        assert "JANUS_POD_IP" not in env  # only the host-network preset uses it
         assert env["JANUS_STATS_DIR"] == "/var/run/janus/stats"
         assert trainer["resources"]["limits"]["rdma/hca_shared_devices_a"] == 1
         assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 8
@@ -197,8 +198,7 @@ def test_all_features_job(rendered):
     assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
     master = pod_templates(job)["Master"]
     assert master["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce-net"
-    env = {e["name"]: e.get("value") for e in master["spec"]["containers"][0]["env"]}
-    assert env["NCCL_IB_GID_INDEX"] == "3" and env["NCCL_SOCKET_IFNAME"] == "eth0" and env["GLOO_SOCKET_IFNAME"] == "eth0"
+    assert master["spec"]["containers"][0]["resources"]["limits"]["rdma/hca_shared_devices_a"] == 1  # roce
     assert master["spec"]["containers"][0]["image"].startswith("registry.example.com/janus-train@sha256:")
     cache = next(v for v in master["spec"]["volumes"] if v["name"] == "feature-cache")
     assert cache["emptyDir"]["sizeLimit"] == "151Gi"
@@ -210,19 +210,22 @@ def test_single_node_job_has_no_worker_or_elastic_policy(rendered, example):
     (job,) = by_kind(rendered[example], "PyTorchJob")
     assert "elasticPolicy" not in job["spec"] and set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
     assert "schedulingPolicy" not in job["spec"]["runPolicy"]
-    env = {e["name"]: e.get("value") for e in pod_templates(job)["Master"]["spec"]["containers"][0]["env"]}
-    assert env["NCCL_IB_DISABLE"] == "1"
+    limits = pod_templates(job)["Master"]["spec"]["containers"][0]["resources"]["limits"]
+    assert not [name for name in limits if name.startswith("rdma/")]  # tcp: no RDMA devices
 
 
 def test_hostnetwork_preset_and_online_mode_without_precompute():
     values = user_values(ROOT / "examples" / "minimal.yaml")
-    values["cluster"] = {"network": "hostnetwork"}
+    values["network"] = {"preset": "hostnetwork"}
     values["features"].update(mode="online", cache_vision=False)
     values["training"]["gradient_checkpointing"] = True  # online encoders need the memory
     objects = render_objects(values)
     assert not by_kind(objects, "Job")  # nothing to precompute
     pod = pod_templates(by_kind(objects, "PyTorchJob")[0])["Master"]["spec"]
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    # torchrun's rendezvous address comes from the pod IP, not the node name (janus-job launch --local-addr)
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["JANUS_POD_IP"] == {"name": "JANUS_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
 def test_recommended_labels_on_every_object(rendered):
@@ -426,8 +429,8 @@ def test_disruption_budget_and_network_policy_select_the_trainer_pods(rendered):
 INJECTION = "x\nhostPID: true\nprivileged: true"
 STRING_FIELDS = [("cluster", "service_account"), ("cluster", "priority_class"), ("cluster", "queue"),
                  ("features", "credentials_secret"), ("features", "endpoint_url"), ("features", "cache_dir"),
-                 ("image", "tag"), ("image", "repository"), ("cluster", "nccl_socket_ifname"), ("cluster", "namespace"),
-                 ("cluster", "nccl_ib_hca"), ("cluster", "rdma_resource"), ("cluster", "resources")]
+                 ("image", "tag"), ("image", "repository"), ("cluster", "namespace"),
+                 ("cluster", "rdma_resource"), ("cluster", "resources")]
 
 
 @pytest.mark.parametrize("section,field", STRING_FIELDS, ids=[f"{s}.{f}" for s, f in STRING_FIELDS])

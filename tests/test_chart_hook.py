@@ -134,7 +134,7 @@ INSTALL_TIME_REFUSALS = [
     ("resize-range", {"training.nodes": 2, "training.resize.min_nodes": 3}, "training.nodes"),
     ("deepspeed-offload", {"deepspeed.offload_param": "cpu"}, "deepspeed.offload_param"),
     ("credentials", {"features.credentials_secret": DELETE}, "features.credentials_secret"),
-    ("hostnetwork-restricted", {"cluster.network": "hostnetwork"}, "cluster.pod_security"),
+    ("hostnetwork-restricted", {"network.preset": "hostnetwork"}, "cluster.pod_security"),
     ("staging-too-small", {"cluster.checkpoint_staging_gib": 50}, "cluster.checkpoint_staging_gib"),
 ]
 

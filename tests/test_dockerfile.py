@@ -84,3 +84,65 @@ def test_runs_as_non_root_with_janus_job_entrypoint():
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert lines[-2] == 'ENTRYPOINT ["janus-job"]' or 'ENTRYPOINT ["janus-job"]' in lines
     assert "1000" in users[-1]  # matches the chart's runAsUser
+
+
+# -- the RDMA userspace NCCL's IB transport needs ---------------------------------------------------
+
+RDMA_PACKAGES = {"rdma-core", "libibverbs1", "ibverbs-providers"}
+
+
+def runtime_apt_packages() -> list[str]:
+    """Packages the last stage (the image the pods run) installs with apt-get."""
+    last_from = max(i for i, line in enumerate(instructions()) if line.startswith("FROM"))
+    packages = []
+    for line in instructions()[last_from:]:
+        if line.startswith("RUN") and "apt-get install" in line:
+            for command in re.split(r"&&|\|\|", line[3:]):
+                words = shlex.split(command)
+                if words[:2] == ["apt-get", "install"]:
+                    packages += [w for w in words[2:] if not w.startswith("-")]
+    return packages
+
+
+def test_runtime_stage_installs_the_verbs_userspace_and_checks_it_loads():
+    packages = runtime_apt_packages()
+    assert RDMA_PACKAGES <= set(packages), packages
+    assert "python3" in packages  # the parser read the right stage
+    base = next(l for l in instructions() if l.startswith("ARG CUDA_RUNTIME="))
+    assert "ubuntu24.04" in base  # the package names above are Ubuntu 24.04's
+    last_from = max(i for i, line in enumerate(instructions()) if line.startswith("FROM"))
+    runtime = instructions()[last_from:]
+    check = [l for l in runtime if "load_verbs" in l]
+    assert check and runtime.index(check[0]) < runtime.index(next(l for l in runtime if l.startswith("USER")))
+    assert "/opt/janus/NCCL_VERSION" in DOCKERFILE and "nvidia-nccl-cu12" in DOCKERFILE
+
+
+def test_the_images_rdma_packages_install_here_and_load_libibverbs():
+    """apt-get installs the runtime stage's RDMA packages on this machine (Debian/Ubuntu, root), then a
+    fresh interpreter loads libibverbs.so.1 and lists verbs devices through janus_job.deploy.network."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if shutil.which("apt-get") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("needs apt-get as root (a Debian/Ubuntu machine) to install the image's packages")
+    packages = [p for p in runtime_apt_packages() if p in RDMA_PACKAGES or "verbs" in p]
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300", *packages]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    proc = subprocess.run(install, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:  # package lists may be missing or old
+        subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env)
+        proc = subprocess.run(install, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 and ("Unable to locate package" in proc.stderr or "Temporary failure" in proc.stderr
+                                 or "Could not resolve" in proc.stderr):
+        pytest.skip(f"the package manager cannot provide {packages} here: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, proc.stderr
+    code = ("import ctypes; ctypes.CDLL('libibverbs.so.1'); "
+            "from janus_job.deploy.network import load_verbs, verbs_device_names; "
+            "print('devices', verbs_device_names(load_verbs()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("devices [")  # a list of HCA names (empty on a machine without HCAs)

@@ -150,6 +150,12 @@ def test_two_nodes_started_like_the_pytorchjob_train_together(tmp_path):
         assert node.returncode == 0, f"node {node_rank}:\n{out}"
         assert f"--node-rank {node_rank}" in out  # torchrun got the node rank, not a process rank
         assert f"train start job=janus-demo world=2 node={node_rank}" in out
+        assert ("janus-job launch: network preset=tcp check=error TORCH_NCCL_ASYNC_ERROR_HANDLING=1 "
+                "NCCL_IB_DISABLE=1") in out
+    # the transport check ran inside the trainer's process group start: one line for the job, from rank 0
+    checks = [l for out in outputs for l in out.splitlines() if l.startswith("network transport=")]
+    assert len(checks) == 1 and re.match(r"network transport=gloo nodes=2 ranks=2 busbw=[0-9.]+GB/s expected>=n/a ok$",
+                                         checks[0]), checks
 
     def losses(out: str) -> list[float]:
         return [float(m) for m in re.findall(r"^train step=\d+/3 .* loss=([-\d.]+) ", out, re.M)]

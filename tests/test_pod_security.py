@@ -295,9 +295,10 @@ def test_qos_classes():
 @pytest.mark.parametrize("level", LEVELS)
 def test_validate_refuses_exactly_the_pods_the_level_refuses(network, level):
     values = user_values(ROOT / "examples" / "minimal.yaml")
-    values["cluster"] = {"network": network, "pod_security": level}
+    values["cluster"] = {"pod_security": level}
+    values["network"] = {"preset": network}
     if network != "tcp":
-        values["cluster"]["nccl_ib_hca"] = "mlx5"
+        values["network"]["ib_hca"] = "=mlx5_0"
     admitted = all(violations(m, s, level) == [] for m, s in pods(render_objects(values)).values())
     try:
         validate_spec(values)

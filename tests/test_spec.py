@@ -56,7 +56,7 @@ def test_minimal_spec_is_short_and_gets_the_fast_defaults():
     assert spec.features.mode == "precomputed" and spec.training.balanced_sampler
     assert spec.data.max_history_images == 8 and spec.data.max_pixels == 576 * 28 * 28 and spec.data.min_pixels == 16 * 28 * 28
     assert spec.training.learning_rate == 2e-5 and spec.training.merger_learning_rate == 1e-5
-    assert spec.cluster.network == "tcp" and spec.model.attn_implementation == "sdpa"
+    assert spec.network.preset == "tcp" and spec.model.attn_implementation == "sdpa"
 
 
 def test_values_round_trip():
@@ -135,7 +135,21 @@ BAD = [
      "monitor.stale_after_seconds", "2 x interval_seconds"),
     ("missing-model-path", with_changes({"model.qwen": ...}), "model.qwen", "add it"),
     ("gpus-per-node-17", with_changes({"training.gpus_per_node": 17}), "training.gpus_per_node", "<= 16"),
-    ("unknown-network", with_changes({"cluster": {"network": "ethernet"}}), "cluster.network", "'tcp', 'infiniband', 'roce' or 'hostnetwork'"),
+    ("hca-prefix-list", with_changes({"network": {"preset": "infiniband", "ib_hca": "mlx5"}}), "network.ib_hca",
+     "'=mlx5_0,mlx5_1'"),
+    ("hca-blank-in-list", with_changes({"network": {"preset": "roce", "ib_hca": "=mlx5_0, mlx5_1"}}), "network.ib_hca",
+     "NCCL_IB_HCA"),
+    ("ifname-with-port", with_changes({"network": {"socket_ifname": "eth0:1"}}), "network.socket_ifname", "'eth0'"),
+    ("env-owned", with_changes({"network": {"env": {"NCCL_IB_HCA": "=mlx5_0"}}}), "network.env.NCCL_IB_HCA",
+     "network.ib_hca"),
+    ("env-per-process", with_changes({"network": {"env": {"MASTER_ADDR": "x"}}}), "network.env.MASTER_ADDR",
+     "remove it"),
+    ("env-bad-name", with_changes({"network": {"env": {"NCCL-X": "1"}}}), "network.env.NCCL-X", "letters, digits"),
+    ("env-newline", with_changes({"network": {"env": {"NCCL_X": "1\nhostPID: true"}}}), "network.env.NCCL_X",
+     "one line"),
+    ("tcp-with-ib-field", with_changes({"network": {"ib_tc": 106}}), "network.ib_tc", "choose preset"),
+    ("unknown-network", with_changes({"network": {"preset": "ethernet"}}), "network.preset",
+     "'tcp', 'infiniband', 'roce' or 'hostnetwork'"),
     ("endpoint-not-url", with_changes({"features.endpoint_url": "minio:9000"}), "features.endpoint_url", "https://"),
     ("auto-in-extra-config", with_changes({"deepspeed": {"extra_config": {"zero_optimization": {"sub_group_size": "auto"}}}}),
      "deepspeed.extra_config.zero_optimization.sub_group_size", "concrete value"),
@@ -183,4 +197,4 @@ def test_schema_command_prints_the_json_schema():
     schema = json.loads(proc.stdout)
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) == {"name", "image", "model", "data", "features", "precompute", "training",
-                                         "deepspeed", "cluster", "monitor"}
+                                         "deepspeed", "cluster", "network", "monitor"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from janus_job.config.memory import checkpoint_gib, memory_problems
 from janus_job.config.spec import DNS_LABEL_MAX, MIN_ELASTIC_NODES, JobSpec
@@ -125,8 +126,7 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("cluster.queue", "gang_scheduler 'volcano' needs a queue", "set cluster.queue (e.g. default)"))
     if c.gang_scheduler != "volcano" and c.queue:
         problems.append(Problem("cluster.queue", f"queues are a Volcano feature; gang_scheduler is '{c.gang_scheduler}'", "remove cluster.queue or set gang_scheduler: volcano"))
-    if c.network == "tcp" and c.nccl_ib_hca:
-        problems.append(Problem("cluster.nccl_ib_hca", "has no effect with network 'tcp'", "remove it or choose network infiniband/roce"))
+    problems.extend(network_problems(spec.network))
 
     if spec.monitor.stale_after_seconds <= spec.monitor.interval_seconds:
         problems.append(Problem(
@@ -151,13 +151,13 @@ def pod_security_problems(spec: JobSpec) -> list[Problem]:
     tests/test_pod_security.py checks the rendered pods): refused when the stated level would refuse them."""
     c = spec.cluster
     problems = []
-    if c.network == "hostnetwork" and c.pod_security != "privileged":
+    if spec.network.preset == "hostnetwork" and c.pod_security != "privileged":
         problems.append(Problem(
             "cluster.pod_security",
-            f"network 'hostnetwork' runs the training pods in the node's network namespace (hostNetwork), which "
+            f"network.preset 'hostnetwork' runs the training pods in the node's network namespace (hostNetwork), which "
             f"Pod Security '{c.pod_security}' refuses",
             "label the namespace pod-security.kubernetes.io/enforce=privileged and set cluster.pod_security: "
-            "privileged, or use network infiniband/roce",
+            "privileged, or use network.preset infiniband/roce",
         ))
     if c.pod_security != "privileged":
         for key, value in c.pod_annotations.items():
@@ -185,3 +185,22 @@ def staging_problems(spec: JobSpec) -> list[Problem]:
             f"use at least {need}",
         )]
     return []
+
+
+def network_problems(n: Any) -> list[Problem]:
+    """NCCL's list syntax, the env passthrough and the fields that only an RDMA preset uses."""
+    from janus_job.deploy import network
+
+    problems = []
+    if n.ib_hca is not None and (why := network.check_hca_filter(n.ib_hca)):
+        problems.append(Problem("network.ib_hca", why, "see NCCL_IB_HCA in docs/network.md"))
+    if n.socket_ifname is not None and (why := network.check_ifname_filter(n.socket_ifname)):
+        problems.append(Problem("network.socket_ifname", why, "write interface names like 'eth0' or '=eth0,eth1'"))
+    for name, what, fix in network.check_env(n.env):
+        problems.append(Problem(f"network.env.{name}", what, fix))
+    if n.preset == "tcp":
+        for name in ("ib_hca", "ib_gid_index", "ib_tc", "ib_sl", "gdr_level"):
+            if getattr(n, name) is not None:
+                problems.append(Problem(f"network.{name}", "has no effect with network.preset 'tcp'",
+                                        "remove it or choose preset infiniband, roce or hostnetwork"))
+    return problems

@@ -184,12 +184,9 @@ class ClusterSpec(Section):
     queue: str | None = Field(None, description="Volcano queue (gang_scheduler: volcano).")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     shm_size: str = Field("64Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$", description="/dev/shm size (memory emptyDir) for DataLoader workers.")
-    network: Literal["tcp", "infiniband", "roce", "hostnetwork"] = Field("tcp", description="NCCL network preset, see docs/deploy.md.")
-    rdma_resource: str = Field("rdma/hca_shared_devices_a", min_length=1, description="RDMA device-plugin resource (infiniband/roce).")
+    rdma_resource: str = Field("rdma/hca_shared_devices_a", min_length=1,
+                               description="RDMA device-plugin resource (network presets other than tcp).")
     rdma_resource_count: int = Field(1, ge=1, le=64, description="RDMA devices requested per pod.")
-    nccl_ib_hca: str | None = Field(None, description="NCCL_IB_HCA, e.g. 'mlx5' (infiniband/roce).")
-    nccl_socket_ifname: str | None = Field(None, description="NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, e.g. 'eth0'.")
-    roce_gid_index: int = Field(3, ge=0, le=255, description="NCCL_IB_GID_INDEX for RoCE v2.")
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations (e.g. Multus networks).")
     restart_policy: Literal["OnFailure", "ExitCode", "Never"] = Field(
         "OnFailure",
@@ -221,6 +218,37 @@ class ClusterSpec(Section):
         "(checkpoint_staging_gib) instead of an emptyDir on the node's disk.")
 
 
+class NetworkSpec(Section):
+    """NCCL's network: janus-job launch sets the variables (janus_job/deploy/network.py), checks the node and
+    the transport NCCL actually uses at start; docs/network.md."""
+
+    preset: Literal["tcp", "infiniband", "roce", "hostnetwork"] = Field(
+        "tcp", description="tcp: sockets only; infiniband/roce: NCCL's IB transport over the RDMA device plugin's "
+        "HCAs; hostnetwork: the node's network namespace (RDMA devices of the host).")
+    ib_hca: str | None = Field(
+        None, description="NCCL_IB_HCA in NCCL's syntax, exact or excluding: '=mlx5_0,mlx5_1', '=mlx5_0:1', "
+        "'^=mlx5_bond_0' (unset: NCCL uses every ACTIVE HCA port).")
+    socket_ifname: str | None = Field(
+        None, description="NCCL_SOCKET_IFNAME in NCCL's syntax ('eth0', '=eth0,eth1', '^docker,lo'); a list "
+        "without '^' also becomes GLOO_SOCKET_IFNAME.")
+    ib_gid_index: int | None = Field(None, ge=0, le=255,
+                                     description="NCCL_IB_GID_INDEX (unset: NCCL picks the RoCE v2 GID).")
+    ib_tc: int | None = Field(None, ge=0, le=255,
+                              description="NCCL_IB_TC, the traffic class of NCCL's IB/RoCE traffic.")
+    ib_sl: int | None = Field(None, ge=0, le=15, description="NCCL_IB_SL, the InfiniBand service level.")
+    gdr_level: Literal["LOC", "PIX", "PXB", "PHB", "SYS"] | None = Field(
+        None, description="NCCL_NET_GDR_LEVEL (unset: NCCL decides from the PCI topology).")
+    check: Literal["error", "warn", "off"] = Field(
+        "error", description="What a missing RDMA prerequisite, a socket fallback under an RDMA preset or a bus "
+        "bandwidth below min_busbw_gbs does at start: fail the job, log a warning, or skip the check.")
+    min_busbw_gbs: float | None = Field(
+        None, gt=0, description="Expected all-reduce bus bandwidth (GB/s, nccl-tests' busbw) of a multi-node job "
+        "(unset: 40 for the RDMA presets, none for tcp).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Further variables for NCCL or its plugins (e.g. NCCL_IB_TIMEOUT: '22'); "
+        "names janus-train sets itself are refused.")
+
+
 class MonitorSpec(Section):
     enabled: bool = Field(True, description="Run the GPU-balance sidecar in every training pod.")
     interval_seconds: int = Field(30, ge=1, le=3600, description="Seconds between stats files and balance log lines.")
@@ -248,6 +276,7 @@ class JobSpec(Section):
     training: TrainingSpec
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
 
     # -- derived values every consumer should use instead of recomputing -------------------

@@ -23,11 +23,13 @@ pod's node rank.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
 import sys
 from collections.abc import Mapping
 
+from janus_job.deploy import network
 from janus_job.errors import JobError
 
 # The default step runs within a few GiB of an 80 GB card; growable segments keep the caching
@@ -114,6 +116,23 @@ def torchrun_arguments(env: Mapping[str, str], spec_path: str, *, job_name: str,
     return args + ["--module", "janus_job.train.trainer", "--spec", spec_path]
 
 
+def network_arguments(settings: network.NetworkSettings, env: Mapping[str, str]) -> list[str]:
+    """torchrun options of the network preset. With the node's network namespace (hostnetwork) the
+    hostname torchrun would publish for the rendezvous is the node's name, which other pods resolve
+    only through /etc/hosts, if at all: the pod IP from the downward API is used instead."""
+    if settings.preset != "hostnetwork":
+        return []
+    raw = (env.get(network.POD_IP_ENV) or "").strip()
+    if not raw:
+        raise JobError(f"network.preset hostnetwork needs {network.POD_IP_ENV} (the pod IP, status.podIP); "
+                       "the chart sets it, set it in the pod's env when running without the chart")
+    try:
+        address = ipaddress.ip_address(raw)
+    except ValueError:
+        raise JobError(f"{network.POD_IP_ENV}={raw!r} is not an IP address; set it from status.podIP") from None
+    return ["--local-addr", str(address)]
+
+
 def runtime_defaults(spec, nproc: int, cpus: int) -> dict[str, str]:
     """Variables the training processes get unless the pod sets them."""
     defaults = {
@@ -152,6 +171,15 @@ def launch(spec_path: str, env: Mapping[str, str] | None = None) -> None:
     nproc = int(args[args.index("--nproc-per-node") + 1])
     for name, value in runtime_defaults(spec, nproc, len(os.sched_getaffinity(0))).items():
         os.environ.setdefault(name, value)
+    settings = network.NetworkSettings.of(spec.network)
+    args = network_arguments(settings, env) + args
+    network.preflight(settings)
+    debug_dir = env.get(network.DEBUG_DIR_ENV) or network.default_debug_dir()
+    os.makedirs(debug_dir, exist_ok=True)
+    variables = network.nccl_env(settings, debug_dir)
+    os.environ.update(variables)  # the spec's network section wins over the pod's environment
+    print(f"janus-job launch: network preset={settings.preset} check={settings.check} "
+          + " ".join(f"{k}={v}" for k, v in variables.items()), flush=True)
     command = [sys.executable, "-m", "torch.distributed.run", *args]
     print("janus-job launch: " + shlex.join(command), flush=True)
     os.execv(sys.executable, command)

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from janus_job.deploy.network import NetworkSettings, check_process_group
 from janus_job.errors import JobError
 from janus_job.train.distributed import init_distributed
 from janus_job.train.metrics import (
@@ -96,6 +97,7 @@ class Trainer:
 
         spec, t = self.spec, self.spec.training
         self.ranks, self.device = init_distributed()
+        check_process_group(NetworkSettings.of(spec.network), self.device)  # the network line, or JobError
         self._seed_everything(t.seed)
 
         annotations = load_spec_annotations(spec)

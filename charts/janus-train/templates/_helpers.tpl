@@ -18,8 +18,8 @@ schema is skipped (helm --skip-schema-validation), so that nothing renders as 0 
     "training.resize.policy" "training.resize.max_restarts"
     "cluster.service_account" "cluster.node_selector" "cluster.tolerations" "cluster.affinity"
     "cluster.gang_scheduler" "cluster.resources.cpu" "cluster.resources.memory"
-    "cluster.resources.gpu_resource_name" "cluster.shm_size" "cluster.network" "cluster.rdma_resource"
-    "cluster.rdma_resource_count" "cluster.roce_gid_index" "cluster.pod_annotations" "cluster.restart_policy"
+    "cluster.resources.gpu_resource_name" "cluster.shm_size" "network.preset" "cluster.rdma_resource"
+    "cluster.rdma_resource_count" "cluster.pod_annotations" "cluster.restart_policy"
     "cluster.backoff_limit_per_node" "cluster.termination_grace_seconds" "cluster.clean_pod_policy"
     "cluster.checkpoint_staging_gib"
     "monitor.enabled" "monitor.interval_seconds" "monitor.imbalance_warning_ratio" "monitor.stale_after_seconds"
@@ -152,35 +152,15 @@ envFrom:
 {{- end }}
 {{- end }}
 
-{{/* NCCL settings of the network preset (docs/deploy.md describes each). */}}
+{{/* Network variables: `janus-job launch` sets NCCL's from the spec's network section
+(janus_job/network.py); the pod only adds what the API server knows. */}}
 {{- define "janus-train.ncclEnv" -}}
-{{- $c := .Values.cluster -}}
-- name: NCCL_DEBUG
-  value: WARN
-- name: TORCH_NCCL_ASYNC_ERROR_HANDLING
-  value: "1"
-{{- if eq $c.network "tcp" }}
-- name: NCCL_IB_DISABLE
-  value: "1"
-{{- else }}
-- name: NCCL_IB_DISABLE
-  value: "0"
-- name: NCCL_NET_GDR_LEVEL
-  value: PHB
-{{- with $c.nccl_ib_hca }}
-- name: NCCL_IB_HCA
-  value: {{ . | quote }}
-{{- end }}
-{{- end }}
-{{- if eq $c.network "roce" }}
-- name: NCCL_IB_GID_INDEX
-  value: {{ int $c.roce_gid_index | quote }}
-{{- end }}
-{{- with $c.nccl_socket_ifname }}
-- name: NCCL_SOCKET_IFNAME
-  value: {{ . | quote }}
-- name: GLOO_SOCKET_IFNAME
-  value: {{ . | quote }}
+{{- if eq .Values.network.preset "hostnetwork" }}
+# torchrun's rendezvous address: the pod IP (the node's IP here), not the node name via /etc/hosts
+- name: JANUS_POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 {{- end }}
 {{- end }}
 
@@ -201,7 +181,7 @@ where they fit and the kubelet does not evict it under disk pressure.
 {{- $trainer := index . 2 -}}
 {{- $c := $.Values.cluster -}}
 {{- $r := dict $c.resources.gpu_resource_name $gpus "cpu" $c.resources.cpu "memory" $c.resources.memory -}}
-{{- if and $trainer (ne $c.network "tcp") }}{{- $_ := set $r $c.rdma_resource (int $c.rdma_resource_count) -}}{{- end }}
+{{- if and $trainer (ne $.Values.network.preset "tcp") }}{{- $_ := set $r $c.rdma_resource (int $c.rdma_resource_count) -}}{{- end }}
 {{- $disk := add (include "janus-train.tmpGiB" $) (include "janus-train.homeGiB" $) -}}
 {{- if gt (float64 $.Values.features.cache_size_gib) 0.0 }}{{- $disk = add $disk (include "janus-train.cacheGiB" $) -}}{{- end }}
 {{- if and $trainer (not $c.checkpoint_staging_storage_class) }}{{- $disk = add $disk (include "janus-train.stagingGiB" $) -}}{{- end }}
@@ -251,7 +231,7 @@ limits:
 {{- end }}
 
 {{- define "janus-train.hostNetwork" -}}
-{{- if eq .Values.cluster.network "hostnetwork" }}
+{{- if eq .Values.network.preset "hostnetwork" }}
 hostNetwork: true
 dnsPolicy: ClusterFirstWithHostNet
 {{- end }}
