@@ -4,6 +4,7 @@ RankStatsWriter wrote: log lines, WARNs, a real HTTP scrape, bad files, SIGTERM.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -27,6 +28,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 import common  # noqa: E402  (bench/common.py: the /metrics scrape the GPU bench uses too)
 
 INTERVAL = 0.3
+JOB = "job-a"
 
 
 class Sidecar:
@@ -78,6 +80,7 @@ def sidecar(stats_dir: Path, *extra: str):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "JANUS_JOB_NAME": JOB},
     )
     try:
         running = Sidecar(process)
@@ -125,12 +128,12 @@ def test_unbalanced_node_is_logged_warned_and_scraped(tmp_path):
         )
         series = running.scrape()
         used = by_rank(series, "janus_gpu_memory_used_bytes")
-        assert used["0"] == ({"node": "node-a", "gpu": "GPU-aaa", "rank": "0"}, 70 * GIB)
-        assert used["1"] == ({"node": "node-a", "gpu": "GPU-bbb", "rank": "1"}, 40 * GIB)
+        assert used["0"] == ({"job": JOB, "node": "node-a", "gpu": "GPU-aaa", "rank": "0"}, 70 * GIB)
+        assert used["1"] == ({"job": JOB, "node": "node-a", "gpu": "GPU-bbb", "rank": "1"}, 40 * GIB)
         total = by_rank(series, "janus_gpu_memory_total_bytes")
         assert {rank: value for rank, (_, value) in total.items()} == {"0": 80 * GIB, "1": 80 * GIB}
         assert series["janus_gpu_memory_imbalance_ratio"] == [
-            ({"scope": "node", "node": "node-a"}, pytest.approx(30 / 70))
+            ({"job": JOB, "scope": "node", "node": "node-a"}, pytest.approx(30 / 70))
         ]
         throughput = by_rank(series, "janus_train_samples_per_second")
         assert {rank: value for rank, (_, value) in throughput.items()} == {"0": 16.0, "1": 17.0}

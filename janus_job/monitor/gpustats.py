@@ -23,9 +23,24 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 SCHEMA_VERSION = 1
+# The trainer's figures a stats file may carry under "training" (all optional; the sidecar exports them).
+# Ratios are 0..1; counts are cumulative over the run (restarts included, from the checkpoint).
+TRAINING_FIELDS: dict[str, type] = {
+    "total_steps": int,  # optimizer steps the run will train
+    "loss": float,  # mean training loss over the last log interval
+    "learning_rate": float,  # the language model's lr at the last step
+    "grad_norm": float,  # global gradient norm before clipping at the last step
+    "tokens_per_s": float,  # job-wide tokens per second over the last log interval
+    "mfu": float,  # model FLOPs utilisation over the last log interval (0..1)
+    "data_wait_ratio": float,  # share of the interval the slowest rank waited for data (0..1)
+    "eta_s": float,  # seconds left at the last interval's speed
+    "last_checkpoint_step": int,  # newest checkpoint this run saved or resumed from
+    "bad_samples": int,  # samples skipped under data.on_bad_sample (cumulative)
+    "started": float,  # Unix time this rank's process started training (a change = a restart)
+}
 STATS_DIR_ENV = "JANUS_STATS_DIR"
 STATS_FILE_PATTERN = re.compile(r"^rank-(0|[1-9][0-9]*)\.json$")
 
@@ -261,25 +276,31 @@ class RankStatsWriter:
             **kwargs,
         )
 
-    def maybe_write(self, step: int, step_time_s: float | None, samples_per_s: float | None) -> bool:
+    def maybe_write(self, step: int, step_time_s: float | None, samples_per_s: float | None,
+                    training: Mapping[str, float | int | None] | None = None) -> bool:
         """Writes the stats file if the interval has passed since the last write; True if written."""
         now = time.monotonic()
         if self._last_write is not None and now - self._last_write < self.interval_seconds:
             return False
         self._last_write = now
-        return self.write(step, step_time_s, samples_per_s)
+        return self.write(step, step_time_s, samples_per_s, training)
 
-    def write(self, step: int, step_time_s: float | None, samples_per_s: float | None) -> bool:
-        """Writes the stats file now; False (with a warning) if it could not be written."""
+    def write(self, step: int, step_time_s: float | None, samples_per_s: float | None,
+              training: Mapping[str, float | int | None] | None = None) -> bool:
+        """Writes the stats file now; False (with a warning) if it could not be written.
+
+        `training` holds the trainer's latest step figures (`TRAINING_FIELDS`); unknown names are
+        dropped, non-finite values become null."""
         try:
-            record = self.snapshot(step, step_time_s, samples_per_s)
+            record = self.snapshot(step, step_time_s, samples_per_s, training)
             self._replace(json.dumps(record, allow_nan=False, separators=(",", ":")))
             return True
         except Exception as err:  # stats must never stop training
             _warn_limited(f"write-{self.path}", "could not write GPU stats file %s: %s", self.path, err)
             return False
 
-    def snapshot(self, step: int, step_time_s: float | None, samples_per_s: float | None) -> dict[str, Any]:
+    def snapshot(self, step: int, step_time_s: float | None, samples_per_s: float | None,
+                 training: Mapping[str, float | int | None] | None = None) -> dict[str, Any]:
         """The record the stats file holds, as a dict (schema `SCHEMA_VERSION`)."""
         try:
             gpu = self._read_gpu()
@@ -304,6 +325,7 @@ class RankStatsWriter:
             "step_time_s": _finite_or_none(step_time_s),
             "samples_per_s": _finite_or_none(samples_per_s),
             "timestamp": time.time(),
+            "training": training_record(training or {}),
         }
 
     def _replace(self, text: str) -> None:
@@ -316,6 +338,15 @@ class RankStatsWriter:
         finally:
             if temp.exists():
                 temp.unlink()
+
+
+def training_record(values: Mapping[str, float | int | None]) -> dict[str, float | int | None]:
+    """The `training` object of a stats file: each of `TRAINING_FIELDS`, finite or null."""
+    record: dict[str, float | int | None] = {}
+    for name, kind in TRAINING_FIELDS.items():
+        value = _finite_or_none(values.get(name))
+        record[name] = None if value is None else (int(value) if kind is int else value)
+    return record
 
 
 def _finite_or_none(value: float | None) -> float | None:

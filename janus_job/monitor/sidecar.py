@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,13 +25,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from janus_job.errors import JobError
-from janus_job.monitor.gpustats import SCHEMA_VERSION, STATS_FILE_PATTERN
+from janus_job.monitor.gpustats import SCHEMA_VERSION, STATS_FILE_PATTERN, TRAINING_FIELDS
 
 DEFAULT_PORT = 9464
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_INTERVAL_SECONDS = 30.0
 DEFAULT_WARN_RATIO = 0.15
 DEFAULT_STALE_AFTER_SECONDS = 120.0
+JOB_NAME_ENV = "JANUS_JOB_NAME"  # the `job` label of every metric (the chart sets it)
 BAD_FILE_WARN_REPEAT_SECONDS = 300.0
 
 GIB = 1024**3
@@ -55,6 +57,7 @@ class MonitorConfig:
     interval_seconds: float = DEFAULT_INTERVAL_SECONDS
     warn_ratio: float = DEFAULT_WARN_RATIO
     stale_after_seconds: float = DEFAULT_STALE_AFTER_SECONDS
+    job: str = field(default_factory=lambda: os.environ.get(JOB_NAME_ENV, ""))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -84,6 +87,8 @@ class RankStats:
     step: int
     samples_per_s: float | None
     timestamp: float
+    step_time_s: float | None = None
+    training: dict[str, float | int | None] = field(default_factory=dict)
 
 
 class BadStatsFile(ValueError):
@@ -120,6 +125,13 @@ def parse_stats(text: str, file_rank: int) -> RankStats:
         raise BadStatsFile("field 'timestamp' must be a number")
     if record["rank"] != file_rank:
         raise BadStatsFile(f"holds rank {record['rank']}, but the file name says rank {file_rank}")
+    training = record.get("training") or {}
+    if not isinstance(training, dict):
+        raise BadStatsFile("field 'training' must be an object or null")
+    for name in TRAINING_FIELDS:
+        value = training.get(name)
+        if value is not None and not _is_number(value):
+            raise BadStatsFile(f"field 'training.{name}' must be a number or null")
     return RankStats(
         rank=record["rank"],
         local_rank=record["local_rank"],
@@ -131,6 +143,8 @@ def parse_stats(text: str, file_rank: int) -> RankStats:
         step=record["step"],
         samples_per_s=record.get("samples_per_s"),
         timestamp=float(record["timestamp"]),
+        step_time_s=record.get("step_time_s"),
+        training={name: training.get(name) for name in TRAINING_FIELDS},
     )
 
 
@@ -223,6 +237,28 @@ def scan_stats_dir(stats_dir: Path) -> Scan:
     return scan
 
 
+# The trainer's figures on /metrics: (stats key, metric name, type, help). Base units, ratios 0..1.
+TRAINING_METRICS = (
+    ("step", "janus_train_step", "gauge", "Optimizer steps completed."),
+    ("total_steps", "janus_train_total_steps", "gauge", "Optimizer steps the run will train."),
+    ("loss", "janus_train_loss", "gauge", "Mean training loss over the last log interval."),
+    ("learning_rate", "janus_train_learning_rate", "gauge", "Learning rate of the language model."),
+    ("grad_norm", "janus_train_grad_norm", "gauge", "Global gradient norm before clipping."),
+    ("samples_per_s", "janus_train_samples_per_second", "gauge", "Job-wide training samples per second."),
+    ("tokens_per_s", "janus_train_tokens_per_second", "gauge", "Job-wide training tokens per second."),
+    ("mfu", "janus_train_mfu_ratio", "gauge", "Model FLOPs utilisation (0..1) over the last log interval."),
+    ("data_wait_ratio", "janus_train_data_wait_ratio", "gauge",
+     "Share of the last log interval the slowest rank waited for data (0..1)."),
+    ("step_time_s", "janus_train_step_duration_seconds", "gauge", "Duration of the rank's last optimizer step."),
+    ("eta_s", "janus_train_eta_seconds", "gauge", "Seconds left at the last interval's speed."),
+    ("last_checkpoint_step", "janus_train_last_checkpoint_step", "gauge",
+     "Step of the newest checkpoint saved or resumed from."),
+    ("bad_samples", "janus_train_bad_samples_total", "counter", "Samples skipped as unreadable."),
+    ("started", "janus_train_start_time_seconds", "gauge",
+     "Unix time the rank's process started training; a change is a restart."),
+)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What /metrics serves: the latest scan and when it was taken."""
@@ -236,59 +272,65 @@ class Snapshot:
 class BalanceCollector:
     """A Prometheus collector over the latest Snapshot (swapped in whole by the scan loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, job: str = "") -> None:
         self.snapshot = Snapshot()
+        self.job = job
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        snapshot = self.snapshot
+        snapshot, job = self.snapshot, self.job
         used = GaugeMetricFamily(
             "janus_gpu_memory_used_bytes",
             "GPU memory in use on the rank's GPU, as NVML reports it.",
-            labels=["node", "gpu", "rank"],
+            labels=["job", "node", "gpu", "rank"],
         )
         total = GaugeMetricFamily(
             "janus_gpu_memory_total_bytes",
             "Total memory of the rank's GPU, as NVML reports it.",
-            labels=["node", "gpu", "rank"],
+            labels=["job", "node", "gpu", "rank"],
         )
         peak = GaugeMetricFamily(
             "janus_torch_memory_peak_allocated_bytes",
             "Peak memory torch allocated on the rank's GPU.",
-            labels=["node", "rank"],
-        )
-        throughput = GaugeMetricFamily(
-            "janus_train_samples_per_second",
-            "Training samples per second of the rank, as the trainer last reported.",
-            labels=["node", "rank"],
+            labels=["job", "node", "rank"],
         )
         updated = GaugeMetricFamily(
             "janus_metrics_last_update_timestamp_seconds",
             "Unix time at which the rank last wrote its stats.",
-            labels=["node", "rank"],
+            labels=["job", "node", "rank"],
         )
+        training = {
+            key: (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, text, labels=["job", "node", "rank"]
+            )
+            for key, name, kind, text in TRAINING_METRICS
+        }
         for stats in snapshot.ranks:
             rank = str(stats.rank)
             gpu = stats.gpu_uuid or f"local-{stats.local_rank}"
             if stats.gpu_memory_used_bytes is not None:
-                used.add_metric([stats.node, gpu, rank], stats.gpu_memory_used_bytes)
+                used.add_metric([job, stats.node, gpu, rank], stats.gpu_memory_used_bytes)
             if stats.gpu_memory_total_bytes is not None:
-                total.add_metric([stats.node, gpu, rank], stats.gpu_memory_total_bytes)
+                total.add_metric([job, stats.node, gpu, rank], stats.gpu_memory_total_bytes)
             if stats.torch_peak_allocated_bytes is not None:
-                peak.add_metric([stats.node, rank], stats.torch_peak_allocated_bytes)
-            if stats.samples_per_s is not None:
-                throughput.add_metric([stats.node, rank], stats.samples_per_s)
-            updated.add_metric([stats.node, rank], stats.timestamp)
+                peak.add_metric([job, stats.node, rank], stats.torch_peak_allocated_bytes)
+            updated.add_metric([job, stats.node, rank], stats.timestamp)
+            values = {**stats.training, "step": stats.step, "samples_per_s": stats.samples_per_s,
+                      "step_time_s": stats.step_time_s}
+            for key, family in training.items():
+                if values.get(key) is not None:
+                    family.add_metric([job, stats.node, rank], float(values[key]))
+        yield from (used, total, peak, updated, *training.values())
         imbalance = GaugeMetricFamily(
             "janus_gpu_memory_imbalance_ratio",
             "(max - min) / max of GPU memory used over the node's ranks.",
-            labels=["scope", "node"],
+            labels=["job", "scope", "node"],
         )
         for balance in snapshot.balances:
             if balance.spread is not None:
-                imbalance.add_metric(["node", balance.node], balance.spread)
-        yield from (used, total, peak, imbalance, throughput, updated)
+                imbalance.add_metric([job, "node", balance.node], balance.spread)
+        yield imbalance
         yield GaugeMetricFamily(
             "janus_monitor_ranks_reporting",
             "Ranks with a valid stats file (0 until the first rank writes).",
@@ -430,7 +472,7 @@ def serve(config: MonitorConfig) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    collector = BalanceCollector()
+    collector = BalanceCollector(config.job)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     try:
