@@ -37,6 +37,11 @@ def by_kind(objects: list[dict], kind: str) -> list[dict]:
     return [o for o in objects if o["kind"] == kind]
 
 
+def precompute_jobs(objects: list[dict]) -> list[dict]:
+    """The precompute Job(s) among the Jobs (the starter is a Job too)."""
+    return [o for o in by_kind(objects, "Job") if o["metadata"]["labels"]["app.kubernetes.io/component"] == "precompute"]
+
+
 def pod_templates(job: dict) -> dict[str, dict]:
     return {role: spec["template"] for role, spec in job["spec"]["pytorchReplicaSpecs"].items()}
 
@@ -102,13 +107,13 @@ def test_precompute_job_survives_training_changes_and_follows_its_inputs():
     # a Job's pod template is immutable: `helm upgrade --set training.nodes=3` must not touch it,
     # while a new feature store must give a new Job (a finished one would never run again)
     values = user_values(ROOT / "examples" / "r2r-2node-ib.yaml")
-    (before,) = by_kind(render_objects(values), "Job")
+    (before,) = precompute_jobs(render_objects(values))
     values["training"]["nodes"] = 3
     values["training"]["learning_rate"] = 1e-5
-    (scaled,) = by_kind(render_objects(values), "Job")
+    (scaled,) = precompute_jobs(render_objects(values))
     assert scaled == before
     values["features"]["store"] = "s3://janus-features/r2r-v2"
-    (moved,) = by_kind(render_objects(values), "Job")
+    (moved,) = precompute_jobs(render_objects(values))
     assert moved["metadata"]["name"] != before["metadata"]["name"]
     assert moved["metadata"]["name"].startswith("r2r-2node-ib-precompute-") and len(moved["metadata"]["name"]) == len(before["metadata"]["name"])
 
@@ -153,7 +158,7 @@ def test_two_node_infiniband_job(rendered):
         shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
         assert {"name": "dshm", "mountPath": "/dev/shm"} in trainer["volumeMounts"]
-    (precompute,) = by_kind(objects, "Job")
+    (precompute,) = precompute_jobs(objects)
     assert precompute["spec"]["completionMode"] == "Indexed"
     assert precompute["spec"]["completions"] == precompute["spec"]["parallelism"] == 2
     (container,) = precompute["spec"]["template"]["spec"]["containers"]
@@ -312,7 +317,8 @@ def test_notes_tell_how_to_follow_and_scale():
         out = chart.render(values=user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), name="r2r", namespace="janus")
     notes = out["janus-train/templates/NOTES.txt"]
     assert "kubectl -n janus logs -f r2r-2node-ib-master-0 -c pytorch" in notes
-    (job,) = by_kind(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r", namespace="janus"), "Job")
+    (job,) = precompute_jobs(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r",
+                                           namespace="janus"))
     assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
     assert "scale pytorchjob/r2r-2node-ib --replicas" in notes and "--set training.nodes=" in notes
 
