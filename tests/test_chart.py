@@ -320,7 +320,9 @@ def test_notes_tell_how_to_follow_and_scale():
     (job,) = precompute_jobs(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r",
                                            namespace="janus"))
     assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
-    assert "scale pytorchjob/r2r-2node-ib --replicas" in notes and "--set training.nodes=" in notes
+    assert "janus-job upgrade job.yaml --release r2r --namespace janus" in notes
+    assert "janus-job scale job.yaml --nodes <nodes> --release r2r --namespace janus" in notes
+    assert "logs -f job/r2r-2node-ib-start-1" in notes and "describe pytorchjob r2r-2node-ib" in notes
 
 
 def test_kubectl_scale_target_is_the_worker_count_the_elastic_job_follows():
