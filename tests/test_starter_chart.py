@@ -9,7 +9,7 @@ import helm_python
 import pytest
 import yaml
 
-from janus_job.render import CHART_DIR, render_objects
+from janus_job.deploy.render import CHART_DIR, render_objects
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.33.0"
@@ -133,7 +133,7 @@ def test_kueue_gets_the_queue_label_only_when_nothing_else_holds_the_job():
 
 def test_a_kueue_queue_name_that_is_not_a_label_value_is_refused():
     from janus_job.errors import JobError
-    from janus_job.spec import validate_spec
+    from janus_job.config.load import validate_spec
 
     data = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
     data["cluster"] = {"kueue_queue": "team-a\nhostPID: true"}
