@@ -1,8 +1,8 @@
 """A local stand-in for the few Kubernetes API calls the starter and `janus-job upgrade` make.
 
 A threading http.server on 127.0.0.1 that answers exactly: GET /version, GET the PyTorchJob CRD,
-GET/PATCH one PyTorchJob, GET and watch one batch/v1 Job, POST Events, list Pods by label, list and
-PATCH Kueue Workloads. Anything else is answered 404 and recorded in `unexpected`, so a test can
+GET/PATCH one PyTorchJob, GET and watch one batch/v1 Job, POST Events, GET Pods by name and list them
+by label, list and PATCH Kueue Workloads. Anything else is answered 404 and recorded in `unexpected`, so a test can
 assert the code made no other call. State is plain dicts the test sets; `on_*` hooks let a test
 script what the cluster does next (the operator deleting pods, the Job controller failing a Job).
 The server stops itself after `lifetime_s` even if a test forgets to.
@@ -57,6 +57,7 @@ class KubeAPI:
         self.on_patch_pytorchjob: Callable[[KubeAPI, str, dict[str, Any]], None] | None = None
         self.on_list_pods: Callable[[KubeAPI], None] | None = None
         self.on_get_pytorchjob: Callable[[KubeAPI, str], None] | None = None
+        self.on_get_pod: Callable[[KubeAPI, str], None] | None = None
         self._rv = 100
         self._stopped = False
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -183,6 +184,12 @@ class KubeAPI:
                     event = self._body()
                     api.events.append(event)
                     return self._send(201, event)
+                m = re.fullmatch(rf"/api/v1/namespaces/{ns}/pods/([^/]+)", p)
+                if m and method == "GET":
+                    if api.on_get_pod:
+                        api.on_get_pod(api, m.group(1))
+                    pod = api.pods.get(m.group(1))
+                    return self._send(200, pod) if pod else self._not_found("pod")
                 if method == "GET" and p == f"/api/v1/namespaces/{api.namespace}/pods":
                     if api.on_list_pods:
                         api.on_list_pods(api)

@@ -112,9 +112,9 @@ def test_failed_precompute_is_a_warning_event_on_the_pytorchjob_and_a_failed_sta
     assert "Traceback" not in proc.stderr and api.unexpected == []
 
 
-def test_resume_waits_for_the_operator_to_report_the_job_suspended():
+def test_resume_waits_for_the_operator_to_suspend_the_job_and_for_its_old_pods_to_go():
     # after a plain `helm upgrade` the chart re-suspends the running job; resuming before the operator
-    # has acted would keep the old pods, so the starter waits for the Suspended condition
+    # has acted, or while old pods still write their checkpoint, would mix two pod templates
     gets = []
 
     def operator(api: KubeAPI, name: str) -> None:
@@ -122,15 +122,28 @@ def test_resume_waits_for_the_operator_to_report_the_job_suspended():
         if len(gets) == 3:  # the operator catches up only by the third read
             api.pytorchjobs[name]["status"]["conditions"] = SUSPENDED
 
+    pod_reads = []
+
+    def kubelet(api: KubeAPI, name: str) -> None:
+        pod_reads.append(name)
+        if len(pod_reads) == 4:  # the terminating pods finish after one more round of reads
+            api.pods.clear()
+
     with KubeAPI(NS) as api:
-        api.add_pytorchjob(PJ, suspend=True, conditions=[{"type": "Running", "status": "True"}])
+        pj = api.add_pytorchjob(PJ, suspend=True, conditions=[{"type": "Running", "status": "True"}])
+        pj["spec"]["pytorchReplicaSpecs"] = {"Master": {"replicas": 1}, "Worker": {"replicas": 1}}
+        api.add_pod(f"{PJ}-master-0", PJ)
+        api.add_pod(f"{PJ}-worker-0", PJ)
         api.add_job(PRE, conditions=[{"type": "Complete", "status": "True"}])
         api.on_get_pytorchjob = operator
+        api.on_get_pod = kubelet
         assert start(api_client(api), Target(NS, PJ, PRE), lambda line: None) == 0
 
     assert [p[2] for p in api.patches] == [{"spec": {"runPolicy": {"suspend": False}}}]
-    pj_calls = [m for m, p in api.requests if p.startswith(f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs/")]
-    assert pj_calls == ["GET", "GET", "GET", "PATCH"]  # resumed only after the read that showed Suspended
+    calls = [f"{m} {p.rsplit('/', 1)[1]}" for m, p in api.requests
+             if p.startswith((f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs/", f"/api/v1/namespaces/{NS}/pods/"))]
+    # resumed only after the read that showed Suspended and a round of reads that found no pod
+    assert calls == [f"GET {PJ}"] * 3 + [f"GET {PJ}-master-0", f"GET {PJ}-worker-0"] * 3 + [f"PATCH {PJ}"]
     assert job_reads_and_watches(api)[1] == []  # already Complete: no watch needed
     assert api.unexpected == []
 

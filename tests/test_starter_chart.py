@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from janus_job.deploy.render import CHART_DIR, render_objects
+from janus_job.deploy.starter import trainer_pod_names
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.33.0"
@@ -36,6 +37,8 @@ def one(objects: list[dict], kind: str, component: str | None = None) -> dict:
 
 @pytest.mark.parametrize("example", [p.stem for p in EXAMPLES])
 def test_the_starter_role_reaches_only_the_jobs_own_objects(example):
+    # the pods rule names exactly the pods the starter reads for this PyTorchJob (Master 0, every Worker
+    # up to the most nodes the job may have)
     objects = render_objects(values(example), release="r2r", namespace="janus")
     starter = starter_objects(objects)
     assert set(starter) == {"ServiceAccount", "Role", "RoleBinding", "Job"}
@@ -45,8 +48,12 @@ def test_the_starter_role_reaches_only_the_jobs_own_objects(example):
         {"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": [precompute], "verbs": ["get", "watch"]},
         {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "resourceNames": [pytorchjob],
          "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "resourceNames": trainer_pod_names(one(objects, "PyTorchJob")),
+         "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     ]
+    assert all(n.startswith(f"{pytorchjob}-master-") or n.startswith(f"{pytorchjob}-worker-")
+               for n in starter["Role"]["rules"][2]["resourceNames"])
     sa = starter["ServiceAccount"]["metadata"]["name"]
     binding = starter["RoleBinding"]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",

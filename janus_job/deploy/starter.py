@@ -5,14 +5,15 @@ starter Job per Helm revision (`janus-job start`). It reads the precompute Job, 
 a watch until its Complete or Failed condition:
 
 - Complete: it resumes the PyTorchJob (`runPolicy.suspend: false`) once the training operator has
-  acknowledged the suspension (so the pods of an earlier revision are gone and no two pod templates
-  run side by side). Under Kueue it never touches `suspend`: it adds the `kueue.x-k8s.io/queue-name`
-  label, which Kueue allows on a suspended job and which makes Kueue admit it.
+  acknowledged the suspension and every training pod of an earlier revision is gone, so no two pod
+  templates run side by side (a `helm upgrade` re-renders the job suspended). Under Kueue it never
+  touches `suspend`: it adds the `kueue.x-k8s.io/queue-name` label, which Kueue allows on a
+  suspended job and which makes Kueue admit it.
 - Failed: it records a Warning Event on the PyTorchJob (`kubectl describe pytorchjob` shows it) and
   exits with FAILED_EXIT, which the starter Job's podFailurePolicy turns into a failed Job at once.
 
 Its Role (templates/starter-rbac.yaml) allows exactly these calls: get/watch on the one precompute
-Job, get/patch on the one PyTorchJob, create on Events.
+Job, get/patch on the one PyTorchJob, get on that job's training pods by name, create on Events.
 """
 
 from __future__ import annotations
@@ -183,6 +184,48 @@ def _wait_for_suspension_ack(custom: Any, target: Target, log: Log) -> dict[str,
         time.sleep(2.0)
 
 
+def trainer_pod_names(pj: dict[str, Any]) -> list[str]:
+    """Every pod name the operator gives this job: <name>-master-0 and <name>-worker-<i> up to the most
+    Workers it may have (Worker replicas, or elasticPolicy.maxReplicas - 1 for an elastic job)."""
+    spec = pj.get("spec") or {}
+    workers = int(((spec.get("pytorchReplicaSpecs") or {}).get("Worker") or {}).get("replicas") or 0)
+    workers = max(workers, int((spec.get("elasticPolicy") or {}).get("maxReplicas") or 0) - 1)
+    name = pj["metadata"]["name"]
+    return [f"{name}-master-0", *(f"{name}-worker-{i}" for i in range(workers))]
+
+
+def _wait_for_pods_gone(api_client: Any, pj: dict[str, Any], log: Log) -> None:
+    """Until no training pod of the job exists, so pods of an earlier revision (still writing their SIGTERM
+    checkpoint) never run beside the new ones. Reads each pod by name: the Role allows nothing wider."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    core = client.CoreV1Api(api_client)
+    master = ((pj.get("spec") or {}).get("pytorchReplicaSpecs") or {}).get("Master") or {}
+    grace = ((master.get("template") or {}).get("spec") or {}).get("terminationGracePeriodSeconds") or 30
+    deadline = time.monotonic() + int(grace) + 300
+    last: list[str] | None = None
+    while True:
+        present = []
+        for name in trainer_pod_names(pj):
+            try:
+                core.read_namespaced_pod(name, pj["metadata"]["namespace"])
+            except ApiException as err:
+                if err.status == 404:
+                    continue
+                raise
+            present.append(name)
+        if not present:
+            return
+        if present != last:
+            log(f"waiting for {len(present)} pod(s) of the suspended job to stop: {', '.join(present)}")
+            last = present
+        if time.monotonic() > deadline:
+            raise JobError(f"pods {', '.join(present)} still exist {int(grace) + 300} s after the job was suspended; "
+                           "fix: look at them with kubectl describe pod; the job stays suspended")
+        time.sleep(2.0)
+
+
 def start(api_client: Any, target: Target, log: Log = _print) -> int:
     """The starter's whole run; the process exit code (0, or FAILED_EXIT when precompute failed)."""
     from kubernetes import client
@@ -234,6 +277,7 @@ def start(api_client: Any, target: Target, log: Log = _print) -> int:
         log(f"{what} is not suspended; nothing to start")
         return 0
     pj = _wait_for_suspension_ack(custom, target, log)
+    _wait_for_pods_gone(api_client, pj, log)
     custom.patch_namespaced_custom_object(*PYTORCHJOB[:2], target.namespace, PYTORCHJOB[2], target.pytorchjob,
                                           {"spec": {"runPolicy": {"suspend": False}}})
     message = f"precompute Job {target.precompute_job} succeeded; training started (runPolicy.suspend: false)"

@@ -29,3 +29,16 @@ kueue.x-k8s.io/queue-name: {{ .Values.cluster.kueue_queue | quote }}
 {{- define "janus-train.starterName" -}}
 {{- printf "%s-starter" .Values.name -}}
 {{- end }}
+
+{{/*
+Names of every training pod the job can have (Master 0, Worker 0 .. most nodes - 2): the starter may
+read exactly these, to resume only once the pods of an earlier revision are gone.
+*/}}
+{{- define "janus-train.trainerPodNames" -}}
+{{- $t := .Values.training -}}
+{{- $most := int $t.nodes -}}
+{{- if eq $t.resize.policy "elastic" }}{{ $most = int ($t.resize.max_nodes | default $t.nodes) }}{{ end -}}
+{{- $names := list (printf "%s-master-0" .Values.name) -}}
+{{- range $i := until (int (sub $most 1)) }}{{ $names = append $names (printf "%s-worker-%d" $.Values.name $i) }}{{ end -}}
+{{- $names | toJson -}}
+{{- end }}
