@@ -17,10 +17,10 @@ import yaml
 
 pytest.importorskip("kubernetes", reason="the kubernetes client is a dependency of janus-train")
 
-from janus_job.deploy.upgrade import with_nodes  # noqa: E402
+from janus_job.deploy.upgrade import check_operator, with_nodes  # noqa: E402
 from janus_job.errors import JobError  # noqa: E402
 from kube_api import KubeAPI  # noqa: E402
-from test_starter import cli_env, write_kubeconfig  # noqa: E402
+from test_starter import api_client, cli_env, write_kubeconfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NS, NAME = "janus", "janus-minimal"
@@ -185,6 +185,17 @@ def test_upgrade_refuses_an_operator_whose_crd_drops_native_sidecars(tmp_path):
         "error: the installed pytorchjobs.kubeflow.org CRD drops initContainers[].restartPolicy")
     assert ">= 1.8" in proc.stderr and "Traceback" not in proc.stderr
     assert api.patches == [] and helm_calls(tmp_path) == []
+
+
+def test_the_published_training_operator_crd_passes_the_check():
+    path = ROOT.parent / "shared" / "crds" / "kubeflow.org_pytorchjobs.yaml"
+    if not path.is_file():
+        pytest.skip(f"PyTorchJob CRD not found at {path} (../shared/crds from the repo root)")
+    lines: list[str] = []
+    with KubeAPI(NS) as api:
+        api.crd = yaml.safe_load(path.read_text())  # training-operator release-1.9
+        check_operator(api_client(api), True, lines.append)
+    assert lines == []
 
 
 def test_failed_helm_upgrade_leaves_the_job_suspended(tmp_path):
