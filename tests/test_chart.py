@@ -40,6 +40,11 @@ def by_kind(objects: list[dict], kind: str) -> list[dict]:
     return [o for o in objects if o["kind"] == kind and "helm.sh/hook" not in o["metadata"].get("annotations", {})]
 
 
+def precompute_jobs(objects: list[dict]) -> list[dict]:
+    """The precompute Job(s) among the Jobs (the starter is a Job too)."""
+    return [o for o in by_kind(objects, "Job") if o["metadata"]["labels"]["app.kubernetes.io/component"] == "precompute"]
+
+
 def pod_templates(job: dict) -> dict[str, dict]:
     return {role: spec["template"] for role, spec in job["spec"]["pytorchReplicaSpecs"].items()}
 
@@ -104,13 +109,13 @@ def test_precompute_job_survives_training_changes_and_follows_its_inputs():
     # a Job's pod template is immutable: `helm upgrade --set training.nodes=3` must not touch it,
     # while a new feature store must give a new Job (a finished one would never run again)
     values = user_values(ROOT / "examples" / "r2r-2node-ib.yaml")
-    (before,) = by_kind(render_objects(values), "Job")
+    (before,) = precompute_jobs(render_objects(values))
     values["training"]["nodes"] = 3
     values["training"]["learning_rate"] = 1e-5
-    (scaled,) = by_kind(render_objects(values), "Job")
+    (scaled,) = precompute_jobs(render_objects(values))
     assert scaled == before
     values["features"]["store"] = "s3://janus-features/r2r-v2"
-    (moved,) = by_kind(render_objects(values), "Job")
+    (moved,) = precompute_jobs(render_objects(values))
     assert moved["metadata"]["name"] != before["metadata"]["name"]
     assert moved["metadata"]["name"].startswith("r2r-2node-ib-precompute-") and len(moved["metadata"]["name"]) == len(before["metadata"]["name"])
 
@@ -156,7 +161,7 @@ def test_two_node_infiniband_job(rendered):
         shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
         assert {"name": "dshm", "mountPath": "/dev/shm"} in trainer["volumeMounts"]
-    (precompute,) = by_kind(objects, "Job")
+    (precompute,) = precompute_jobs(objects)
     assert precompute["spec"]["completionMode"] == "Indexed"
     assert precompute["spec"]["completions"] == precompute["spec"]["parallelism"] == 2
     (container,) = precompute["spec"]["template"]["spec"]["containers"]
@@ -327,9 +332,12 @@ def test_notes_tell_how_to_follow_and_scale():
     assert "master-0 -c pytorch" not in notes
     assert "logs -f -l janus-train.io/job=r2r-2node-ib,app.kubernetes.io/component=trainer -c pytorch" in notes
     assert "logs job/r2r-2node-ib-validate" in notes
-    (job,) = by_kind(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r", namespace="janus"), "Job")
+    (job,) = precompute_jobs(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r",
+                                           namespace="janus"))
     assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
-    assert "scale pytorchjob/r2r-2node-ib --replicas" in notes and "--set training.nodes=" in notes
+    assert "janus-job upgrade job.yaml --release r2r --namespace janus" in notes
+    assert "janus-job scale job.yaml --nodes <nodes> --release r2r --namespace janus" in notes
+    assert "logs -f job/r2r-2node-ib-start-1" in notes and "describe pytorchjob r2r-2node-ib" in notes
     with helm_python.Chart.load(CHART) as chart:
         fixed = chart.render(values=user_values(ROOT / "examples" / "r2r-1node.yaml"), name="r", namespace="janus")
     assert "kubectl -n janus logs -f r2r-1node-master-0 -c pytorch" in fixed["janus-train/templates/NOTES.txt"]
@@ -374,7 +382,7 @@ def test_checkpoint_staging_volume_and_disk_requests(rendered):
     # every node-disk emptyDir is requested: /tmp 16 + HOME 64 + feature cache 300 + staging 400
     assert trainer["resources"]["requests"]["ephemeral-storage"] == "780Gi"
     assert trainer["resources"]["requests"]["cpu"] == "96" and trainer["resources"]["limits"]["memory"] == "1000Gi"
-    (precompute,) = by_kind(rendered["r2r-2node-ib"], "Job")
+    (precompute,) = precompute_jobs(rendered["r2r-2node-ib"])
     (worker,) = precompute["spec"]["template"]["spec"]["containers"]
     assert worker["resources"]["requests"]["ephemeral-storage"] == "380Gi"  # no staging
     assert "rdma/hca_shared_devices_a" not in worker["resources"]["limits"]  # precompute needs no RDMA
@@ -416,7 +424,7 @@ def test_disruption_budget_and_network_policy_select_the_trainer_pods(rendered):
     # the job's own training pods, any port (rendezvous 23456, NCCL/Gloo pick theirs at run time)
     assert peers == {"from": [{"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}]}
     assert metrics == {"ports": [{"port": 9500, "protocol": "TCP"}]}  # any scraper
-    (precompute,) = by_kind(objects, "Job")
+    (precompute,) = precompute_jobs(objects)
     assert not policy["spec"]["podSelector"]["matchLabels"].items() <= \
         precompute["spec"]["template"]["metadata"]["labels"].items()
     values = user_values(ALL_FEATURES)

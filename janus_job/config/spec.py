@@ -125,7 +125,9 @@ class TrainingSpec(Section):
     log_interval: int = Field(10, ge=1, description="Optimizer steps between throughput log lines.")
     checkpoint: CheckpointSpec
     resize: ResizeSpec = Field(default_factory=ResizeSpec)
-    suspend: bool = Field(False, description="Create the PyTorchJob suspended (runPolicy.suspend); unsuspend to start training.")
+    suspend: bool = Field(
+        False, description="Keep the PyTorchJob suspended (runPolicy.suspend), also after precompute; unsuspend by hand "
+        "to start training.")
 
 
 class Stage3Spec(Section):
@@ -182,6 +184,10 @@ class ClusterSpec(Section):
     priority_class: str | None = Field(None, description="PriorityClass name of all GPU pods.")
     gang_scheduler: Literal["none", "volcano", "scheduler-plugins"] = Field("none", description="Gang scheduler (PyTorchJob schedulingPolicy).")
     queue: str | None = Field(None, description="Volcano queue (gang_scheduler: volcano).")
+    kueue_queue: str | None = Field(
+        None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Kueue LocalQueue of the training job (label kueue.x-k8s.io/queue-name): Kueue admits it and owns "
+        "runPolicy.suspend; with features.mode precomputed the starter adds the label once precompute has succeeded.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     shm_size: str = Field("64Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$", description="/dev/shm size (memory emptyDir) for DataLoader workers.")
     rdma_resource: str = Field("rdma/hca_shared_devices_a", min_length=1,
