@@ -99,7 +99,7 @@ def worker(args) -> None:
 
     from janus_job.config.deepspeed import render_deepspeed_config
     from janus_job.models.janusvln.build import model_from_config
-    from janus_job.models.janusvln.model import qwen25_vl_7b_config
+    from janus_job.models.flavors import qwen25_vl_7b_config
     from janus_job.train.checkpoint import CheckpointManager
     from janus_job.train.engine import param_groups
 

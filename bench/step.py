@@ -557,7 +557,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from janus_job.data import frames
     from janus_job.models.janusvln.build import model_from_config
-    from janus_job.models.janusvln.model import qwen25_vl_7b_config
+    from janus_job.models.flavors import qwen25_vl_7b_config
     from janus_job.train.distributed import init_distributed
     from janus_job.train.engine import param_groups, to_device
     from janus_job.train.metrics import BatchWork, ParamCounts, model_flops
