@@ -247,7 +247,7 @@ class Trainer:
                 trace.write({"step": self.step, "micro_step": micro, "rank": self.ranks.rank,
                              "sample_ids": batch["sample_ids"]})
                 interval.work.add_batch(batch, self.image_token_id)
-                loss = micro_step(self.engine, batch, self.device)
+                loss = micro_step(self.engine, batch, self.device).loss.detach()
                 interval.loss_sum = interval.loss_sum + loss.float()
                 interval.loss_count += 1
             self.sampler.advance()
