@@ -110,7 +110,9 @@ def test_precompute_job_survives_training_changes_and_follows_its_inputs():
     values["features"]["store"] = "s3://janus-features/r2r-v2"
     (moved,) = by_kind(render_objects(values), "Job")
     assert moved["metadata"]["name"] != before["metadata"]["name"]
-    assert moved["metadata"]["name"].startswith("r2r-2node-ib-precompute-") and len(moved["metadata"]["name"]) == len(before["metadata"]["name"])
+    assert moved["metadata"]["name"].startswith("r2r-2node-ib-precompute-") and len(moved["metadata"]["name"]) == len(
+        before["metadata"]["name"]
+    )
 
 
 def test_checksum_changes_with_the_spec():
@@ -120,8 +122,10 @@ def test_checksum_changes_with_the_spec():
     second = by_kind(render_objects(values), "PyTorchJob")[0]
     key = "janus-train.io/spec-checksum"
     assert first["metadata"]["labels"][key] != second["metadata"]["labels"][key]
-    assert pod_templates(first)["Master"]["metadata"]["annotations"][key] != \
-        pod_templates(second)["Master"]["metadata"]["annotations"][key]
+    assert (
+        pod_templates(first)["Master"]["metadata"]["annotations"][key]
+        != pod_templates(second)["Master"]["metadata"]["annotations"][key]
+    )
 
 
 # -- what the objects say ------------------------------------------------------------------------
@@ -136,7 +140,11 @@ def test_two_node_infiniband_job(rendered):
     replicas = spec["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
     assert spec["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 4, "maxRestarts": 10}
-    assert spec["runPolicy"]["schedulingPolicy"] == {"minAvailable": 2, "queue": "default", "priorityClass": "janus-train"}
+    assert spec["runPolicy"]["schedulingPolicy"] == {
+        "minAvailable": 2,
+        "queue": "default",
+        "priorityClass": "janus-train",
+    }
     for template in pod_templates(job).values():
         pod = template["spec"]
         (trainer,) = pod["containers"]
@@ -168,8 +176,20 @@ def test_gpu_balance_sidecar_is_native_and_unprivileged(rendered):
         pod = template["spec"]
         (sidecar,) = pod["initContainers"]
         assert sidecar["restartPolicy"] == "Always"
-        assert sidecar["command"] == ["janus-job", "monitor", "--stats-dir", "/var/run/janus/stats", "--port", "9500",
-                                      "--interval", "30", "--warn-ratio", "0.15", "--stale-after", "120"]
+        assert sidecar["command"] == [
+            "janus-job",
+            "monitor",
+            "--stats-dir",
+            "/var/run/janus/stats",
+            "--port",
+            "9500",
+            "--interval",
+            "30",
+            "--warn-ratio",
+            "0.15",
+            "--stale-after",
+            "120",
+        ]
         assert "gpu" not in json.dumps(sidecar["resources"])
         sc = sidecar["securityContext"]
         assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
@@ -185,14 +205,21 @@ def test_gpu_balance_sidecar_is_native_and_unprivileged(rendered):
 def test_all_features_job(rendered):
     (job,) = by_kind(rendered["all-features-values"], "PyTorchJob")
     run = job["spec"]["runPolicy"]
-    assert run == {"backoffLimit": 20, "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 86400, "suspend": True,
-                   "schedulingPolicy": {"minAvailable": 4, "queue": "research", "priorityClass": "janus-train"}}
+    assert run == {
+        "backoffLimit": 20,
+        "cleanPodPolicy": "Running",
+        "ttlSecondsAfterFinished": 86400,
+        "suspend": True,
+        "schedulingPolicy": {"minAvailable": 4, "queue": "research", "priorityClass": "janus-train"},
+    }
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
     assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
     master = pod_templates(job)["Master"]
     assert master["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce-net"
     env = {e["name"]: e.get("value") for e in master["spec"]["containers"][0]["env"]}
-    assert env["NCCL_IB_GID_INDEX"] == "3" and env["NCCL_SOCKET_IFNAME"] == "eth0" and env["GLOO_SOCKET_IFNAME"] == "eth0"
+    assert (
+        env["NCCL_IB_GID_INDEX"] == "3" and env["NCCL_SOCKET_IFNAME"] == "eth0" and env["GLOO_SOCKET_IFNAME"] == "eth0"
+    )
     assert master["spec"]["containers"][0]["image"].startswith("registry.example.com/janus-train@sha256:")
     cache = next(v for v in master["spec"]["volumes"] if v["name"] == "feature-cache")
     assert cache["emptyDir"]["sizeLimit"] == "151Gi"
@@ -223,8 +250,14 @@ def test_recommended_labels_on_every_object(rendered):
     for objects in rendered.values():
         for obj in objects:
             labels = obj["metadata"]["labels"]
-            for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
-                        "app.kubernetes.io/managed-by", "app.kubernetes.io/component", "helm.sh/chart"):
+            for key in (
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/version",
+                "app.kubernetes.io/managed-by",
+                "app.kubernetes.io/component",
+                "helm.sh/chart",
+            ):
                 assert key in labels, (obj["kind"], key)
 
 
@@ -235,8 +268,11 @@ def _closed(schema):
     """The CRD schema with unknown fields rejected wherever it lists properties."""
     if isinstance(schema, dict):
         out = {k: _closed(v) for k, v in schema.items() if not k.startswith("x-kubernetes-")}
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         if schema.get("x-kubernetes-int-or-string"):
             out.pop("type", None)
@@ -249,7 +285,9 @@ def _closed(schema):
 @pytest.fixture(scope="module")
 def pytorchjob_validator():
     if not CRD.is_file():
-        pytest.skip(f"PyTorchJob CRD not found at {CRD} (../shared/crds from the repo root); cannot check the CRD schema")
+        pytest.skip(
+            f"PyTorchJob CRD not found at {CRD} (../shared/crds from the repo root); cannot check the CRD schema"
+        )
     import jsonschema
 
     crd = yaml.safe_load(CRD.read_text())
@@ -287,8 +325,14 @@ def test_core_objects_match_kubernetes_schemas(rendered, path):
             _strict_k8s(obj)
         elif obj["kind"] == "PyTorchJob":  # its pod templates are core PodSpecs
             for role, template in pod_templates(obj).items():
-                _strict_k8s({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"x-{role.lower()}", **template["metadata"]},
-                             "spec": template["spec"]})
+                _strict_k8s(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {"name": f"x-{role.lower()}", **template["metadata"]},
+                        "spec": template["spec"],
+                    }
+                )
 
 
 def test_strict_kubernetes_check_can_fail(rendered):
@@ -312,7 +356,9 @@ def test_notes_tell_how_to_follow_and_scale():
         out = chart.render(values=user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), name="r2r", namespace="janus")
     notes = out["janus-train/templates/NOTES.txt"]
     assert "kubectl -n janus logs -f r2r-2node-ib-master-0 -c pytorch" in notes
-    (job,) = by_kind(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r", namespace="janus"), "Job")
+    (job,) = by_kind(
+        render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r", namespace="janus"), "Job"
+    )
     assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
     assert "scale pytorchjob/r2r-2node-ib --replicas" in notes and "--set training.nodes=" in notes
 

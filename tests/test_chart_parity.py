@@ -156,7 +156,8 @@ def test_generated_specs_get_the_same_verdict(chart):
             continue
         refused += 1
         for field in fields:
-            assert field in message or field.split(".")[-1] in message, f"spec {i}: helm does not name {field}:\n{message}"
+            assert field in message or field.split(".")[-1] in message, (
+                f"spec {i}: helm does not name {field}:\n{message}")
     print(f"generated specs: {accepted} accepted, {refused} refused by both")
     assert accepted >= 40 and refused >= 100, (accepted, refused)
 
@@ -166,21 +167,33 @@ def test_good_files_pass_both(chart):
     assert python_fields(values) is None and helm_verdict(chart, values) is None
 
 
-@pytest.mark.parametrize("stage,offload,checkpointing,mode,vision_lr,micro,nodes", [
-    (0, "none", True, "precomputed", None, 1, 1), (1, "none", False, "precomputed", None, 2, 1),
-    (2, "cpu", True, "online", None, 1, 2), (3, "none", True, "read_through", 1e-6, 4, 3),
-    (3, "cpu", False, "online", 1e-6, 1, 4),
-])
+@pytest.mark.parametrize(
+    "stage,offload,checkpointing,mode,vision_lr,micro,nodes",
+    [
+        (0, "none", True, "precomputed", None, 1, 1),
+        (1, "none", False, "precomputed", None, 2, 1),
+        (2, "cpu", True, "online", None, 1, 2),
+        (3, "none", True, "read_through", 1e-6, 4, 3),
+        (3, "cpu", False, "online", 1e-6, 1, 4),
+    ],
+)
 def test_helm_memory_estimate_equals_pythons(chart, stage, offload, checkpointing, mode, vision_lr, micro, nodes):
     import re
 
     from janus_job.config.memory import estimate_gpu_memory
 
-    values = with_changes({"deepspeed": {"zero_stage": stage, "offload_optimizer": offload},
-                           "training.gradient_checkpointing": checkpointing, "training.micro_batch_size": micro,
-                           "training.nodes": nodes, "training.resize": {"policy": "fixed"},
-                           "features.mode": mode, "features.cache_vision": mode != "online",
-                           "cluster": {"resources": {"gpu_memory_gib": 1}}})  # nothing fits: both print the estimate
+    values = with_changes(
+        {
+            "deepspeed": {"zero_stage": stage, "offload_optimizer": offload},
+            "training.gradient_checkpointing": checkpointing,
+            "training.micro_batch_size": micro,
+            "training.nodes": nodes,
+            "training.resize": {"policy": "fixed"},
+            "features.mode": mode,
+            "features.cache_vision": mode != "online",
+            "cluster": {"resources": {"gpu_memory_gib": 1}},
+        }
+    )  # nothing fits: both print the estimate
     if vision_lr:
         values["training"]["vision_learning_rate"] = vision_lr
     expected = estimate_gpu_memory(JobSpec.model_validate(values)).total

@@ -81,59 +81,113 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
             "set min_nodes <= nodes <= max_nodes",
         ))
     elif not batch_problem:
-        for nodes in range(spec.min_nodes, spec.max_nodes + 1):
+        node_counts = range(spec.min_nodes, spec.max_nodes + 1)
+        for nodes in node_counts:
             per_step = t.micro_batch_size * nodes * t.gpus_per_node
             if spec.global_batch_size % per_step:
-                problems.append(Problem(
-                    "training.resize",
-                    f"the global batch {spec.global_batch_size} cannot be kept at {nodes} nodes "
-                    f"(not a multiple of micro_batch_size x {nodes} x gpus_per_node = {per_step})",
-                    "narrow training.resize.min_nodes/max_nodes, or set training.global_batch_size to a common "
-                    "multiple of micro_batch_size x gpus_per_node x every allowed node count (e.g. "
-                    f"{math.lcm(*(t.micro_batch_size * k * t.gpus_per_node for k in range(spec.min_nodes, spec.max_nodes + 1)))})",
-                ))
+                problems.append(
+                    Problem(
+                        "training.resize",
+                        f"the global batch {spec.global_batch_size} cannot be kept at {nodes} nodes "
+                        f"(not a multiple of micro_batch_size x {nodes} x gpus_per_node = {per_step})",
+                        "narrow training.resize.min_nodes/max_nodes, or set training.global_batch_size to a common "
+                        "multiple of micro_batch_size x gpus_per_node x every allowed node count (e.g. "
+                        f"{math.lcm(*(t.micro_batch_size * k * t.gpus_per_node for k in node_counts))})",
+                    )
+                )
                 break
 
     if t.max_steps is None and t.warmup_ratio > 0.5:
-        problems.append(Problem("training.warmup_ratio", f"{t.warmup_ratio} leaves most of training in warmup", "use a value below 0.5 (JanusVLN: 0.03)"))
+        problems.append(
+            Problem(
+                "training.warmup_ratio",
+                f"{t.warmup_ratio} leaves most of training in warmup",
+                "use a value below 0.5 (JanusVLN: 0.03)",
+            )
+        )
 
     if spec.data.min_pixels > spec.data.max_pixels:
-        problems.append(Problem(
-            "data.min_pixels", f"{spec.data.min_pixels} is larger than data.max_pixels {spec.data.max_pixels}",
-            "make min_pixels <= max_pixels (defaults 16*28*28 and 576*28*28)",
-        ))
+        problems.append(
+            Problem(
+                "data.min_pixels",
+                f"{spec.data.min_pixels} is larger than data.max_pixels {spec.data.max_pixels}",
+                "make min_pixels <= max_pixels (defaults 16*28*28 and 576*28*28)",
+            )
+        )
     if spec.data.num_workers == 0 and spec.data.persistent_workers:
-        problems.append(Problem("data.persistent_workers", "requires data.num_workers > 0", "set persistent_workers: false or num_workers >= 1"))
+        problems.append(
+            Problem(
+                "data.persistent_workers",
+                "requires data.num_workers > 0",
+                "set persistent_workers: false or num_workers >= 1",
+            )
+        )
 
     remote_store = f.store.startswith(OBJECT_STORE_SCHEMES)
     if remote_store and f.credentials_from == "secret" and not f.credentials_secret:
-        problems.append(Problem(
-            "features.credentials_secret",
-            f"the store {f.store} needs credentials and credentials_from is 'secret', but no Secret is named",
-            "create the Secret from manifests/s3-credentials-secret.yaml and set features.credentials_secret to its "
-            "name, or set features.credentials_from: environment to use the pod identity (IRSA/Workload Identity)",
-        ))
+        problems.append(
+            Problem(
+                "features.credentials_secret",
+                f"the store {f.store} needs credentials and credentials_from is 'secret', but no Secret is named",
+                "create the Secret from manifests/s3-credentials-secret.yaml and set features.credentials_secret to "
+                "its name, or set features.credentials_from: environment to use the pod identity "
+                "(IRSA/Workload Identity)",
+            )
+        )
     if f.endpoint_url and not remote_store:
-        problems.append(Problem("features.endpoint_url", f"set, but the store {f.store} is not an object-store URL", "remove endpoint_url or use an s3:// store"))
+        problems.append(
+            Problem(
+                "features.endpoint_url",
+                f"set, but the store {f.store} is not an object-store URL",
+                "remove endpoint_url or use an s3:// store",
+            )
+        )
     if f.endpoint_url and not re.match(r"^https?://", f.endpoint_url):
-        problems.append(Problem("features.endpoint_url", f"'{f.endpoint_url}' is not an http(s) URL", "write it like https://minio.example:9000"))
+        problems.append(
+            Problem(
+                "features.endpoint_url",
+                f"'{f.endpoint_url}' is not an http(s) URL",
+                "write it like https://minio.example:9000",
+            )
+        )
     if f.mode == "online" and f.cache_vision:
-        problems.append(Problem("features.cache_vision", "has no effect in mode 'online' (nothing is read from the store)", "set cache_vision: false or mode: precomputed"))
+        problems.append(
+            Problem(
+                "features.cache_vision",
+                "has no effect in mode 'online' (nothing is read from the store)",
+                "set cache_vision: false or mode: precomputed",
+            )
+        )
 
     if c.gang_scheduler == "volcano" and not c.queue:
-        problems.append(Problem("cluster.queue", "gang_scheduler 'volcano' needs a queue", "set cluster.queue (e.g. default)"))
+        problems.append(
+            Problem("cluster.queue", "gang_scheduler 'volcano' needs a queue", "set cluster.queue (e.g. default)")
+        )
     if c.gang_scheduler != "volcano" and c.queue:
-        problems.append(Problem("cluster.queue", f"queues are a Volcano feature; gang_scheduler is '{c.gang_scheduler}'", "remove cluster.queue or set gang_scheduler: volcano"))
+        problems.append(
+            Problem(
+                "cluster.queue",
+                f"queues are a Volcano feature; gang_scheduler is '{c.gang_scheduler}'",
+                "remove cluster.queue or set gang_scheduler: volcano",
+            )
+        )
     if c.network == "tcp" and c.nccl_ib_hca:
-        problems.append(Problem("cluster.nccl_ib_hca", "has no effect with network 'tcp'", "remove it or choose network infiniband/roce"))
+        problems.append(
+            Problem(
+                "cluster.nccl_ib_hca", "has no effect with network 'tcp'", "remove it or choose network infiniband/roce"
+            )
+        )
 
     if spec.monitor.stale_after_seconds <= spec.monitor.interval_seconds:
-        problems.append(Problem(
-            "monitor.stale_after_seconds",
-            f"{spec.monitor.stale_after_seconds} s is not longer than monitor.interval_seconds {spec.monitor.interval_seconds} s, "
-            "so every rank would be reported stale",
-            f"use at least 2 x interval_seconds ({2 * spec.monitor.interval_seconds})",
-        ))
+        problems.append(
+            Problem(
+                "monitor.stale_after_seconds",
+                f"{spec.monitor.stale_after_seconds} s is not longer than monitor.interval_seconds "
+                f"{spec.monitor.interval_seconds} s, "
+                "so every rank would be reported stale",
+                f"use at least 2 x interval_seconds ({2 * spec.monitor.interval_seconds})",
+            )
+        )
 
     problems.extend(memory_problems(spec))
     return problems
