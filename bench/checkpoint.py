@@ -98,10 +98,10 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from janus_job.config.deepspeed import render_deepspeed_config
+    from janus_job.models.flavors import qwen25_vl_7b_config
     from janus_job.models.janusvln.build import model_from_config
-    from janus_job.models.janusvln.model import qwen25_vl_7b_config
     from janus_job.train.checkpoint import CheckpointManager
-    from janus_job.train.engine import param_groups
+    from janus_job.train.engine import build_engine
 
     cuda = torch.cuda.is_available() and not args.tiny
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -126,16 +126,8 @@ def worker(args) -> None:
     dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
     t0 = time.perf_counter()
     model = model_from_config(qwen, dtype=dtype, device=device)
-    t = spec.training
-    groups = param_groups(model, t.learning_rate, t.merger_learning_rate, weight_decay=t.weight_decay)
-    for group in groups:
-        group.pop("param_names", None)
-    if "optimizer" in config:
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
-    else:
-        config["zero_allow_untested_optimizer"] = True
-        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, fused=cuda)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # the trainer's engine: its param groups, optimizer and schedule on this DeepSpeed config
+    engine, config = build_engine(spec, model, world, total_steps=1, config=config)
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     build_s = time.perf_counter() - t0
 

@@ -2,7 +2,7 @@
 
 One process per GPU writes its stats with `RankStatsWriter`; rank `--heavy-rank` allocates
 `--extra-gib` more than the others. The sidecar runs as its own process (`python -m
-janus_job.monitor.sidecar`) on the stats directory. The bench then checks:
+janus-job monitor`) on the stats directory. The bench then checks:
 
 - `/metrics` answers before any rank has written, with janus_monitor_ranks_reporting 0;
 - every GPU's janus_gpu_memory_used_bytes / _total_bytes agree with
@@ -88,7 +88,7 @@ def _start_sidecar(args: argparse.Namespace, stats_dir: str) -> tuple[subprocess
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "janus_job.monitor.sidecar",
+            sys.executable, "-m", "janus_job.cli", "monitor",
             "--stats-dir", stats_dir,
             "--port", "0",
             "--host", "127.0.0.1",

@@ -36,7 +36,7 @@ def build(tiny: bool, device: str):
     from transformers import Qwen2_5_VLTextConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
-    from janus_job.models.janusvln.model import QWEN25_VL_7B_TEXT
+    from janus_job.models.flavors import QWEN25_VL_7B_TEXT
 
     fields = dict(QWEN25_VL_7B_TEXT)
     if tiny:

@@ -8,7 +8,7 @@ epoch, so with the node cache off every read goes to the store.
 
 Workers are separate processes (like DataLoader workers); the table shows samples/s and MB/s for
 1 worker and for each --workers count, and compares the node rate with what the trainer consumes
-per node (--consume-per-gpu x --gpus-per-node). Issue 7 asks for >= 3x headroom.
+per node (--consume-per-gpu x --gpus-per-node). The target is >= 3x headroom.
 
 Local:    python bench/loader.py                      (starts a moto S3 server on 127.0.0.1; the
                                                       single-process Python server is then the limit)
@@ -215,7 +215,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['workers']:>8} {row['samples_per_s']:>10.2f} {row['mb_per_s']:>9.1f} "
               f"{row['samples_per_s_per_worker']:>11.2f}")
-    print(f"trainer consumes {need:.1f} samples/s per node ({args.consume_per_gpu} x {args.gpus_per_node} GPUs); {verdict}")
+    print(f"trainer consumes {need:.1f} samples/s per node ({args.consume_per_gpu} x {args.gpus_per_node} GPUs); "
+          f"{verdict}")
 
     record = {
         "host": socket.gethostname(),
@@ -227,8 +228,11 @@ def main() -> None:
         "object_mb": {"spatial": fill["spatial_mb"], "vision": fill["vision_mb"]},
         "mb_per_sample": per_sample_mb,
         "rows": rows,
-        "consume": {"samples_per_s_per_gpu": args.consume_per_gpu, "gpus_per_node": args.gpus_per_node,
-                    "samples_per_s_per_node": need},
+        "consume": {
+            "samples_per_s_per_gpu": args.consume_per_gpu,
+            "gpus_per_node": args.gpus_per_node,
+            "samples_per_s_per_node": need,
+        },
         "headroom": headroom,
         "goal_headroom": GOAL_HEADROOM,
         "verdict": verdict,

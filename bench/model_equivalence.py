@@ -1,4 +1,4 @@
-"""Loss from cached features vs loss from the online encoders, on the same batch (issue 4).
+"""Loss from cached features vs loss from the online encoders, on the same batch.
 
 Full size (GPU): JanusVLN on Qwen2.5-VL-7B + VGGT-1B shapes with random weights, bf16 model,
 VGGT fp32 weights under bf16 autocast (as JanusVLN), built directly on the GPU. One micro batch
@@ -78,8 +78,8 @@ def build(tiny: bool, device, attn: str):
     import torch
 
     from janus_job.demo import tiny as tiny_parts
+    from janus_job.models.flavors import qwen25_vl_7b_config
     from janus_job.models.janusvln.build import build_model
-    from janus_job.models.janusvln.model import qwen25_vl_7b_config
     from janus_job.models.vggt import VGGTAggregatorConfig
 
     processor = tiny_parts.tiny_processor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)

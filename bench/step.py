@@ -22,7 +22,7 @@ stacks (faulthandler) into the run folder, the bench kills the process group, re
 
 Config names: official, official_inside (JanusVLN exact: VGGT inside the ZeRO-3 engine; stalls),
 janus (the spec defaults janus-train ships), janus_* (one spec field changed, for the
-optimisation table), plan_a .. plan_e (the seed plan's proposals, each applied alone to
+optimisation table), plan_a .. plan_e (single-change proposals, each applied alone to
 `official`).
 """
 
@@ -82,7 +82,8 @@ class Setup:
     write_through: bool = False  # plan B: store every computed feature (1 epoch = all misses)
     vggt_mode: str = "streaming"  # online VGGT: "streaming" (one call per frame) | "batched" (per sample)
     vggt_registered: bool = False  # online VGGT inside the module tree (ZeRO-3 partitions it)
-    lean_activations: bool = False  # janus_job.models.janusvln.lean MLP/RMSNorm (the product's model); False = transformers'
+    # janus_job.models.janusvln.lean MLP/RMSNorm (the product's model); False = transformers' own
+    lean_activations: bool = False
     allocator_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the ranks ("" = torch's default allocator)
     spec_overrides: tuple = ()  # (dotted spec path, value) pairs for the spec-based configs
 
@@ -90,7 +91,10 @@ class Setup:
 OFFICIAL = Setup(
     description="JanusVLN train.sh: ZeRO-3 (zero3.json), micro 1 x accum 8, grad ckpt, VGGT streamed per "
     "frame + vision tower online, length-grouped sampler, torch AdamW; VGGT replicated outside the engine",
-    deepspeed="official", spatial="online", vision="online", sampler="length_grouped",
+    deepspeed="official",
+    spatial="online",
+    vision="online",
+    sampler="length_grouped",
 )
 
 
@@ -134,34 +138,69 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
 
     return {
         "official": OFFICIAL,
-        "official_inside": r(OFFICIAL, vggt_registered=True, description="JanusVLN exact: VGGT inside the "
-                             "ZeRO-3 engine (partitioned), streamed per frame"),
+        "official_inside": r(
+            OFFICIAL,
+            vggt_registered=True,
+            description="JanusVLN exact: VGGT inside the ZeRO-3 engine (partitioned), streamed per frame",
+        ),
         "janus": janus(),
-        "janus_ckpt": janus((("training.gradient_checkpointing", True),),
-                            "janus defaults with gradient checkpointing (the default before this measurement)"),
+        "janus_ckpt": janus(
+            (("training.gradient_checkpointing", True),),
+            "janus defaults with gradient checkpointing (the default before this measurement)",
+        ),
         "janus_zero3": janus((("deepspeed.zero_stage", 3),), "janus defaults at ZeRO-3"),
-        "janus_zero2": janus((("deepspeed.zero_stage", 2),), "janus defaults at ZeRO-2 (gradients reduce-scattered "
-                             "at every micro-step; the default before ZeRO-1)"),
-        "janus_stock_layers": janus_with("janus defaults with transformers' own MLP and RMSNorm (no janus_job.models.janusvln.lean)",
-                                         lean_activations=False),
-        "janus_default_allocator": janus_with("janus defaults with torch's default CUDA allocator settings "
-                                              "(no expandable segments)", allocator_conf=""),
-        "janus_torch_adam": janus((("deepspeed.optimizer", "torch"),),
-                                  "janus defaults with torch AdamW instead of DeepSpeed's"),
-        "janus_length_grouped": janus((("training.balanced_sampler", False),),
-                                      "janus defaults with JanusVLN's length-grouped sampler"),
-        "janus_online": janus((("features.mode", "online"), ("features.cache_vision", False)),
-                              "janus defaults with both encoders online (features.mode online)"),
-        "plan_a": r(OFFICIAL, spatial="cached", vision="cached", description="official + precomputed VGGT and "
-                    "vision features (seed plan A)"),
-        "plan_b": r(OFFICIAL, write_through=True, description="official + read-through cache in its first "
-                    "epoch: every feature computed online and written (seed plan B; 1 epoch = no hits)"),
-        "plan_c": r(OFFICIAL, deepspeed="zero2_offload", optimizer="deepspeed", description="official with "
-                    "ZeRO-2 + CPU optimizer offload (DeepSpeedCPUAdam) (seed plan C)"),
-        "plan_d": r(OFFICIAL, target_width=616, description="official at max_pixels 384x28x28: frames 462x616 "
-                    "(VGGT) / 448x616 (Qwen) = 352 tokens per image (seed plan D)"),
-        "plan_e": r(OFFICIAL, workers=16, prefetch=4, decode="cv2", description="official + 16 loader workers, "
-                    "prefetch 4, cv2 decode (PIL if cv2 is missing) (seed plan E)"),
+        "janus_zero2": janus(
+            (("deepspeed.zero_stage", 2),),
+            "janus defaults at ZeRO-2 (gradients reduce-scattered at every micro-step; the default before ZeRO-1)",
+        ),
+        "janus_stock_layers": janus_with(
+            "janus defaults with transformers' own MLP and RMSNorm (no janus_job.models.janusvln.lean)",
+            lean_activations=False,
+        ),
+        "janus_default_allocator": janus_with(
+            "janus defaults with torch's default CUDA allocator settings (no expandable segments)", allocator_conf=""
+        ),
+        "janus_torch_adam": janus(
+            (("deepspeed.optimizer", "torch"),), "janus defaults with torch AdamW instead of DeepSpeed's"
+        ),
+        "janus_length_grouped": janus(
+            (("training.balanced_sampler", False),), "janus defaults with JanusVLN's length-grouped sampler"
+        ),
+        "janus_online": janus(
+            (("features.mode", "online"), ("features.cache_vision", False)),
+            "janus defaults with both encoders online (features.mode online)",
+        ),
+        "plan_a": r(
+            OFFICIAL,
+            spatial="cached",
+            vision="cached",
+            description="official + precomputed VGGT and vision features (plan A)",
+        ),
+        "plan_b": r(
+            OFFICIAL,
+            write_through=True,
+            description="official + read-through cache in its first "
+            "epoch: every feature computed online and written (plan B; 1 epoch = no hits)",
+        ),
+        "plan_c": r(
+            OFFICIAL,
+            deepspeed="zero2_offload",
+            optimizer="deepspeed",
+            description="official with ZeRO-2 + CPU optimizer offload (DeepSpeedCPUAdam) (plan C)",
+        ),
+        "plan_d": r(
+            OFFICIAL,
+            target_width=616,
+            description="official at max_pixels 384x28x28: frames 462x616 "
+            "(VGGT) / 448x616 (Qwen) = 352 tokens per image (plan D)",
+        ),
+        "plan_e": r(
+            OFFICIAL,
+            workers=16,
+            prefetch=4,
+            decode="cv2",
+            description="official + 16 loader workers, prefetch 4, cv2 decode (PIL if cv2 is missing) (plan E)",
+        ),
     }
 
 
@@ -209,8 +248,10 @@ def zero2_offload_config(hidden_size: int, world_size: int, micro: int, accumula
         "reduce_bucket_size": hidden_size * hidden_size,
         "contiguous_gradients": True,
     }
-    config["optimizer"] = {"type": "AdamW", "params": {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                       "weight_decay": 0.01}}
+    config["optimizer"] = {
+        "type": "AdamW",
+        "params": {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
+    }
     return config
 
 
@@ -238,12 +279,14 @@ def synthetic_samples(count: int, seed: int) -> list[SyntheticSample]:
     samples = []
     for n, index in enumerate(chosen):
         frames = population[int(index)]
-        samples.append(SyntheticSample(
-            id=f"traj-sample-{n:05d}",
-            frames=[int(f) for f in rng.integers(0, FRAME_POOL, frames)],
-            prompt_tokens=int(rng.integers(PROMPT_TOKENS[0], PROMPT_TOKENS[1] + 1)),
-            answer_tokens=int(rng.integers(ANSWER_TOKENS[0], ANSWER_TOKENS[1] + 1)),
-        ))
+        samples.append(
+            SyntheticSample(
+                id=f"traj-sample-{n:05d}",
+                frames=[int(f) for f in rng.integers(0, FRAME_POOL, frames)],
+                prompt_tokens=int(rng.integers(PROMPT_TOKENS[0], PROMPT_TOKENS[1] + 1)),
+                answer_tokens=int(rng.integers(ANSWER_TOKENS[0], ANSWER_TOKENS[1] + 1)),
+            )
+        )
     return samples
 
 
@@ -284,8 +327,17 @@ class SyntheticDataset:
     pool, copied per item like a store read (the store path's own speed is bench/loader.py's job).
     """
 
-    def __init__(self, samples, setup: Setup, geometry, ids: TokenIds, spatial_channels: int,
-                 vision_channels: int, source_size, seed: int = 0) -> None:
+    def __init__(
+        self,
+        samples,
+        setup: Setup,
+        geometry,
+        ids: TokenIds,
+        spatial_channels: int,
+        vision_channels: int,
+        source_size,
+        seed: int = 0,
+    ) -> None:
         self.samples = samples
         self.setup = setup
         self.geometry = geometry
@@ -329,10 +381,12 @@ class SyntheticDataset:
             sh, sw = self.geometry.spatial_grid
             qh, qw = self.geometry.qwen_grid
             self._pool = {
-                "spatial": [torch.randn(sh, sw, self.spatial_channels, generator=g).to(torch.bfloat16)
-                            for _ in range(4)],
-                "vision": [torch.randn(qh * qw, self.vision_channels, generator=g).to(torch.bfloat16)
-                           for _ in range(4)],
+                "spatial": [
+                    torch.randn(sh, sw, self.spatial_channels, generator=g).to(torch.bfloat16) for _ in range(4)
+                ],
+                "vision": [
+                    torch.randn(qh * qw, self.vision_channels, generator=g).to(torch.bfloat16) for _ in range(4)
+                ],
             }
         return self._pool
 
@@ -352,7 +406,7 @@ class SyntheticDataset:
             resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_CUBIC)
             image = torch.from_numpy(resized).permute(2, 0, 1).float().div(255)
             if h > w:  # the same centre crop as frames.preprocess_for_vggt
-                image = image[:, (h - w) // 2:(h - w) // 2 + w]
+                image = image[:, (h - w) // 2 : (h - w) // 2 + w]
             return image.contiguous()
         return frames.preprocess_for_vggt(frames.load_frame(data), self.geometry.vggt_width)
 
@@ -480,8 +534,9 @@ class PhaseClock:
             seconds[phase] += sum(b.elapsed_time(e) for b, e in spans) / 1000.0
         out = {p: 0.0 for p in PHASES}
         out.update({p: seconds[p] for p in PHASES if p in seconds})
-        out["forward_other"] = max(0.0, seconds["forward"] - seconds["vggt"] - seconds["vision_tower"]
-                                   - seconds["llm_forward"])
+        out["forward_other"] = max(
+            0.0, seconds["forward"] - seconds["vggt"] - seconds["vision_tower"] - seconds["llm_forward"]
+        )
         out["data_wait"] = self.data_wait_s
         self._spans = {p: [] for p in self.GPU_PHASES}
         self._seconds = dict.fromkeys(self.GPU_PHASES, 0.0)
@@ -535,8 +590,11 @@ def _build_optimizer_ops(config: dict, skip: bool) -> dict:
     try:
         getattr(builders, name)().load()
     except Exception as err:  # compile errors come in many types
-        return {"op": name, "error": f"{type(err).__name__}: {str(err)[:400]}",
-                "seconds": time.perf_counter() - started}
+        return {
+            "op": name,
+            "error": f"{type(err).__name__}: {str(err)[:400]}",
+            "seconds": time.perf_counter() - started,
+        }
     return {"op": name, "seconds": time.perf_counter() - started}
 
 
@@ -556,10 +614,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from janus_job.data import frames
+    from janus_job.models.flavors import qwen25_vl_7b_config
     from janus_job.models.janusvln.build import model_from_config
-    from janus_job.models.janusvln.model import qwen25_vl_7b_config
+    from janus_job.train import engine as product  # module attribute lookups: the trainer's own functions
     from janus_job.train.distributed import init_distributed
-    from janus_job.train.engine import param_groups, to_device
     from janus_job.train.metrics import BatchWork, ParamCounts, model_flops
 
     folder = Path(args.run_dir)
@@ -597,24 +655,35 @@ def worker(args: argparse.Namespace) -> None:
     online_vggt = setup.spatial != "cached"
     # official: the aggregator is kept outside the module tree (DeepSpeed neither partitions nor
     # gathers it); official_inside: registered under model.vggt, as JanusVLN has it.
-    model = model_from_config(qwen_config, vggt_config if online_vggt else None, dtype=dtype, device=device,
-                              gradient_checkpointing=setup.gradient_checkpointing, spatial_mode=setup.vggt_mode,
-                              vggt_dtype=dtype, spatial_channels=spatial_channels,
-                              register_vggt=setup.vggt_registered, lean_activations=setup.lean_activations)
+    model = model_from_config(
+        qwen_config,
+        vggt_config if online_vggt else None,
+        dtype=dtype,
+        device=device,
+        gradient_checkpointing=setup.gradient_checkpointing,
+        spatial_mode=setup.vggt_mode,
+        vggt_dtype=dtype,
+        spatial_channels=spatial_channels,
+        register_vggt=setup.vggt_registered,
+        lean_activations=setup.lean_activations,
+    )
     params = ParamCounts.of(model)
     params.vggt = _count(model.aggregator)  # also when it is kept outside the module tree
     llm_params = _count(model.model.language_model) + _count(model.lm_head)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     hidden = qwen_config.text_config.hidden_size
     text_cfg = qwen_config.text_config
-    ids = TokenIds(image=qwen_config.image_token_id, vision_start=qwen_config.vision_start_token_id,
-                   vision_end=qwen_config.vision_end_token_id, text_low=20,
-                   text_high=min(text_cfg.vocab_size, 151000))
+    ids = TokenIds(
+        image=qwen_config.image_token_id,
+        vision_start=qwen_config.vision_start_token_id,
+        vision_end=qwen_config.vision_end_token_id,
+        text_low=20,
+        text_high=min(text_cfg.vocab_size, 151000),
+    )
     model_build_s = time.perf_counter() - t_init
 
-    # -- DeepSpeed --
-    import deepspeed
-
+    # -- DeepSpeed: the trainer's engine (param groups, optimizer, schedule, deepspeed.initialize) --
+    total_steps = args.warmup + args.steps + args.profile_steps
     config = _ds_config(setup, hidden, world, args.tiny)
     ops = _build_optimizer_ops(config, skip=args.skip_ds_ops or args.tiny)
     optimizer_note = "deepspeed config optimizer section"
@@ -623,20 +692,14 @@ def worker(args: argparse.Namespace) -> None:
             raise SystemExit(f"{args.config}: CPU Adam cannot be built ({ops}); plan C needs it")
         config = {k: v for k, v in config.items() if k != "optimizer"}
         optimizer_note = f"torch AdamW (fallback: {ops['op']} {'skipped' if ops.get('skipped') else 'failed'})"
-    groups = param_groups(model, 2e-5, merger_lr=1e-5, vision_lr=None, weight_decay=0.01)
-    for group in groups:
-        group.pop("param_names", None)
-    optimizer = None
-    if "optimizer" not in config:
-        fused = device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                                      fused=fused)
-        if optimizer_note.startswith("deepspeed"):
-            optimizer_note = f"torch AdamW (fused={fused})"
-        config.setdefault("zero_allow_untested_optimizer", True)
+    if "optimizer" not in config and optimizer_note.startswith("deepspeed"):
+        optimizer_note = f"torch AdamW (fused={device.type == 'cuda'})"
+    # the spec's training section gives the learning rates, weight decay and schedule (JanusVLN's
+    # values by default); the DeepSpeed config is the configuration's own (official: JanusVLN's)
     t_engine = time.perf_counter()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
-                                           optimizer=optimizer, config=config, dist_init_required=False)
+    engine, config = product.build_engine(
+        janus_spec(world, args.tiny, setup.spec_overrides), model, world, total_steps, config=config
+    )
     engine_init_s = time.perf_counter() - t_engine
     accumulation = engine.gradient_accumulation_steps()
     micro = engine.train_micro_batch_size_per_gpu()
@@ -646,20 +709,34 @@ def worker(args: argparse.Namespace) -> None:
     from janus_job.data.dataset import JanusCollator
     from janus_job.data.sampler import BalancedBatchSampler, LengthGroupedBatchSampler, load_ratios
 
-    total_steps = args.warmup + args.steps + args.profile_steps
     samples = synthetic_samples(global_batch * total_steps, seed=args.seed)
-    dataset = SyntheticDataset(samples, setup, geometry, ids, spatial_channels,
-                               qwen_config.vision_config.hidden_size, source_size, seed=args.seed)
+    dataset = SyntheticDataset(
+        samples,
+        setup,
+        geometry,
+        ids,
+        spatial_channels,
+        qwen_config.vision_config.hidden_size,
+        source_size,
+        seed=args.seed,
+    )
     lengths = [dataset.token_length(s) for s in samples]
     sampler_cls = BalancedBatchSampler if setup.sampler == "balanced" else LengthGroupedBatchSampler
-    sampler = sampler_cls(lengths, micro_batch_size=micro, world_size=world, rank=rank,
-                          global_batch_size=global_batch, seed=args.seed)
+    sampler = sampler_cls(
+        lengths, micro_batch_size=micro, world_size=world, rank=rank, global_batch_size=global_batch, seed=args.seed
+    )
     ratios = [load_ratios(sampler.plan(0, s), lengths) for s in range(total_steps)]
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=JanusCollator(0),
-                        num_workers=setup.workers, prefetch_factor=setup.prefetch if setup.workers else None,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=JanusCollator(0),
+        num_workers=setup.workers,
+        prefetch_factor=setup.prefetch if setup.workers else None,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     batches = iter(loader)
 
     # -- measuring --
@@ -679,25 +756,19 @@ def worker(args: argparse.Namespace) -> None:
         batch = next(batches)
         work.add_batch(batch, image_token)
         sample_ids = batch["sample_ids"]
-        batch = to_device(batch, device)
         clock.data_wait_s += time.perf_counter() - waited
         if args.fault_hang_rank == rank and step == args.warmup and k == 0:
             time.sleep(10 * args.budget_s)  # fault injection for the watchdog test
-        clock.start("forward")
-        out = engine(**batch, return_computed_features=setup.write_through)
-        clock.stop("forward")
-        clock.start("backward")
-        engine.backward(out.loss)
-        clock.stop("backward")
-        clock.start("optimizer_step")
-        engine.step()
-        clock.stop("optimizer_step")
+        # the trainer's micro-step: host-to-device copy, forward, backward, optimizer step
+        out = product.micro_step(
+            engine, batch, device, clock=clock, **({"return_computed_features": True} if setup.write_through else {})
+        )
         if setup.write_through:
             for sid, sp in zip(sample_ids, out.computed_spatial or []):
                 torch.save({"spatial": sp.detach().to("cpu")}, write_dir / f"{sid}.pt")
             if out.computed_vision is not None:
                 torch.save(out.computed_vision.detach().to("cpu"), write_dir / f"{sample_ids[0]}-vision.pt")
-        return work
+        return work, out.loss.detach().float()
 
     def sync():
         if device.type == "cuda":
@@ -711,8 +782,10 @@ def worker(args: argparse.Namespace) -> None:
     engine.train()
     first_micro_s = first_batch_wait_s = None
     micro_times: list[float] = []
-    windows = {"measure": {"s": 0.0, "work": BatchWork(), "phases": None},
-               "profile": {"s": 0.0, "work": BatchWork(), "phases": None}}
+    windows = {
+        kind: {"s": 0.0, "work": BatchWork(), "phases": None, "loss": 0.0, "losses": 0}
+        for kind in ("measure", "profile")
+    }
     window_start = 0.0
     for step in range(total_steps):
         kind = "warmup" if step < args.warmup else "measure" if step < args.warmup + args.steps else "profile"
@@ -727,7 +800,7 @@ def worker(args: argparse.Namespace) -> None:
             progress(kind, step, k)
             faulthandler.dump_traceback_later(args.budget_s, repeat=False, file=stacks, exit=False)
             started = time.perf_counter()
-            work = micro_step(step, k)
+            work, loss = micro_step(step, k)
             faulthandler.cancel_dump_traceback_later()
             if first_micro_s is None:
                 sync()
@@ -736,6 +809,8 @@ def worker(args: argparse.Namespace) -> None:
             micro_times.append(time.perf_counter() - started)
             if kind != "warmup":
                 add(windows[kind]["work"], work)
+                windows[kind]["loss"] = windows[kind]["loss"] + loss  # a device tensor: no sync here
+                windows[kind]["losses"] += 1
         last_of_window = step + 1 in (args.warmup + args.steps, total_steps)
         if kind != "warmup" and last_of_window:
             sync()
@@ -745,9 +820,11 @@ def worker(args: argparse.Namespace) -> None:
         if rank == 0:  # what survives a kill later on (rank 0's own clock; no memory figures yet)
             partial = {"partial": True, "steps_done": step + 1, "first_micro_step_s": first_micro_s}
             if windows["measure"]["s"]:
-                partial.update(measured_s=windows["measure"]["s"],
-                               samples_per_s_per_gpu=global_batch * args.steps / windows["measure"]["s"] / world,
-                               s_per_step=windows["measure"]["s"] / args.steps)
+                partial.update(
+                    measured_s=windows["measure"]["s"],
+                    samples_per_s_per_gpu=global_batch * args.steps / windows["measure"]["s"] / world,
+                    s_per_step=windows["measure"]["s"] / args.steps,
+                )
             common.write_json_atomic(result_path, partial)
     progress("report")
 
@@ -755,15 +832,28 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     per_rank = [None] * world
-    dist.all_gather_object(per_rank, {
-        "peak_mem_bytes": _peak_memory_bytes(device),
-        "peak_reserved_bytes": _reserved_memory_bytes(device),
-        "alloc_retries": (int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
-                          if device.type == "cuda" else None),
-        "windows": {k: {"s": w["s"], "phases": w["phases"], "work": dataclasses.asdict(w["work"])}
-                    for k, w in windows.items()},
-    })
+    dist.all_gather_object(
+        per_rank,
+        {
+            "peak_mem_bytes": _peak_memory_bytes(device),
+            "peak_reserved_bytes": _reserved_memory_bytes(device),
+            "alloc_retries": (
+                int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0)) if device.type == "cuda" else None
+            ),
+            "windows": {
+                k: {
+                    "s": w["s"],
+                    "phases": w["phases"],
+                    "work": dataclasses.asdict(w["work"]),
+                    "loss": float(w["loss"]),
+                    "losses": w["losses"],
+                }
+                for k, w in windows.items()
+            },
+        },
+    )
     if rank == 0:
+
         def window(kind: str):
             runs = [r["windows"][kind] for r in per_rank]
             seconds = max(r["s"] for r in runs)
@@ -773,8 +863,10 @@ def worker(args: argparse.Namespace) -> None:
             mean = {p: sum(r["phases"][p] for r in runs) / world for p in PHASES}
             shares = {p: v / seconds for p, v in mean.items()}
             shares["unattributed"] = 1.0 - sum(shares.values())
-            per_micro = {p: v / (accumulation * (args.steps if kind == "measure" else args.profile_steps))
-                         for p, v in mean.items()}
+            per_micro = {
+                p: v / (accumulation * (args.steps if kind == "measure" else args.profile_steps))
+                for p, v in mean.items()
+            }
             per_rank_shares = [{p: r["phases"][p] / r["s"] for p in PHASES} for r in runs]
             return seconds, work, shares, per_micro, per_rank_shares
 
@@ -782,8 +874,11 @@ def worker(args: argparse.Namespace) -> None:
         synced_s, _, synced_shares, synced_per_micro, _ = window("profile")
         peaks = [r["peak_mem_bytes"] / common.GIB for r in per_rank]
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else (
-            common.H100_DENSE_BF16_FLOPS if device.type == "cuda" else None)
+        peak = (
+            args.peak_tflops * 1e12
+            if args.peak_tflops
+            else (common.H100_DENSE_BF16_FLOPS if device.type == "cuda" else None)
+        )
         six_pt = 6.0 * trainable * work.tokens
         result = {
             "config": args.config,
@@ -802,11 +897,15 @@ def worker(args: argparse.Namespace) -> None:
             "optimizer_ops_build": ops,
             "gradient_checkpointing": setup.gradient_checkpointing,
             "sampler": setup.sampler,
-            "spatial_source": setup.spatial if setup.spatial == "cached" else
-            f"online {setup.vggt_mode}, {'inside' if setup.vggt_registered else 'outside'} the engine",
+            "spatial_source": setup.spatial
+            if setup.spatial == "cached"
+            else f"online {setup.vggt_mode}, {'inside' if setup.vggt_registered else 'outside'} the engine",
             "vision_source": setup.vision,
-            "loader": {"workers": setup.workers, "prefetch": setup.prefetch,
-                       "decode": dataset.decoder if dataset.online else "none (cached features)"},
+            "loader": {
+                "workers": setup.workers,
+                "prefetch": setup.prefetch,
+                "decode": dataset.decoder if dataset.online else "none (cached features)",
+            },
             "geometry": dataclasses.asdict(geometry),
             "deepspeed_config": config,
             "steps_warmup": args.warmup,
@@ -825,18 +924,23 @@ def worker(args: argparse.Namespace) -> None:
             "vggt_params": params.vggt,
             "mfu_basis": "6 x trainable params (LLM + lm_head + mergers) x non-pad tokens / time / (GPUs x peak)",
             "mfu": six_pt / (elapsed * world * peak) if elapsed and peak else None,
-            "mfu_vs_measured_matmul": (six_pt / (elapsed * world * common.H100_MEASURED_MATMUL_FLOPS)
-                                       if elapsed and device.type == "cuda" else None),
+            "mfu_vs_measured_matmul": (
+                six_pt / (elapsed * world * common.H100_MEASURED_MATMUL_FLOPS)
+                if elapsed and device.type == "cuda"
+                else None
+            ),
             "mfu_model_flops": (model_flops(work, params) / (elapsed * world * peak) if elapsed and peak else None),
             "peak_flops_per_gpu": peak,
             "peak_mem_gib_per_rank": peaks,
             "peak_mem_gib_max": max(peaks),
             "peak_mem_spread": (max(peaks) - min(peaks)) / max(peaks) if max(peaks) else None,
-            "peak_reserved_gib_per_rank": [None if r["peak_reserved_bytes"] is None else
-                                           r["peak_reserved_bytes"] / common.GIB for r in per_rank],
+            "peak_reserved_gib_per_rank": [
+                None if r["peak_reserved_bytes"] is None else r["peak_reserved_bytes"] / common.GIB for r in per_rank
+            ],
             "alloc_retries_per_rank": [r["alloc_retries"] for r in per_rank],  # whole run: cache freed, then retried
             "memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "host max RSS",
-            "phase_timing": "CUDA events on the compute stream, unsynchronised window" if device.type == "cuda"
+            "phase_timing": "CUDA events on the compute stream, unsynchronised window"
+            if device.type == "cuda"
             else "host wall clock",
             "phase_shares": shares,
             "phase_s_per_micro_step": per_micro,
@@ -851,6 +955,11 @@ def worker(args: argparse.Namespace) -> None:
             "engine_init_s": engine_init_s,
             "sampler_load_ratio_step": max(r[0] for r in ratios),
             "sampler_load_ratio_micro": max(r[1] for r in ratios),
+            # mean loss the trainer's micro-step returned over the measured window, all ranks
+            "mean_loss": (
+                sum(r["windows"]["measure"]["loss"] for r in per_rank)
+                / max(1, sum(r["windows"]["measure"]["losses"] for r in per_rank))
+            ),
         }
         common.write_json_atomic(result_path, result)
     dist.barrier()
@@ -883,11 +992,30 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
         if old.is_file():
             old.unlink()
     nproc = 2 if args.tiny else args.gpus
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(Path(__file__).resolve()),
-           "--worker", "--config", name, "--run-dir", str(folder), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps),
-           "--budget-s", str(args.budget_s), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--config",
+        name,
+        "--run-dir",
+        str(folder),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--profile-steps",
+        str(args.profile_steps),
+        "--budget-s",
+        str(args.budget_s),
+        "--seed",
+        str(args.seed),
+    ]
     for flag, on in (("--tiny", args.tiny), ("--skip-ds-ops", args.skip_ds_ops)):
         if on:
             cmd.append(flag)
@@ -897,8 +1025,12 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
         cmd += ["--gpu-memory-gib", str(args.gpu_memory_gib)]
     if args.fault_hang_rank is not None and name == args.fault_config:
         cmd += ["--fault-hang-rank", str(args.fault_hang_rank)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+    )
     for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
         env.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")  # NVLink multicast stays off
     if args.tiny:
@@ -924,8 +1056,10 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
             if stale:
                 status = "stalled"
                 worst = max(stale, key=lambda p: now - p["time"])
-                reason = (f"a micro-step ran > {args.budget_s:.0f} s (phase {worst['phase']} step {worst['step']} "
-                          f"micro {worst['micro']})")
+                reason = (
+                    f"a micro-step ran > {args.budget_s:.0f} s (phase {worst['phase']} step {worst['step']} "
+                    f"micro {worst['micro']})"
+                )
             elif any(p and p["phase"] == "init" and now - p["time"] > args.init_budget_s for p in progress):
                 status, reason = "stalled", f"initialisation ran > {args.init_budget_s:.0f} s"
             elif args.config_limit_s and time.monotonic() - started > args.config_limit_s:
@@ -943,12 +1077,14 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
         log_text = log_path.read_text(errors="replace")
         result["log_tail"] = log_text[-4000:]
         # Deprecation warnings can push the cause out of the tail: keep the error lines apart.
-        result["error_lines"] = [line for line in log_text.splitlines()
-                                 if "Error" in line or "mismatch" in line][-40:]
+        result["error_lines"] = [line for line in log_text.splitlines() if "Error" in line or "mismatch" in line][-40:]
         result["stacks"] = {}
         for r in range(nproc):
-            text = (folder / f"stacks-rank{r}.txt").read_text(errors="replace") if (
-                folder / f"stacks-rank{r}.txt").exists() else ""
+            text = (
+                (folder / f"stacks-rank{r}.txt").read_text(errors="replace")
+                if (folder / f"stacks-rank{r}.txt").exists()
+                else ""
+            )
             result["stacks"][f"rank{r}"] = text[-STACK_CHARS:]
     result["wall_s"] = wall
     print(f"[step.py] {name}: {status} in {wall:.0f} s {reason}", flush=True)
@@ -956,9 +1092,16 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
 
 
 TABLE = (
-    ("config", "config"), ("status", "status"), ("zero_stage", "ZeRO"), ("samples_per_s_per_gpu", "samples/s/GPU"),
-    ("s_per_step", "s/step"), ("tokens_per_s_per_gpu", "tokens/s/GPU"), ("mfu", "MFU(989T)"),
-    ("mfu_vs_measured_matmul", "MFU(790T)"), ("peak_mem_gib_max", "peak GiB"), ("peak_mem_spread", "mem spread"),
+    ("config", "config"),
+    ("status", "status"),
+    ("zero_stage", "ZeRO"),
+    ("samples_per_s_per_gpu", "samples/s/GPU"),
+    ("s_per_step", "s/step"),
+    ("tokens_per_s_per_gpu", "tokens/s/GPU"),
+    ("mfu", "MFU(989T)"),
+    ("mfu_vs_measured_matmul", "MFU(790T)"),
+    ("peak_mem_gib_max", "peak GiB"),
+    ("peak_mem_spread", "mem spread"),
     ("first_micro_step_s", "1st micro s"),
 )
 
@@ -969,15 +1112,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="official,janus", help="comma-separated config names")
     p.add_argument("--steps", type=int, default=1, help="measured optimizer steps (unsynchronised)")
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps before measuring")
-    p.add_argument("--profile-steps", type=int, default=0,
-                   help="extra optimizer steps timed with synchronisation at every phase boundary")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="extra optimizer steps timed with synchronisation at every phase boundary",
+    )
     p.add_argument("--budget-s", type=float, default=90.0, help="watchdog: longest allowed micro-step")
     p.add_argument("--grace-s", type=float, default=8.0, help="time for the stack dumps before the kill")
     p.add_argument("--init-budget-s", type=float, default=420.0, help="longest allowed model/engine init")
     p.add_argument("--config-limit-s", type=float, default=0.0, help="kill a config after this long (0: no limit)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device for MFU (default H100 989)")
-    p.add_argument("--gpu-memory-gib", type=float, default=0.0,
-                   help="cap each rank's allocator at this many GiB (an H200 run that must fit an 80 GB H100: 78)")
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=0.0,
+        help="cap each rank's allocator at this many GiB (an H200 run that must fit an 80 GB H100: 78)",
+    )
     p.add_argument("--skip-ds-ops", action="store_true", help="do not JIT-build DeepSpeed ops; use torch AdamW")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tiny", action="store_true", help="CPU, gloo, 2 processes, tiny models")
@@ -1022,8 +1173,12 @@ def main(argv: list[str] | None = None) -> int:
 def _card_without_cuda_context() -> str:
     """The GPU's name from nvidia-smi (the parent must not hold a CUDA context on GPU 0)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.TimeoutExpired):

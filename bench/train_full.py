@@ -1,6 +1,6 @@
 """Full-size trainer check: loss from precomputed features vs online encoders, through the product.
 
-Issue 4's GPU acceptance point: the full-size JanusVLN model (random weights) trained on 1-2 GPUs
+The GPU acceptance point: the full-size JanusVLN model (random weights) trained on 1-2 GPUs
 with DeepSpeed gives the same loss on the same batch whether its encoder outputs come from the
 feature store or are computed in the step (rel. error <= 1e-2 in bf16), and the trainer's log line
 appears with a plausible MFU. Everything runs through the real product path, each stage a separate
@@ -13,7 +13,7 @@ process with a time limit (a hang fails that stage by name):
 2. `dataset`: two synthetic trajectories of 640x480 frames in JanusVLN's annotation format
    (janus_job.demo.run's synthesiser; 24 samples with 1..9 frames);
 3. `precompute`: `python -m janus_job.cli precompute` fills a file:// store (spatial + vision);
-4. `train-precomputed`, `train-online`: `torchrun --nproc-per-node N -m janus_job.train.trainer` on two
+4. `train-precomputed`, `train-online`: `torchrun --nproc-per-node N -m janus_job.cli train` on two
    job specs that differ only in `features.mode` and `features.cache_vision` (which the spec
    requires false in online mode) (same seed, checkpoints, data; ZeRO-2, torch fused AdamW, bf16,
    log_interval 1, JANUS_METRICS_FILE);
@@ -37,12 +37,9 @@ The job spec's fit check runs with `cluster.resources.gpu_memory_gib` set to the
 per image), so it judges this job honestly instead of the 80 GiB default and the pixel budget's
 upper bound.
 
-`--tiny` runs the same stages on CPU (gloo) with the demo's tiny checkpoints, fp32. Two tiny-only
-differences, both because the product has no setting for the VGGT architecture (it assumes
-VGGT-1B): precompute runs `janus_job.features.encoders.load_encoders` / `run_worker` / `finalize` (what
-`run_pod` runs) with the tiny VGGT config, and the trainer ranks start through this file's
-`_train` entry, which gives `janus_job.models.janusvln.model`'s checkpoint loader the tiny config and then calls
-`janus_job.train.trainer.main`. Full size runs `janus_job.train.trainer` itself.
+`--tiny` runs the same stages, the same commands, on CPU (gloo) with the demo's tiny-flavor
+checkpoints, fp32: they describe their own architecture, so precompute and the trainer load them
+as they load VGGT-1B and Qwen2.5-VL-7B.
 
     python3 bench/train_full.py --gpus 2                  # device: 2 x H200, < 6 minutes
     python3 bench/train_full.py --gpus 2 --zero-stage 3   # device: 2 x H100
@@ -76,7 +73,7 @@ EPISODES = 2
 STEPS_PER_EPISODE = 12  # history rule: samples with 1..9 frames
 TINY_STEPS_PER_EPISODE = 5
 MAX_PIXELS = 400 * 28 * 28  # >= 644x476, so Qwen's processor keeps the frame (391 tokens per image)
-LOSS_BOUND = {"bf16": 1e-2, "fp32": 1e-6}  # issue 4: bf16 on GPU; the CPU bound of its CI check
+LOSS_BOUND = {"bf16": 1e-2, "fp32": 1e-6}  # bf16 on GPU; the CPU bound of its CI check
 MODES = ("precomputed", "online")
 LOG_LINE = re.compile(r"^train step=\S+ .*mfu=\S+")
 # A plausible MFU for the last logged step on a GPU (model FLOPs, docs/training.md): well above a
@@ -112,13 +109,12 @@ def make_checkpoints(workdir: Path, tiny: bool) -> dict:
         return {"qwen": str(qwen_dir), "vggt": str(vggt_path), "card": "cpu", "gpu_memory_gib": None,
                 "qwen_params": None, "vggt_params": None, "save_s": time.perf_counter() - started}
 
-    from safetensors.torch import save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from janus_job.demo.tiny import QWEN_SPECIAL_TOKENS, tiny_image_processor, tiny_tokenizer
+    from janus_job.models.flavors import qwen25_vl_7b_config
     from janus_job.models.janusvln.build import _default_dtype
-    from janus_job.models.janusvln.model import qwen25_vl_7b_config
-    from janus_job.models.vggt import FrameCausalAggregator, VGGTAggregatorConfig
+    from janus_job.models.vggt import FrameCausalAggregator, VGGTAggregatorConfig, save_aggregator
 
     if not torch.cuda.is_available():
         raise SystemExit("checkpoints: full size builds the 7B model on the GPU and none is visible (use --tiny)")
@@ -147,9 +143,7 @@ def make_checkpoints(workdir: Path, tiny: bool) -> dict:
     vggt_params = sum(p.numel() for p in aggregator.parameters())
     vggt_path = models / "vggt-1b-random" / "model.safetensors"
     vggt_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = vggt_path.with_name(".model.safetensors.tmp")
-    save_file({f"aggregator.{k}": v.detach().contiguous() for k, v in aggregator.state_dict().items()}, str(tmp))
-    os.replace(tmp, vggt_path)
+    save_aggregator(aggregator, vggt_path)
     return {
         "qwen": str(qwen_dir),
         "vggt": str(vggt_path),
@@ -159,33 +153,6 @@ def make_checkpoints(workdir: Path, tiny: bool) -> dict:
         "vggt_params": vggt_params,
         "save_s": time.perf_counter() - started,
     }
-
-
-def precompute_tiny(spec_path: str) -> None:
-    """What `janus-job precompute` (run_pod, one in-process worker) runs, with the tiny VGGT config."""
-    from janus_job.config.load import load_spec
-    from janus_job.features.encoders import load_encoders
-    from janus_job.features.precompute import finalize, run_worker
-    from janus_job.models.vggt import VGGTAggregatorConfig
-
-    spec = load_spec(spec_path)
-    encoders = load_encoders(spec, "cpu", vggt_config=VGGTAggregatorConfig.tiny())
-    run_worker(spec, encoders, worker=0, workers=1, progress_interval_s=3600.0)
-    if finalize(spec, encoders.fingerprints(), 1) is None:
-        raise SystemExit("precompute: the store is not complete after the only worker finished")
-
-
-def train_tiny(spec_path: str) -> None:
-    """One trainer rank whose VGGT checkpoints load with the tiny architecture (see the docstring)."""
-    import janus_job.models.janusvln.build
-    from janus_job.models.vggt import VGGTAggregatorConfig, load_aggregator
-    from janus_job.train.trainer import main as train_main
-
-    def load_tiny(path: str, config: Any = None, **kwargs: Any) -> Any:
-        return load_aggregator(path, config or VGGTAggregatorConfig.tiny(), **kwargs)
-
-    janus_job.models.janusvln.build.load_aggregator = load_tiny
-    train_main(["--spec", spec_path])
 
 
 # ---------------------------------------------------------------- stages
@@ -278,13 +245,15 @@ def make_dataset(root: Path, tiny: bool) -> Path:
 
 def job_spec(workdir: Path, annotations: Path, models: dict, args: argparse.Namespace, mode: str) -> dict:
     """The demo's spec (janus_job.demo.run.demo_spec), sized for this check; only features.mode varies."""
+    from janus_job.data.frames import VGGT_TARGET_WIDTH
     from janus_job.demo.run import demo_spec
 
     gpu = not args.tiny
     spec = demo_spec(workdir, annotations, Path(models["qwen"]), Path(models["vggt"]), steps=args.steps, gpu=gpu,
                      micro_batch_size=1, global_batch_size=args.global_batch)
     spec["name"] = "train-full"
-    spec["data"].update(min_pixels=16 * 28 * 28, max_pixels=MAX_PIXELS, num_workers=0 if args.tiny else 2,
+    spec["data"].update(frame_width=VGGT_TARGET_WIDTH, min_pixels=16 * 28 * 28, max_pixels=MAX_PIXELS,
+                        num_workers=0 if args.tiny else 2,
                         pin_memory=gpu, persistent_workers=False)
     # the spec refuses cache_vision in online mode (nothing is read from the store)
     spec["features"].update(mode=mode, cache_vision=mode != "online")
@@ -436,11 +405,8 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
                                **fit_estimates(spec_paths)}
 
         stage = "precompute"
-        if args.tiny:
-            command = [sys.executable, me, "_precompute", "--spec", str(spec_paths["precomputed"])]
-        else:
-            command = [sys.executable, "-m", "janus_job.cli", "precompute", "--spec", str(spec_paths["precomputed"]),
-                       "--index", "0", "--progress-interval", "10"]
+        command = [sys.executable, "-m", "janus_job.cli", "precompute", "--spec", str(spec_paths["precomputed"]),
+                   "--index", "0", "--progress-interval", "10"]
         _, report["stages_s"]["precompute"] = run_stage("precompute", command, env, limit("precompute"),
                                                         workdir / "logs")
 
@@ -451,10 +417,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
             run_env = {**env, "JANUS_METRICS_FILE": metrics, "JANUS_PRECOMPUTE_WAIT_S": "60"}
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                        "--nproc-per-node", str(args.gpus)]
-            if args.tiny:
-                command += [me, "_train", "--spec", str(spec_paths[mode])]
-            else:
-                command += ["-m", "janus_job.train.trainer", "--spec", str(spec_paths[mode])]
+            command += ["-m", "janus_job.cli", "train", "--spec", str(spec_paths[mode])]
             lines, wall = run_stage(stage, command, run_env, limit(stage), workdir / "logs")
             report["stages_s"][stage] = wall
             run = summarise_run(mode, lines, wall, read_metrics(metrics, args.gpus))
@@ -488,21 +451,34 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
                  "s_it_last": list(r["s_per_it"].values())[-1], "mem_max": r["mem_peak_gib_max"],
                  "fit": report["fit_check"][m]["estimate_gib"], "wall_s": r["wall_s"]}
                 for m, r in report["runs"].items()]
-        print_table(rows, [("mode", "features"), ("loss1", "loss step 1"), ("mfu_last", "mfu (last step)"),
-                           ("s_it_last", "s/it (last)"), ("mem_max", "mem max GiB"), ("fit", "fit-check estimate GiB"),
-                           ("wall_s", "trainer wall s")],
-                    title=f"train_full on {args.gpus} x {report['card']} ({report['dtype']}, ZeRO-{args.zero_stage}, grad ckpt "
-                          f"{'on' if args.gradient_checkpointing else 'off'})")
+        print_table(
+            rows,
+            [
+                ("mode", "features"),
+                ("loss1", "loss step 1"),
+                ("mfu_last", "mfu (last step)"),
+                ("s_it_last", "s/it (last)"),
+                ("mem_max", "mem max GiB"),
+                ("fit", "fit-check estimate GiB"),
+                ("wall_s", "trainer wall s"),
+            ],
+            title=f"train_full on {args.gpus} x {report['card']} ({report['dtype']}, ZeRO-{args.zero_stage}, grad ckpt "
+            f"{'on' if args.gradient_checkpointing else 'off'})",
+        )
         if not args.tiny:
             print(f"last-step MFU {last_mfu} within {MFU_PLAUSIBLE}: {'PASS' if mfu_ok else 'FAIL'}", flush=True)
-        print(f"step-1 loss rel. error {rel:.2e} (bound {bound:g}): {'PASS' if rel <= bound else 'FAIL'}; "
-              f"total {report['wall_s']:.0f}s", flush=True)
+        print(
+            f"step-1 loss rel. error {rel:.2e} (bound {bound:g}): {'PASS' if rel <= bound else 'FAIL'}; "
+            f"total {report['wall_s']:.0f}s",
+            flush=True,
+        )
         for mode, run in report["runs"].items():
             for line in run["log_lines"]:
                 print(f"  {mode}: {line}")
 
-    path = results_path(report["card"] or "unknown", args.gpus, args.out, prefix="train_full-",
-                        tag="tiny" if args.tiny else "")
+    path = results_path(
+        report["card"] or "unknown", args.gpus, args.out, prefix="train_full-", tag="tiny" if args.tiny else ""
+    )
     write_json_atomic(path, report)
     shutil.copytree(workdir / "logs", path.with_name(path.stem + "-logs"), dirs_exist_ok=True)
     print(f"wrote {path} and the stages' logs in {path.stem}-logs/", flush=True)
@@ -513,39 +489,51 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("_checkpoints", "_precompute", "_train"):
+    if argv and argv[0] == "_checkpoints":
         child = argparse.ArgumentParser(prog=f"train_full.py {argv[0]}")
         child.add_argument("--workdir")
         child.add_argument("--info")
-        child.add_argument("--spec")
         child.add_argument("--tiny", action="store_true")
         opts = child.parse_args(argv[1:])
-        if argv[0] == "_checkpoints":
-            write_json_atomic(opts.info, make_checkpoints(Path(opts.workdir), opts.tiny))
-        elif argv[0] == "_precompute":
-            precompute_tiny(opts.spec)
-        else:
-            train_tiny(opts.spec)
+        write_json_atomic(opts.info, make_checkpoints(Path(opts.workdir), opts.tiny))
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=2, help="ranks (GPUs, or CPU processes with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (CI)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
-    parser.add_argument("--global-batch", type=int, default=None,
-                        help="samples per optimizer step (default 2 x gpus: micro 1, accumulation 2)")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="training.gradient_checkpointing of both runs (default: on at full size, so "
-                             "2 x 80 GB hold ZeRO-2 state + online encoders; off with --tiny)")
-    parser.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3),
-                        help="deepspeed.zero_stage of both runs (2: the product default; 2 ranks of ZeRO-2 "
-                             "are projected to need ~80-85 GiB per GPU: H200, or 3 on H100)")
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="samples per optimizer step (default 2 x gpus: micro 1, accumulation 2)",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="training.gradient_checkpointing of both runs (default: on at full size, so "
+        "2 x 80 GB hold ZeRO-2 state + online encoders; off with --tiny)",
+    )
+    parser.add_argument(
+        "--zero-stage",
+        type=int,
+        default=2,
+        choices=(1, 2, 3),
+        help="deepspeed.zero_stage of both runs (2: the product default; 2 ranks of ZeRO-2 "
+        "are projected to need ~80-85 GiB per GPU: H200, or 3 on H100)",
+    )
     parser.add_argument("--limit-scale", type=float, default=1.0, help="multiply the per-stage time limits")
-    parser.add_argument("--budget-s", type=float, default=560.0,
-                        help="wall-clock limit of the whole run; stages are cut to fit it (default 560: "
-                             "under the device's 10-minute command limit, with the JSON still written)")
-    parser.add_argument("--workdir", help="empty directory for models, data, store (kept; default: a new temp "
-                                          "dir, removed at the end)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=560.0,
+        help="wall-clock limit of the whole run; stages are cut to fit it (default 560: "
+        "under the device's 10-minute command limit, with the JSON still written)",
+    )
+    parser.add_argument(
+        "--workdir", help="empty directory for models, data, store (kept; default: a new temp dir, removed at the end)"
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temp work directory (~20 GB full size)")
     parser.add_argument("--out", help="result folder (default $OUT, else bench/results)")
     args = parser.parse_args(argv)

@@ -311,7 +311,7 @@ def trainer_command(nproc: int, spec_path, max_restarts: int = 0) -> list[str]:
 
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "trainer-test",
-            "--max-restarts", str(max_restarts), "--module", "janus_job.train.trainer", "--spec", str(spec_path)]
+            "--max-restarts", str(max_restarts), "--module", "janus_job.cli", "train", "--spec", str(spec_path)]
 
 
 def trainer_env(trace_template, staging) -> dict:

@@ -55,7 +55,9 @@ def test_build_vlnce_then_load(tmp_path):
     assert records[3]["images"] == [f"R2R/7/{names[j]}" for j in range(4)]
     assert last["conversations"][1] == {"from": "gpt", "value": "STOP"}
     assert records[0]["conversations"][1]["value"] == "MOVE_FORWARD"
-    assert last["conversations"][0]["value"] == NAVIGATION_PROMPT.format(history="<image>" * 8, instruction="walk to the sofa")
+    assert last["conversations"][0]["value"] == NAVIGATION_PROMPT.format(
+        history="<image>" * 8, instruction="walk to the sofa"
+    )
 
     out = tmp_path / "ann.json"
     write_annotations(records, out)
@@ -88,8 +90,11 @@ def _write(tmp_path, records, name="a.json"):
     return path
 
 
-GOOD = {"id": "e/1", "conversations": [{"from": "human", "value": "<image><image> go"}, {"from": "gpt", "value": "STOP"}],
-        "images": ["a.png", "b.png"]}
+GOOD = {
+    "id": "e/1",
+    "conversations": [{"from": "human", "value": "<image><image> go"}, {"from": "gpt", "value": "STOP"}],
+    "images": ["a.png", "b.png"],
+}
 
 
 @pytest.mark.parametrize(
@@ -99,13 +104,22 @@ GOOD = {"id": "e/1", "conversations": [{"from": "human", "value": "<image><image
         ({k: v for k, v in GOOD.items() if k != "images"}, r"record 1 \(id 'e/1'\): field 'images' is missing"),
         ({**GOOD, "images": "a.png"}, "field 'images' must be a non-empty list"),
         ({**GOOD, "images": ["a.png"]}, r"hold 2 <image> tags but 'images' lists 1 frames"),
-        ({**GOOD, "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "<image><image>"}]},
-         r"field 'conversations\[0\]' must come from 'human'"),
-        ({**GOOD, "conversations": [{"from": "robot", "value": "x"}, GOOD["conversations"][1]]},
-         r"field 'conversations\[0\]' must be"),
-        ({**GOOD, "images": [f"{i}.png" for i in range(10)],
-          "conversations": [{"from": "human", "value": "<image>" * 10}, GOOD["conversations"][1]]},
-         "has 10 frames; at most 9"),
+        (
+            {**GOOD, "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "<image><image>"}]},
+            r"field 'conversations\[0\]' must come from 'human'",
+        ),
+        (
+            {**GOOD, "conversations": [{"from": "robot", "value": "x"}, GOOD["conversations"][1]]},
+            r"field 'conversations\[0\]' must be",
+        ),
+        (
+            {
+                **GOOD,
+                "images": [f"{i}.png" for i in range(10)],
+                "conversations": [{"from": "human", "value": "<image>" * 10}, GOOD["conversations"][1]],
+            },
+            "has 10 frames; at most 9",
+        ),
         ("just a string", r"record 1: field '\(record\)' must be an object"),
     ],
 )

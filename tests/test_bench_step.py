@@ -20,11 +20,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 import step  # noqa: E402  (bench/step.py)
 
 
-def run_bench(tmp_path: Path, *extra: str, timeout: float = 300) -> tuple[dict, str]:
+def run_bench(tmp_path: Path, *extra: str, timeout: float = 300, env: dict | None = None) -> tuple[dict, str]:
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "bench" / "step.py"), "--tiny", "--out", str(out),
            "--run-dir", str(tmp_path / "run"), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("tiny-step-*-cpu-2.json"))
     assert len(files) == 1, proc.stdout
@@ -114,6 +114,55 @@ def test_tiny_official_and_janus_side_by_side(tmp_path):
     assert janus["deepspeed_config"]["zero_optimization"] == shipped["zero_optimization"]
     assert janus["gradient_accumulation_steps"] == shipped["gradient_accumulation_steps"]
     assert report["ratio"] == pytest.approx(janus["samples_per_s_per_gpu"] / official["samples_per_s_per_gpu"])
+
+
+# Loaded by every Python process that has its folder on PYTHONPATH (the bench's ranks inherit it):
+# wraps the trainer's micro-step so each call is recorded and its loss is scaled by SCALE.
+STEP_HOOK = """
+import json, os
+import janus_job.train.engine as engine
+
+original = engine.micro_step
+
+
+def recorded(*args, **kwargs):
+    output = original(*args, **kwargs)
+    with open(os.environ["STEP_HOOK_LOG"], "a") as log:
+        log.write(json.dumps({"pid": os.getpid(), "loss": float(output.loss)}) + "\\n")
+    output.loss = output.loss * float(os.environ["STEP_HOOK_SCALE"])
+    return output
+
+
+engine.micro_step = recorded
+"""
+
+
+def test_the_bench_runs_the_trainers_step(tmp_path):
+    """bench/step.py trains through janus_job.train.engine (build_engine, micro_step), the functions
+    the trainer calls: a change to the trainer's micro-step shows in the bench's report."""
+    import os
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STEP_HOOK)
+    log = tmp_path / "steps.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+               STEP_HOOK_LOG=str(log), STEP_HOOK_SCALE="1000")
+    report, _ = run_bench(tmp_path, "--configs", "official,janus", "--steps", "1", "--warmup", "0",
+                          "--profile-steps", "0", env=env)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    start = 0
+    for name in ("official", "janus"):  # the configs run one after the other
+        r = report[name]
+        assert r["status"] == "ok"
+        count = r["world_size"] * r["gradient_accumulation_steps"]  # one measured step, both ranks
+        mine = calls[start:start + count]
+        start += count
+        assert len(mine) == count and len({c["pid"] for c in mine}) == 2
+        # the bench reports the loss the trainer's micro-step returned: the hook's, scaled by 1000
+        raw = sum(c["loss"] for c in mine) / count
+        assert raw > 0 and r["mean_loss"] == pytest.approx(1000 * raw, rel=1e-5)
+    assert start == len(calls)  # nothing else trained
 
 
 def test_watchdog_records_a_stall_with_every_ranks_stacks(tmp_path):

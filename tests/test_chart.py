@@ -42,7 +42,9 @@ def by_kind(objects: list[dict], kind: str) -> list[dict]:
 
 def precompute_jobs(objects: list[dict]) -> list[dict]:
     """The precompute Job(s) among the Jobs (the starter is a Job too)."""
-    return [o for o in by_kind(objects, "Job") if o["metadata"]["labels"]["app.kubernetes.io/component"] == "precompute"]
+    return [
+        o for o in by_kind(objects, "Job") if o["metadata"]["labels"]["app.kubernetes.io/component"] == "precompute"
+    ]
 
 
 def pod_templates(job: dict) -> dict[str, dict]:
@@ -58,8 +60,9 @@ def test_values_schema_is_generated_from_the_spec():
 
 
 def test_values_yaml_is_generated_from_the_spec():
-    assert (CHART / "values.yaml").read_text() == chart_values_yaml(), \
+    assert (CHART / "values.yaml").read_text() == chart_values_yaml(), (
         "stale: run `janus-job schema --values > charts/janus-train/values.yaml`"
+    )
 
 
 # -- Helm itself ---------------------------------------------------------------------------------
@@ -117,7 +120,9 @@ def test_precompute_job_survives_training_changes_and_follows_its_inputs():
     values["features"]["store"] = "s3://janus-features/r2r-v2"
     (moved,) = precompute_jobs(render_objects(values))
     assert moved["metadata"]["name"] != before["metadata"]["name"]
-    assert moved["metadata"]["name"].startswith("r2r-2node-ib-precompute-") and len(moved["metadata"]["name"]) == len(before["metadata"]["name"])
+    assert moved["metadata"]["name"].startswith("r2r-2node-ib-precompute-") and len(moved["metadata"]["name"]) == len(
+        before["metadata"]["name"]
+    )
 
 
 def test_checksum_changes_with_the_spec():
@@ -127,8 +132,10 @@ def test_checksum_changes_with_the_spec():
     second = by_kind(render_objects(values), "PyTorchJob")[0]
     key = "janus-train.io/spec-checksum"
     assert first["metadata"]["labels"][key] != second["metadata"]["labels"][key]
-    assert pod_templates(first)["Master"]["metadata"]["annotations"][key] != \
-        pod_templates(second)["Master"]["metadata"]["annotations"][key]
+    assert (
+        pod_templates(first)["Master"]["metadata"]["annotations"][key]
+        != pod_templates(second)["Master"]["metadata"]["annotations"][key]
+    )
 
 
 # -- what the objects say ------------------------------------------------------------------------
@@ -143,7 +150,11 @@ def test_two_node_infiniband_job(rendered):
     replicas = spec["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
     assert spec["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 4, "maxRestarts": 10}
-    assert spec["runPolicy"]["schedulingPolicy"] == {"minAvailable": 2, "queue": "default", "priorityClass": "janus-train"}
+    assert spec["runPolicy"]["schedulingPolicy"] == {
+        "minAvailable": 2,
+        "queue": "default",
+        "priorityClass": "janus-train",
+    }
     for template in pod_templates(job).values():
         pod = template["spec"]
         (trainer,) = pod["containers"]
@@ -176,8 +187,20 @@ def test_gpu_balance_sidecar_is_native_and_unprivileged(rendered):
         pod = template["spec"]
         (sidecar,) = pod["initContainers"]
         assert sidecar["restartPolicy"] == "Always"
-        assert sidecar["command"] == ["janus-job", "monitor", "--stats-dir", "/var/run/janus/stats", "--port", "9500",
-                                      "--interval", "30", "--warn-ratio", "0.15", "--stale-after", "120"]
+        assert sidecar["command"] == [
+            "janus-job",
+            "monitor",
+            "--stats-dir",
+            "/var/run/janus/stats",
+            "--port",
+            "9500",
+            "--interval",
+            "30",
+            "--warn-ratio",
+            "0.15",
+            "--stale-after",
+            "120",
+        ]
         assert "gpu" not in json.dumps(sidecar["resources"])
         sc = sidecar["securityContext"]
         assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 1000
@@ -197,8 +220,13 @@ def test_all_features_job(rendered):
     (job,) = by_kind(rendered["all-features-values"], "PyTorchJob")
     run = job["spec"]["runPolicy"]
     # backoff 5 per node x 4 nodes at most; the gang is the elastic minimum (2), not training.nodes (4)
-    assert run == {"backoffLimit": 20, "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 86400, "suspend": True,
-                   "schedulingPolicy": {"minAvailable": 2, "queue": "research", "priorityClass": "janus-train"}}
+    assert run == {
+        "backoffLimit": 20,
+        "cleanPodPolicy": "Running",
+        "ttlSecondsAfterFinished": 86400,
+        "suspend": True,
+        "schedulingPolicy": {"minAvailable": 2, "queue": "research", "priorityClass": "janus-train"},
+    }
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
     assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
     master = pod_templates(job)["Master"]
@@ -237,8 +265,14 @@ def test_recommended_labels_on_every_object(rendered):
     for objects in rendered.values():
         for obj in objects:
             labels = obj["metadata"]["labels"]
-            for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
-                        "app.kubernetes.io/managed-by", "app.kubernetes.io/component", "helm.sh/chart"):
+            for key in (
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/version",
+                "app.kubernetes.io/managed-by",
+                "app.kubernetes.io/component",
+                "helm.sh/chart",
+            ):
                 assert key in labels, (obj["kind"], key)
 
 
@@ -249,8 +283,11 @@ def _closed(schema):
     """The CRD schema with unknown fields rejected wherever it lists properties."""
     if isinstance(schema, dict):
         out = {k: _closed(v) for k, v in schema.items() if not k.startswith("x-kubernetes-")}
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         if schema.get("x-kubernetes-int-or-string"):
             out.pop("type", None)
@@ -263,7 +300,9 @@ def _closed(schema):
 @pytest.fixture(scope="module")
 def pytorchjob_validator():
     if not CRD.is_file():
-        pytest.skip(f"PyTorchJob CRD not found at {CRD} (../shared/crds from the repo root); cannot check the CRD schema")
+        pytest.skip(
+            f"PyTorchJob CRD not found at {CRD} (../shared/crds from the repo root); cannot check the CRD schema"
+        )
     import jsonschema
 
     crd = yaml.safe_load(CRD.read_text())
@@ -303,8 +342,14 @@ def test_core_objects_match_kubernetes_schemas(rendered, path):
             _strict_k8s(obj)
         if obj["kind"] == "PyTorchJob":  # its pod templates are core PodSpecs
             for role, template in pod_templates(obj).items():
-                _strict_k8s({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"x-{role.lower()}", **template["metadata"]},
-                             "spec": template["spec"]})
+                _strict_k8s(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {"name": f"x-{role.lower()}", **template["metadata"]},
+                        "spec": template["spec"],
+                    }
+                )
     assert {"ConfigMap", "Job", "PyTorchJob", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
 
 
@@ -332,8 +377,9 @@ def test_notes_tell_how_to_follow_and_scale():
     assert "master-0 -c pytorch" not in notes
     assert "logs -f -l janus-train.io/job=r2r-2node-ib,app.kubernetes.io/component=trainer -c pytorch" in notes
     assert "logs job/r2r-2node-ib-validate" in notes
-    (job,) = precompute_jobs(render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r",
-                                           namespace="janus"))
+    (job,) = precompute_jobs(
+        render_objects(user_values(ROOT / "examples" / "r2r-2node-ib.yaml"), release="r2r", namespace="janus")
+    )
     assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
     assert "janus-job upgrade job.yaml --release r2r --namespace janus" in notes
     assert "janus-job scale job.yaml --nodes <nodes> --release r2r --namespace janus" in notes
@@ -425,20 +471,32 @@ def test_disruption_budget_and_network_policy_select_the_trainer_pods(rendered):
     assert peers == {"from": [{"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}]}
     assert metrics == {"ports": [{"port": 9500, "protocol": "TCP"}]}  # any scraper
     (precompute,) = precompute_jobs(objects)
-    assert not policy["spec"]["podSelector"]["matchLabels"].items() <= \
-        precompute["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        not policy["spec"]["podSelector"]["matchLabels"].items()
+        <= precompute["spec"]["template"]["metadata"]["labels"].items()
+    )
     values = user_values(ALL_FEATURES)
     values["monitor"]["scraper_namespace"] = "monitoring"
     (policy,) = by_kind(render_objects(values), "NetworkPolicy")
     assert policy["spec"]["ingress"][1]["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
 
 
 INJECTION = "x\nhostPID: true\nprivileged: true"
-STRING_FIELDS = [("cluster", "service_account"), ("cluster", "priority_class"), ("cluster", "queue"),
-                 ("features", "credentials_secret"), ("features", "endpoint_url"), ("features", "cache_dir"),
-                 ("image", "tag"), ("image", "repository"), ("cluster", "namespace"),
-                 ("cluster", "rdma_resource"), ("cluster", "resources")]
+STRING_FIELDS = [
+    ("cluster", "service_account"),
+    ("cluster", "priority_class"),
+    ("cluster", "queue"),
+    ("features", "credentials_secret"),
+    ("features", "endpoint_url"),
+    ("features", "cache_dir"),
+    ("image", "tag"),
+    ("image", "repository"),
+    ("cluster", "namespace"),
+    ("cluster", "rdma_resource"),
+    ("cluster", "resources"),
+]
 
 
 @pytest.mark.parametrize("section,field", STRING_FIELDS, ids=[f"{s}.{f}" for s, f in STRING_FIELDS])

@@ -90,7 +90,9 @@ def test_should_save_every_interval(tmp_path):
     assert [s for s in range(0, 10) if manager.should_save(s)] == [3, 6, 9]
 
 
-@pytest.mark.parametrize("kwargs,field", [({"keep": 0}, "checkpoint.keep"), ({"interval_steps": 0}, "checkpoint.interval_steps")])
+@pytest.mark.parametrize(
+    "kwargs,field", [({"keep": 0}, "checkpoint.keep"), ({"interval_steps": 0}, "checkpoint.interval_steps")]
+)
 def test_bad_settings_name_the_field(tmp_path, kwargs, field):
     args = {"url": str(tmp_path), "keep": 2, "interval_steps": 10, **kwargs}
     with pytest.raises(JobError, match=field):
@@ -111,8 +113,13 @@ def test_checkpoint_bench_tiny_runs_and_reports(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "bench/checkpoint.py", "--tiny", "--universal", "--out", str(tmp_path)],
-                          cwd=repo, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "bench/checkpoint.py", "--tiny", "--universal", "--out", str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "RSS+ GiB/rank" in proc.stdout
     (result_file,) = tmp_path.glob("checkpoint-*-cpu-2.json")
@@ -124,19 +131,24 @@ def test_checkpoint_bench_tiny_runs_and_reports(tmp_path):
     assert result["summary"]["state_equal"] is True
 
 
-def test_resume_from_a_chosen_checkpoint_by_hand(store_url, tmp_path, capsys):
-    from janus_job.train.checkpoint import main
+def test_resume_from_a_chosen_checkpoint_by_hand(store_url, tmp_path):
+    """`janus-job checkpoint resume-from` / `list`, the commands docs/operations.md gives."""
+    from typer.testing import CliRunner
 
+    from janus_job.cli import app
+
+    runner = CliRunner()
     for step in (10, 20, 30):
         _write(store_url, step, SHARDS)
-    assert main(["resume-from", store_url, "15"]) == 2
-    assert "no complete checkpoint for step 15" in capsys.readouterr().err
-    assert main(["resume-from", store_url, "10"]) == 0
-    assert "retired: [20, 30]" in capsys.readouterr().out
+    refused = runner.invoke(app, ["checkpoint", "resume-from", store_url, "15"])
+    assert isinstance(refused.exception, JobError) and "no complete checkpoint for step 15" in str(refused.exception)
+    pinned = runner.invoke(app, ["checkpoint", "resume-from", store_url, "10"])
+    assert pinned.exit_code == 0 and "retired: [20, 30]" in pinned.output
     manager = _manager(store_url, tmp_path)
     assert manager.latest().step == 10
-    assert main(["list", store_url]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["10"]
+    listed = runner.invoke(app, ["checkpoint", "list", store_url])
+    assert listed.exit_code == 0
+    assert [line.split()[0] for line in listed.output.splitlines()] == ["10"]
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
@@ -149,8 +161,9 @@ def test_each_rank_fetches_its_own_optimizer_shard(bf16):
 
     from janus_job.train.checkpoint import _rank_of_file
 
-    namer = types.SimpleNamespace(_get_zero_ckpt_prefix=lambda dp, bf16_mode: DeepSpeedEngine._get_zero_ckpt_prefix(
-        None, dp, bf16_mode))
+    namer = types.SimpleNamespace(
+        _get_zero_ckpt_prefix=lambda dp, bf16_mode: DeepSpeedEngine._get_zero_ckpt_prefix(None, dp, bf16_mode)
+    )
     for rank in (0, 3, 17):
         path = DeepSpeedEngine._get_rank_zero_ckpt_name(namer, "ckpt", "step-00000010", 0, rank, bf16)
         assert _rank_of_file(path.rsplit("/", 1)[-1]) == rank, path

@@ -50,7 +50,9 @@ def _walk(tree):
 
 
 def test_batch_numbers_are_concrete_and_consistent():
-    spec = make(training={"nodes": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 4, "checkpoint": {"url": "/c"}})
+    spec = make(
+        training={"nodes": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 4, "checkpoint": {"url": "/c"}}
+    )
     config = render_deepspeed_config(spec, spec.world_size)
     assert "auto" not in list(_walk(config))
     assert config["train_micro_batch_size_per_gpu"] == 2
@@ -64,8 +66,14 @@ def test_batch_numbers_are_concrete_and_consistent():
 
 
 def test_resize_keeps_global_batch_and_adjusts_accumulation():
-    spec = make(training={"nodes": 2, "global_batch_size": 64, "checkpoint": {"url": "/c"},
-                          "resize": {"min_nodes": 1, "max_nodes": 4}})
+    spec = make(
+        training={
+            "nodes": 2,
+            "global_batch_size": 64,
+            "checkpoint": {"url": "/c"},
+            "resize": {"min_nodes": 1, "max_nodes": 4},
+        }
+    )
     for world, accum in ((8, 8), (16, 4), (32, 2)):
         config = render_deepspeed_config(spec, world)
         assert config["train_batch_size"] == 64
@@ -75,8 +83,15 @@ def test_resize_keeps_global_batch_and_adjusts_accumulation():
 
 
 def test_stage3_renders_its_knobs_and_param_offload():
-    spec = make(deepspeed={"zero_stage": 3, "offload_param": "cpu", "offload_optimizer": "cpu", "optimizer": "deepspeed",
-                           "stage3": {"prefetch_bucket_size": 1234}})
+    spec = make(
+        deepspeed={
+            "zero_stage": 3,
+            "offload_param": "cpu",
+            "offload_optimizer": "cpu",
+            "optimizer": "deepspeed",
+            "stage3": {"prefetch_bucket_size": 1234},
+        }
+    )
     zero = render_deepspeed_config(spec, 16)["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 1234
     assert zero["stage3_max_live_parameters"] == 1_000_000_000
@@ -86,7 +101,11 @@ def test_stage3_renders_its_knobs_and_param_offload():
 
 
 def test_extra_config_is_merged():
-    spec = make(deepspeed={"extra_config": {"zero_optimization": {"round_robin_gradients": True}, "comms_logger": {"enabled": False}}})
+    spec = make(
+        deepspeed={
+            "extra_config": {"zero_optimization": {"round_robin_gradients": True}, "comms_logger": {"enabled": False}}
+        }
+    )
     config = render_deepspeed_config(spec, 16)
     assert config["zero_optimization"]["round_robin_gradients"] is True
     assert config["zero_optimization"]["stage"] == 1
@@ -94,32 +113,78 @@ def test_extra_config_is_merged():
 
 
 RULES = [
-    ("param offload below stage 3", {"deepspeed": {"zero_stage": 2, "offload_param": "cpu"}},
-     "deepspeed.offload_param", "zero_stage: 3"),
-    ("param offload below stage 3 via extra_config",
-     {"deepspeed": {"extra_config": {"zero_optimization": {"offload_param": {"device": "cpu"}}}}},
-     "deepspeed.extra_config.zero_optimization.offload_param", "zero_stage: 3"),
-    ("activation_checkpointing block", {"deepspeed": {"extra_config": {"activation_checkpointing": {"partition_activations": True}}}},
-     "deepspeed.extra_config.activation_checkpointing", "training.gradient_checkpointing"),
-    ("optimizer offload without optimizer section", {"deepspeed": {"offload_optimizer": "cpu", "optimizer": "torch"}},
-     "deepspeed.offload_optimizer", "optimizer: deepspeed"),
-    ("optimizer offload at stage 0", {"deepspeed": {"offload_optimizer": "cpu", "zero_stage": 0, "optimizer": "deepspeed"}},
-     "deepspeed.offload_optimizer", "zero_stage: 2"),
-    ("stage-3 knob in the spec at stage 2", {"deepspeed": {"stage3": {"max_live_parameters": 10}}},
-     "deepspeed.stage3.max_live_parameters", "zero_stage: 3"),
-    ("stage-3 key in extra_config at stage 1",
-     {"deepspeed": {"zero_stage": 1, "extra_config": {"zero_optimization": {"stage3_prefetch_bucket_size": 5}}}},
-     "deepspeed.extra_config.zero_optimization.stage3_prefetch_bucket_size", "zero_stage: 3"),
-    ("extra_config overrides a spec value", {"deepspeed": {"extra_config": {"train_batch_size": 999}}},
-     "deepspeed.extra_config.train_batch_size", "training.global_batch_size"),
-    ("extra_config changes the stage", {"deepspeed": {"extra_config": {"zero_optimization": {"stage": 3}}}},
-     "deepspeed.extra_config.zero_optimization.stage", "deepspeed.zero_stage"),
-    ("auto left in extra_config", {"deepspeed": {"extra_config": {"zero_optimization": {"sub_group_size": "auto"}}}},
-     "deepspeed.extra_config.zero_optimization.sub_group_size", "concrete value"),
-    ("fp16 and bf16 together", {"deepspeed": {"extra_config": {"fp16": {"enabled": True}}}},
-     "deepspeed.extra_config.fp16", "remove fp16"),
-    ("DeepSpeed scheduler", {"deepspeed": {"extra_config": {"scheduler": {"type": "WarmupLR"}}}},
-     "deepspeed.extra_config.scheduler", "training.scheduler"),
+    (
+        "param offload below stage 3",
+        {"deepspeed": {"zero_stage": 2, "offload_param": "cpu"}},
+        "deepspeed.offload_param",
+        "zero_stage: 3",
+    ),
+    (
+        "param offload below stage 3 via extra_config",
+        {"deepspeed": {"extra_config": {"zero_optimization": {"offload_param": {"device": "cpu"}}}}},
+        "deepspeed.extra_config.zero_optimization.offload_param",
+        "zero_stage: 3",
+    ),
+    (
+        "activation_checkpointing block",
+        {"deepspeed": {"extra_config": {"activation_checkpointing": {"partition_activations": True}}}},
+        "deepspeed.extra_config.activation_checkpointing",
+        "training.gradient_checkpointing",
+    ),
+    (
+        "optimizer offload without optimizer section",
+        {"deepspeed": {"offload_optimizer": "cpu", "optimizer": "torch"}},
+        "deepspeed.offload_optimizer",
+        "optimizer: deepspeed",
+    ),
+    (
+        "optimizer offload at stage 0",
+        {"deepspeed": {"offload_optimizer": "cpu", "zero_stage": 0, "optimizer": "deepspeed"}},
+        "deepspeed.offload_optimizer",
+        "zero_stage: 2",
+    ),
+    (
+        "stage-3 knob in the spec at stage 2",
+        {"deepspeed": {"stage3": {"max_live_parameters": 10}}},
+        "deepspeed.stage3.max_live_parameters",
+        "zero_stage: 3",
+    ),
+    (
+        "stage-3 key in extra_config at stage 1",
+        {"deepspeed": {"zero_stage": 1, "extra_config": {"zero_optimization": {"stage3_prefetch_bucket_size": 5}}}},
+        "deepspeed.extra_config.zero_optimization.stage3_prefetch_bucket_size",
+        "zero_stage: 3",
+    ),
+    (
+        "extra_config overrides a spec value",
+        {"deepspeed": {"extra_config": {"train_batch_size": 999}}},
+        "deepspeed.extra_config.train_batch_size",
+        "training.global_batch_size",
+    ),
+    (
+        "extra_config changes the stage",
+        {"deepspeed": {"extra_config": {"zero_optimization": {"stage": 3}}}},
+        "deepspeed.extra_config.zero_optimization.stage",
+        "deepspeed.zero_stage",
+    ),
+    (
+        "auto left in extra_config",
+        {"deepspeed": {"extra_config": {"zero_optimization": {"sub_group_size": "auto"}}}},
+        "deepspeed.extra_config.zero_optimization.sub_group_size",
+        "concrete value",
+    ),
+    (
+        "fp16 and bf16 together",
+        {"deepspeed": {"extra_config": {"fp16": {"enabled": True}}}},
+        "deepspeed.extra_config.fp16",
+        "remove fp16",
+    ),
+    (
+        "DeepSpeed scheduler",
+        {"deepspeed": {"extra_config": {"scheduler": {"type": "WarmupLR"}}}},
+        "deepspeed.extra_config.scheduler",
+        "training.scheduler",
+    ),
 ]
 
 
@@ -151,7 +216,8 @@ DEEPSPEED_LOADER = textwrap.dedent("""
         try:
             cfg = DeepSpeedConfig(json.load(open(path)), mpu=DataParallelOf(world))
             results.append({"ok": True, "world": cfg.world_size, "train_batch_size": cfg.train_batch_size,
-                            "micro": cfg.train_micro_batch_size_per_gpu, "accumulation": cfg.gradient_accumulation_steps,
+                            "micro": cfg.train_micro_batch_size_per_gpu,
+                            "accumulation": cfg.gradient_accumulation_steps,
                             "stage": cfg.zero_optimization_stage, "bf16": cfg.bfloat16_config.enabled,
                             "offload_optimizer": cfg.zero_config.offload_optimizer is not None})
         except Exception as err:
@@ -166,24 +232,54 @@ def test_rendered_configs_load_in_real_deepspeed(tmp_path):
 
     # the acceptance path: `janus-job render examples/r2r-2node-ib.yaml --out DIR` -> DIR/deepspeed.json
     out = tmp_path / "rendered"
-    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "janus-job"), "render", str(ROOT / "examples" / "r2r-2node-ib.yaml"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "janus-job"),
+            "render",
+            str(ROOT / "examples" / "r2r-2node-ib.yaml"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "manifests.yaml").is_file()
     r2r = load_spec(ROOT / "examples" / "r2r-2node-ib.yaml")
-    offload = make(deepspeed={"zero_stage": 3, "offload_param": "cpu", "offload_optimizer": "cpu", "optimizer": "deepspeed"})
+    offload = make(
+        deepspeed={"zero_stage": 3, "offload_param": "cpu", "offload_optimizer": "cpu", "optimizer": "deepspeed"}
+    )
     (tmp_path / "r2r8.json").write_text(json.dumps(render_deepspeed_config(r2r, 8)))
     (tmp_path / "offload16.json").write_text(json.dumps(render_deepspeed_config(offload, 16)))
-    cases = [(str(out / "deepspeed.json"), 16), (str(tmp_path / "r2r8.json"), 8), (str(tmp_path / "offload16.json"), 16),
-             (str(out / "deepspeed.json"), 8)]  # a 16-rank config at 8 ranks must be refused by DeepSpeed
+    cases = [
+        (str(out / "deepspeed.json"), 16),
+        (str(tmp_path / "r2r8.json"), 8),
+        (str(tmp_path / "offload16.json"), 16),
+        (str(out / "deepspeed.json"), 8),
+    ]  # a 16-rank config at 8 ranks must be refused by DeepSpeed
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", DEEPSPEED_LOADER, json.dumps(cases), str(free_port())],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_LOADER, json.dumps(cases), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r16, r8, off, wrong = json.loads(line[0][len("RESULTS "):])
-    assert r16 == {"ok": True, "world": 16, "train_batch_size": 96, "micro": 1, "accumulation": 6, "stage": 1,
-                   "bf16": True, "offload_optimizer": False}, r16
+    r16, r8, off, wrong = json.loads(line[0][len("RESULTS ") :])
+    assert r16 == {
+        "ok": True,
+        "world": 16,
+        "train_batch_size": 96,
+        "micro": 1,
+        "accumulation": 6,
+        "stage": 1,
+        "bf16": True,
+        "offload_optimizer": False,
+    }, r16
     assert r8["ok"] and r8["world"] == 8 and r8["train_batch_size"] == 96 and r8["accumulation"] == 12, r8
     assert off["ok"] and off["stage"] == 3 and off["offload_optimizer"], off
     assert not wrong["ok"], wrong

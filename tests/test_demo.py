@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -31,6 +32,17 @@ def test_demo_runs_end_to_end_and_prints_the_training_log_line(tmp_path):
     assert all(0 < float(loss) < 100 for _, loss in steps)
     assert (workdir / "job.yaml").exists() and (workdir / "store").is_dir()
     assert re.search(r"^demo: done in [\d.]+s", out, re.M)
+
+    # the demo's store verifies against the demo's own spec with the command a user runs: its
+    # checkpoints describe themselves, so no option tells verify which encoders they are
+    verify = subprocess.run(
+        [str(Path(sys.executable).with_name("janus-job")), "features", "verify", "--spec", str(workdir / "job.yaml"),
+         "--json"],
+        capture_output=True, text=True, env=env, timeout=DEMO_BUDGET_S,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    report = json.loads(verify.stdout)
+    assert report["missing_samples"] == 0 and report["complete_marker"] and report["fingerprint_checked"] == "full"
 
 
 def test_demo_refuses_a_non_empty_workdir(tmp_path):

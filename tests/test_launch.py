@@ -31,7 +31,7 @@ def test_static_job_passes_the_node_rank_not_a_process_rank():
     assert option(args, "--master-port") == "23456"
     assert option(args, "--max-restarts") == "0"
     assert "--rdzv-endpoint" not in args
-    assert args[-4:] == ["--module", "janus_job.train.trainer", "--spec", "/etc/janus/job.yaml"]
+    assert args[-5:] == ["--module", "janus_job.cli", "train", "--spec", "/etc/janus/job.yaml"]
 
 
 def test_older_operator_without_pet_variables_uses_pod_rank_and_world_size():

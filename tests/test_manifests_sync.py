@@ -26,5 +26,7 @@ def test_rendered_example_is_current(tmp_path, example):
     committed = ROOT / "manifests" / "examples" / example.stem
     for name in ("deepspeed.json", "manifests.yaml"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), (
-            f"{committed / name} is stale: janus-job render {example.relative_to(ROOT)} --out {committed.relative_to(ROOT)}")
+            f"{committed / name} is stale: "
+            f"janus-job render {example.relative_to(ROOT)} --out {committed.relative_to(ROOT)}"
+        )
     assert not list(tmp_path.glob(".*.tmp")), "render left a temporary file behind"

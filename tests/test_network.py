@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from janus_job.deploy import network
-from janus_job.errors import JobError
 from janus_job.deploy.launch import network_arguments
 from janus_job.deploy.network import (
     NameFilter,
@@ -21,6 +20,7 @@ from janus_job.deploy.network import (
     parse_nccl_log,
     preflight,
 )
+from janus_job.errors import JobError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -93,22 +93,30 @@ def test_real_trainer_resumes_at_another_world_size(tmp_path):
     import shutil
     import subprocess
 
-    from janus_job.train.checkpoint import main as checkpoint_cli
+    from typer.testing import CliRunner
+
+    from janus_job.cli import app
 
     base = worker.trainer_job(tmp_path / "job", steps=12, interval=4)
 
     def train(nproc, name):
         spec = worker.trainer_spec(base, tmp_path / f"{name}.yaml", tmp_path / f"{name}-checkpoints")
-        result = subprocess.run(worker.trainer_command(nproc, spec), cwd=worker.REPO, capture_output=True, text=True,
-                                env=worker.trainer_env(tmp_path / f"{name}-{{rank}}.jsonl", tmp_path / f"staging-{name}"),
-                                timeout=300)
+        result = subprocess.run(
+            worker.trainer_command(nproc, spec),
+            cwd=worker.REPO,
+            capture_output=True,
+            text=True,
+            env=worker.trainer_env(tmp_path / f"{name}-{{rank}}.jsonl", tmp_path / f"staging-{name}"),
+            timeout=300,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
         return result.stdout
 
     original = train(2, "original")
     for name in ("one", "two"):  # the store as it was when the job stopped after step 4
         shutil.copytree(tmp_path / "original-checkpoints", tmp_path / f"{name}-checkpoints")
-        assert checkpoint_cli(["resume-from", str(tmp_path / f"{name}-checkpoints"), "4"]) == 0
+        pinned = CliRunner().invoke(app, ["checkpoint", "resume-from", str(tmp_path / f"{name}-checkpoints"), "4"])
+        assert pinned.exit_code == 0, pinned.output
     one, two = train(1, "one"), train(2, "two")
     assert "world=1" in one and "accum=2" in one and "at step 4" in one
     assert "world=2" in two and "accum=1" in two and "at step 4" in two
@@ -119,8 +127,11 @@ def test_real_trainer_resumes_at_another_world_size(tmp_path):
             samples.setdefault(step, set()).update(ids)
         return samples
 
-    assert per_step("one", (0,)) == per_step("two", (0, 1)) == {
-        step: ids for step, ids in per_step("original", (0, 1)).items() if step >= 4}
+    assert (
+        per_step("one", (0,))
+        == per_step("two", (0, 1))
+        == {step: ids for step, ids in per_step("original", (0, 1)).items() if step >= 4}
+    )
     logged = {name: worker.logged_steps(out) for name, out in (("one", one), ("two", two), ("original", original))}
     assert sorted(logged["one"]) == sorted(logged["two"]) == list(range(5, 13))
     for step in range(5, 13):
@@ -133,10 +144,27 @@ def test_zero3_checkpoint_reshards_too(tmp_path):
     """ZeRO-3 (parameters partitioned as well): 2 -> 1 ranks, gathered state equal after loading."""
     store = tmp_path / "store"
     saved, loaded = tmp_path / "saved.pt", tmp_path / "loaded.pt"
-    _check(worker.torchrun(2, _args(tmp_path, store, tmp_path / "a.jsonl", "--stage", "3", "--stop-after",
-                                    str(SAVE_AT), "--dump-at-save", str(saved))))
-    _check(worker.torchrun(1, _args(tmp_path, store, tmp_path / "b.jsonl", "--stage", "3",
-                                    "--dump-after-load", str(loaded))))
+    _check(
+        worker.torchrun(
+            2,
+            _args(
+                tmp_path,
+                store,
+                tmp_path / "a.jsonl",
+                "--stage",
+                "3",
+                "--stop-after",
+                str(SAVE_AT),
+                "--dump-at-save",
+                str(saved),
+            ),
+        )
+    )
+    _check(
+        worker.torchrun(
+            1, _args(tmp_path, store, tmp_path / "b.jsonl", "--stage", "3", "--dump-after-load", str(loaded))
+        )
+    )
     before = torch.load(saved, weights_only=False)
     after = torch.load(loaded, weights_only=False)
     assert before["params"] and before["params"].keys() == after["params"].keys()

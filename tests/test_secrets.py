@@ -12,7 +12,9 @@ import yaml
 from janus_job.deploy.render import render_chart
 
 ROOT = Path(__file__).resolve().parent.parent
-VALUE_FILES = sorted((ROOT / "examples").glob("*.yaml")) + [ROOT / "charts" / "janus-train" / "ci" / "all-features-values.yaml"]
+VALUE_FILES = sorted((ROOT / "examples").glob("*.yaml")) + [
+    ROOT / "charts" / "janus-train" / "ci" / "all-features-values.yaml"
+]
 SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|PRIVATE|CREDENTIAL)", re.I)
 SECRET_VALUE = re.compile(
     r"(AKIA[0-9A-Z]{16}"  # AWS access key id
@@ -42,7 +44,9 @@ def scan(manifests: str) -> list[str]:
         if not obj:
             continue
         if obj["kind"] == "Secret":
-            findings.append(f"the chart renders a Secret ({obj['metadata']['name']}); credentials must come from the user's Secret")
+            findings.append(
+                f"the chart renders a Secret ({obj['metadata']['name']}); credentials must come from the user's Secret"
+            )
         if obj["kind"] == "ConfigMap":
             for key, text in obj.get("data", {}).items():
                 if SECRET_VALUE.search(text):
@@ -70,12 +74,17 @@ def test_committed_rendered_examples_hold_no_secrets():
 
 
 def test_scanner_finds_planted_credentials():
-    leaked = yaml.safe_dump_all([
-        {"kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"job.yaml": "key: AKIAABCDEFGHIJKLMNOP\n"}},
-        {"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [
-            {"name": "c", "env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}]}]}},
-        {"kind": "Secret", "metadata": {"name": "s"}},
-    ])
+    leaked = yaml.safe_dump_all(
+        [
+            {"kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"job.yaml": "key: AKIAABCDEFGHIJKLMNOP\n"}},
+            {
+                "kind": "Pod",
+                "metadata": {"name": "p"},
+                "spec": {"containers": [{"name": "c", "env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}]}]},
+            },
+            {"kind": "Secret", "metadata": {"name": "s"}},
+        ]
+    )
     assert len(scan(leaked)) == 3
 
 

@@ -139,8 +139,8 @@ def test_kueue_gets_the_queue_label_only_when_nothing_else_holds_the_job():
 
 
 def test_a_kueue_queue_name_that_is_not_a_label_value_is_refused():
-    from janus_job.errors import JobError
     from janus_job.config.load import validate_spec
+    from janus_job.errors import JobError
 
     data = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
     data["cluster"] = {"kueue_queue": "team-a\nhostPID: true"}

@@ -50,7 +50,7 @@ def test_flop_model_counts_each_part_once():
                      vision_patches=800, vggt_patches=900)
     expected = 6 * 1000 * 300 + 6 * 100 * 4 + 6 * 10 * 260 / 2 + 2 * 50 * 800 + 2 * 70 * 900
     assert model_flops(work, params) == pytest.approx(expected)
-    # issue 7's floor for the official geometry: 6 x 7.66e9 x 3,777 = 173 TFLOP per sample
+    # the floor for the official geometry: 6 x 7.66e9 x 3,777 = 173 TFLOP per sample
     full = ParamCounts(llm_body=7_660_000_000, lm_head=0, mergers=0, vision_blocks=0, vggt=0)
     assert model_flops(BatchWork(tokens=3777), full) == pytest.approx(173.6e12, rel=1e-3)
 
@@ -231,12 +231,12 @@ def test_read_through_fills_an_empty_store_then_trains(job, tmp_path):
         s["training"].update(max_steps=2),
         s["training"]["checkpoint"].update(url=str(tmp_path / "checkpoints")),
     ))
-    result = janus_job("train", "--spec", str(spec), env={"JANUS_TINY_ENCODERS": "1"})
+    result = janus_job("train", "--spec", str(spec))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "precompute worker 0/1: 24 spatial objects to compute, 0 already stored" in result.stdout
     assert len(list(store.glob("markers/*/COMPLETE.json"))) == 1
     assert [int(m) for m in re.findall(r"^train step=(\d+)/2 ", result.stdout, re.M)] == [1, 2]
-    again = janus_job("train", "--spec", str(spec), env={"JANUS_TINY_ENCODERS": "1"})
+    again = janus_job("train", "--spec", str(spec))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 spatial objects to compute, 24 already stored" in again.stdout
 
@@ -256,7 +256,8 @@ def test_store_of_other_vggt_weights_is_refused(job, tmp_path):
     edited = edit_spec(job, tmp_path / "job.yaml", lambda s: s["model"].update(vggt=str(other)))
     result = janus_job("train", "--spec", str(edited))
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "model.vggt" in result.stderr and "is not the VGGT checkpoint features.store was precomputed with" in result.stderr
+    assert "model.vggt" in result.stderr
+    assert "is not the VGGT checkpoint features.store was precomputed with" in result.stderr
     assert "train start" not in result.stdout
 
 

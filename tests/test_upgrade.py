@@ -17,10 +17,11 @@ import yaml
 
 pytest.importorskip("kubernetes", reason="the kubernetes client is a dependency of janus-train")
 
-from janus_job.deploy.upgrade import check_operator, with_nodes  # noqa: E402
-from janus_job.errors import JobError  # noqa: E402
 from kube_api import KubeAPI  # noqa: E402
 from test_starter import api_client, cli_env, write_kubeconfig  # noqa: E402
+
+from janus_job.deploy.upgrade import check_operator, with_nodes  # noqa: E402
+from janus_job.errors import JobError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NS, NAME = "janus", "janus-minimal"

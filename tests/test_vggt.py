@@ -220,6 +220,43 @@ def test_bad_checkpoints_give_clear_errors(model, tmp_path):
         load_aggregator("memory://vggt/nope.safetensors", TINY)
 
 
+def test_checkpoints_describe_their_architecture(model, tmp_path):
+    """A checkpoint written by save_aggregator loads with no config given (the architecture is in its
+    metadata); a .pt with a config.json beside it likewise; one that describes nothing is VGGT-1B."""
+    import json
+
+    import fsspec
+    from safetensors.torch import save_file
+
+    from janus_job.models.vggt import ARCHITECTURE_KEY, describe_checkpoint, save_aggregator
+
+    x = frames(1, 2, 42, 56)
+    with torch.no_grad():
+        expected = model(x)
+    save_aggregator(model, tmp_path / "tiny" / "model.safetensors")
+    assert describe_checkpoint(str(tmp_path / "tiny" / "model.safetensors")) == TINY
+    with torch.no_grad():
+        assert torch.equal(load_aggregator(str(tmp_path / "tiny" / "model.safetensors"))(x), expected)
+    with fsspec.open("memory://described/model.safetensors", "wb") as f:  # the header is read remotely too
+        f.write((tmp_path / "tiny" / "model.safetensors").read_bytes())
+    assert describe_checkpoint("memory://described/model.safetensors") == TINY
+
+    (tmp_path / "pt").mkdir()
+    torch.save(checkpoint_state(model), tmp_path / "pt" / "model.pt")
+    assert describe_checkpoint(str(tmp_path / "pt" / "model.pt")) is None
+    (tmp_path / "pt" / "config.json").write_text(json.dumps({**TINY.to_dict(), "enable_track": False}))
+    with torch.no_grad():
+        assert torch.equal(load_aggregator(str(tmp_path / "pt" / "model.pt"))(x), expected)
+
+    save_file(checkpoint_state(model), tmp_path / "bare.safetensors")  # no description: read as VGGT-1B
+    assert describe_checkpoint(str(tmp_path / "bare.safetensors")) is None
+    with pytest.raises(JobError, match="describes no architecture, so it was read as VGGT-1B"):
+        load_aggregator(str(tmp_path / "bare.safetensors"))
+    save_file(checkpoint_state(model), tmp_path / "odd.safetensors", metadata={ARCHITECTURE_KEY: '{"depth": 1}'})
+    with pytest.raises(JobError, match="no second-to-last layer"):
+        load_aggregator(str(tmp_path / "odd.safetensors"))
+
+
 # --------------------------------------------------------------------------- the GPU scripts' CPU modes
 
 

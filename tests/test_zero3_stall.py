@@ -1,4 +1,4 @@
-"""Why JanusVLN's exact setup stalls under ZeRO-3 (issue 7), shown with real DeepSpeed on CPU.
+"""Why JanusVLN's exact setup stalls under ZeRO-3, shown with real DeepSpeed on CPU.
 
 JanusVLN keeps the frozen VGGT inside the model it hands to DeepSpeed, and streams it: the
 aggregator is called once per frame. Under ZeRO-3 every parameter of that model is partitioned,

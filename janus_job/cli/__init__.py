@@ -1,4 +1,4 @@
-"""The `janus-job` command. Each area (spec, features, train, monitor, deploy) registers its subcommands here."""
+"""The `janus-job` command. Each area (spec, features, train, checkpoint, monitor, deploy) registers its subcommands."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from janus_job.cli import deploy, features, monitor, spec, train
+from janus_job.cli import checkpoint, deploy, features, monitor, spec, train
 from janus_job.errors import JobError
 
 app = typer.Typer(
@@ -23,7 +23,7 @@ def _group() -> None:
     """Keeps `janus-job` a command group whatever is registered."""
 
 
-for area in (spec, features, train, monitor, deploy):
+for area in (spec, features, train, checkpoint, monitor, deploy):
     area.register(app)
 
 

@@ -30,8 +30,8 @@ def start(
 def _release(release: str, namespace: str | None, context: str | None, chart: Path | None):
     from kubernetes import config
 
-    from janus_job.deploy.upgrade import Release
     from janus_job.deploy.render import CHART_DIR
+    from janus_job.deploy.upgrade import Release
 
     if namespace is None:
         try:
@@ -53,9 +53,9 @@ def upgrade(
                                                  "pods to stop (default: termination_grace_seconds + 300)."),
 ) -> None:
     """Change a running job: suspend it, wait until its pods are gone, helm upgrade, resume. No mixed-version pods."""
+    from janus_job.config.load import load_spec
     from janus_job.deploy.starter import api_client_from_environment
     from janus_job.deploy.upgrade import upgrade as run_upgrade
-    from janus_job.config.load import load_spec
 
     load_spec(spec_path)  # refuse a bad spec before touching the cluster
     run_upgrade(api_client_from_environment(context), spec_path, _release(release, namespace, context, chart),

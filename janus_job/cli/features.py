@@ -35,8 +35,9 @@ def precompute(
     index: Optional[int] = typer.Option(None, "--index", help="Pod index (default: $JOB_COMPLETION_INDEX, else 0)."),
     progress_interval: float = typer.Option(30.0, "--progress-interval", help="Seconds between progress lines."),
     report: Optional[str] = typer.Option(None, "--report", help="Write this pod's worker reports as JSON here."),
-    local_worker: Optional[int] = typer.Option(None, "--local-worker", hidden=True, help="Run only this GPU's worker (set by the pod process)."),
-    tiny_encoders: bool = typer.Option(False, "--tiny-encoders", hidden=True, help="Seeded random tiny encoders (tests, demo)."),
+    local_worker: Optional[int] = typer.Option(
+        None, "--local-worker", hidden=True, help="Run only this GPU's worker (set by the pod process)."
+    ),
     pace_s: float = typer.Option(0.0, "--pace-s", hidden=True, help="Sleep after each batch (fault drills)."),
 ) -> None:
     """Compute the frozen encoders' features of this pod's shard into features.store."""
@@ -46,17 +47,27 @@ def precompute(
     job = load_spec(spec)
     if job.features.mode == "online":
         raise JobError("features.mode is 'online': nothing to precompute (set mode: precomputed or read_through)")
-    run_pod(job, spec, index=_completion_index(index), tiny=tiny_encoders, local_worker=local_worker,
-            progress_interval_s=progress_interval, pace_s=pace_s, report_path=report)
+    run_pod(
+        job,
+        spec,
+        index=_completion_index(index),
+        local_worker=local_worker,
+        progress_interval_s=progress_interval,
+        pace_s=pace_s,
+        report_path=report,
+    )
 
 
 @features_app.command("verify")
 def verify(
     spec: str = typer.Option(..., "--spec", help="Job spec YAML."),
-    checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="Read every object and check its checksum."),
-    weights: bool = typer.Option(True, "--weights/--skip-weights", help="Hash the spec's encoder weights and compare the fingerprint."),
+    checksums: bool = typer.Option(
+        True, "--checksums/--no-checksums", help="Read every object and check its checksum."
+    ),
+    weights: bool = typer.Option(
+        True, "--weights/--skip-weights", help="Hash the spec's encoder weights and compare the fingerprint."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    tiny_encoders: bool = typer.Option(False, "--tiny-encoders", hidden=True),
 ) -> None:
     """Check a store: fingerprint, coverage of the spec's samples, checksums, completion marker."""
     from janus_job.config.load import load_spec
@@ -72,9 +83,11 @@ def verify(
     wanted = ["spatial"] + (["vision"] if job.features.cache_vision else [])
     absent = [kind for kind in wanted if manifests[kind] is None]
     if absent:
-        raise JobError(f"feature store {store.url} has no {' or '.join(absent)} manifest: run `janus-job precompute` first")
+        raise JobError(
+            f"feature store {store.url} has no {' or '.join(absent)} manifest: run `janus-job precompute` first"
+        )
     compute = manifests["spatial"]["fields"].get("compute", "bf16-autocast")
-    expected = expected_fingerprints(job, compute=compute, hash_weights=weights, stored=store, tiny=tiny_encoders)
+    expected = expected_fingerprints(job, compute=compute, hash_weights=weights, stored=store)
     store.open(expected, create=False)
     index = store.frame_index(annotations.digest)
     missing = store.missing(annotations.samples, index, vision=job.features.cache_vision)
@@ -112,8 +125,12 @@ def verify(
 @features_app.command("estimate")
 def estimate(
     spec: str = typer.Option(..., "--spec", help="Job spec YAML."),
-    spatial_s: float = typer.Option(0.323, "--spatial-s-per-sample", help="GPU seconds per 9-frame sample (batched VGGT; H100 measured)."),
-    vision_s: float = typer.Option(0.312 / 9, "--vision-s-per-frame", help="GPU seconds per frame of the Qwen vision tower (H100 measured)."),
+    spatial_s: float = typer.Option(
+        0.323, "--spatial-s-per-sample", help="GPU seconds per 9-frame sample (batched VGGT; H100 measured)."
+    ),
+    vision_s: float = typer.Option(
+        0.312 / 9, "--vision-s-per-frame", help="GPU seconds per frame of the Qwen vision tower (H100 measured)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Samples, unique frames, bytes and GPU-hours of a precompute, before spending them."""
@@ -130,18 +147,29 @@ def estimate(
     typer.echo(f"samples            {result.samples:,} (by frame count: {result.samples_by_frames})")
     typer.echo(f"unique frames      {result.unique_frames:,} ({result.frame_size[0]}x{result.frame_size[1]})")
     typer.echo(f"spatial bytes      {result.spatial_bytes / 1e9:,.1f} GB")
-    typer.echo(f"vision bytes       {result.vision_bytes / 1e9:,.1f} GB" + ("" if job.features.cache_vision else " (cache_vision off)"))
-    typer.echo(f"GPU-hours          {result.spatial_gpu_hours + result.vision_gpu_hours:,.1f} "
-               f"(spatial {result.spatial_gpu_hours:,.1f}, vision {result.vision_gpu_hours:,.1f}; H100 rates)")
+    typer.echo(
+        f"vision bytes       {result.vision_bytes / 1e9:,.1f} GB"
+        + ("" if job.features.cache_vision else " (cache_vision off)")
+    )
+    typer.echo(
+        f"GPU-hours          {result.spatial_gpu_hours + result.vision_gpu_hours:,.1f} "
+        f"(spatial {result.spatial_gpu_hours:,.1f}, vision {result.vision_gpu_hours:,.1f}; H100 rates)"
+    )
     typer.echo(f"wall-clock         {result.wall_hours:,.2f} h on {gpus} GPUs ({job.precompute.pods} pods)")
 
 
 @features_app.command("build-annotations")
 def build_annotations(
-    layout: str = typer.Option(..., "--layout", help="vlnce (R2R/RxR: <root>/<episode>/*.png) or scalevln (<root>/<name>/rgb/*.jpg)."),
-    episodes: str = typer.Option(..., "--episodes", help="Episode file: VLN-CE episodes (.json/.json.gz) or ScaleVLN annotations."),
+    layout: str = typer.Option(
+        ..., "--layout", help="vlnce (R2R/RxR: <root>/<episode>/*.png) or scalevln (<root>/<name>/rgb/*.jpg)."
+    ),
+    episodes: str = typer.Option(
+        ..., "--episodes", help="Episode file: VLN-CE episodes (.json/.json.gz) or ScaleVLN annotations."
+    ),
     trajectories: str = typer.Option(..., "--trajectories", help="Folder of trajectory folders."),
-    image_root: str = typer.Option(..., "--image-root", help="Image paths are written relative to this (data.image_root)."),
+    image_root: str = typer.Option(
+        ..., "--image-root", help="Image paths are written relative to this (data.image_root)."
+    ),
     out: str = typer.Option(..., "--out", help="Annotation JSON to write."),
     max_history: int = typer.Option(8, "--max-history", help="History frames per sample (JanusVLN: 8)."),
 ) -> None:

@@ -42,8 +42,14 @@ STAGE3_SPEC_FIELDS = {
     "max_reuse_distance": "stage3_max_reuse_distance",
     "gather_16bit_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
 }
-STAGE3_ONLY_ZERO_KEYS = set(STAGE3_DEFAULTS) | {"offload_param", "sub_group_size", "stage3_module_granularity_threshold",
-                                                "zero_hpz_partition_size", "zero_quantized_weights", "mics_shard_size"}
+STAGE3_ONLY_ZERO_KEYS = set(STAGE3_DEFAULTS) | {
+    "offload_param",
+    "sub_group_size",
+    "stage3_module_granularity_threshold",
+    "zero_hpz_partition_size",
+    "zero_quantized_weights",
+    "mics_shard_size",
+}
 
 
 def _base_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
@@ -113,8 +119,13 @@ def _rule_problems(spec: JobSpec, config: dict[str, Any]) -> list[Problem]:
     extra = ds.extra_config
     for section in ("zero_optimization", "bf16", "fp16"):
         if section in extra and not isinstance(extra[section], dict):
-            problems.append(Problem(f"deepspeed.extra_config.{section}", "must be a mapping",
-                                    "write it as key: value lines, as in DeepSpeed's config"))
+            problems.append(
+                Problem(
+                    f"deepspeed.extra_config.{section}",
+                    "must be a mapping",
+                    "write it as key: value lines, as in DeepSpeed's config",
+                )
+            )
     if problems:
         return problems
     zero = config.get("zero_optimization", {})
@@ -123,76 +134,105 @@ def _rule_problems(spec: JobSpec, config: dict[str, Any]) -> list[Problem]:
     for path, value in _leaves(extra):
         if path in OWNED_KEYS or (path[:1] == ("zero_optimization",) and path[1:2] == ("stage",)):
             owner = OWNED_KEYS.get(path, "deepspeed.zero_stage")
-            problems.append(Problem(
-                "deepspeed.extra_config." + ".".join(path), f"sets a value the spec determines ({owner})",
-                f"remove it from extra_config and set {owner} instead",
-            ))
+            problems.append(
+                Problem(
+                    "deepspeed.extra_config." + ".".join(path),
+                    f"sets a value the spec determines ({owner})",
+                    f"remove it from extra_config and set {owner} instead",
+                )
+            )
         elif value == "auto":
-            problems.append(Problem(
-                "deepspeed.extra_config." + ".".join(path), "is 'auto'; nothing fills it in (there is no HF Trainer)",
-                "give a concrete value or remove the key",
-            ))
+            problems.append(
+                Problem(
+                    "deepspeed.extra_config." + ".".join(path),
+                    "is 'auto'; nothing fills it in (there is no HF Trainer)",
+                    "give a concrete value or remove the key",
+                )
+            )
 
     if ds.offload_param == "cpu" and ds.zero_stage < 3:
-        problems.append(Problem(
-            "deepspeed.offload_param",
-            f"parameter offload only exists in ZeRO-3; at zero_stage {ds.zero_stage} DeepSpeed ignores it "
-            "(the seed plan's zero2_offload.json did exactly this)",
-            "set deepspeed.offload_param: none, or deepspeed.zero_stage: 3",
-        ))
+        problems.append(
+            Problem(
+                "deepspeed.offload_param",
+                f"parameter offload only exists in ZeRO-3; at zero_stage {ds.zero_stage} DeepSpeed ignores it "
+                "(a ZeRO-2 config with offload_param silently keeps every parameter on the GPU)",
+                "set deepspeed.offload_param: none, or deepspeed.zero_stage: 3",
+            )
+        )
     elif stage < 3 and _offloaded(zero.get("offload_param")):
-        problems.append(Problem(
-            "deepspeed.extra_config.zero_optimization.offload_param",
-            f"parameter offload only exists in ZeRO-3 (zero_stage is {stage})",
-            "remove it, or set deepspeed.zero_stage: 3 and deepspeed.offload_param: cpu",
-        ))
+        problems.append(
+            Problem(
+                "deepspeed.extra_config.zero_optimization.offload_param",
+                f"parameter offload only exists in ZeRO-3 (zero_stage is {stage})",
+                "remove it, or set deepspeed.zero_stage: 3 and deepspeed.offload_param: cpu",
+            )
+        )
 
     if "activation_checkpointing" in config:
-        problems.append(Problem(
-            "deepspeed.extra_config.activation_checkpointing",
-            "is ineffective: the model recomputes activations with Hugging Face gradient checkpointing, "
-            "which never calls deepspeed.checkpointing",
-            "remove the block; training.gradient_checkpointing controls recomputation",
-        ))
+        problems.append(
+            Problem(
+                "deepspeed.extra_config.activation_checkpointing",
+                "is ineffective: the model recomputes activations with Hugging Face gradient checkpointing, "
+                "which never calls deepspeed.checkpointing",
+                "remove the block; training.gradient_checkpointing controls recomputation",
+            )
+        )
 
     if _offloaded(zero.get("offload_optimizer")):
         if "optimizer" not in config:
-            problems.append(Problem(
-                "deepspeed.offload_optimizer",
-                "optimizer offload needs DeepSpeed to build the optimizer (CPU Adam) from an optimizer section; "
-                "with deepspeed.optimizer 'torch' the GPU optimizer would be handed host tensors",
-                "set deepspeed.optimizer: deepspeed, or deepspeed.offload_optimizer: none",
-            ))
+            problems.append(
+                Problem(
+                    "deepspeed.offload_optimizer",
+                    "optimizer offload needs DeepSpeed to build the optimizer (CPU Adam) from an optimizer section; "
+                    "with deepspeed.optimizer 'torch' the GPU optimizer would be handed host tensors",
+                    "set deepspeed.optimizer: deepspeed, or deepspeed.offload_optimizer: none",
+                )
+            )
         if stage == 0:
-            problems.append(Problem(
-                "deepspeed.offload_optimizer", "optimizer offload needs ZeRO stage 1-3 (zero_stage is 0)",
-                "set deepspeed.zero_stage: 2 (or 1/3), or deepspeed.offload_optimizer: none",
-            ))
+            problems.append(
+                Problem(
+                    "deepspeed.offload_optimizer",
+                    "optimizer offload needs ZeRO stage 1-3 (zero_stage is 0)",
+                    "set deepspeed.zero_stage: 2 (or 1/3), or deepspeed.offload_optimizer: none",
+                )
+            )
 
     if stage < 3:
         set_knobs = [f for f in STAGE3_SPEC_FIELDS if getattr(ds.stage3, f) is not None]
         for field in set_knobs:
-            problems.append(Problem(
-                f"deepspeed.stage3.{field}", f"is a ZeRO-3 setting; zero_stage is {stage}",
-                "remove it, or set deepspeed.zero_stage: 3",
-            ))
+            problems.append(
+                Problem(
+                    f"deepspeed.stage3.{field}",
+                    f"is a ZeRO-3 setting; zero_stage is {stage}",
+                    "remove it, or set deepspeed.zero_stage: 3",
+                )
+            )
         for key in sorted(set(zero) & (STAGE3_ONLY_ZERO_KEYS - {"offload_param"})):
-            problems.append(Problem(
-                f"deepspeed.extra_config.zero_optimization.{key}", f"is a ZeRO-3 setting; zero_stage is {stage}",
-                "remove it, or set deepspeed.zero_stage: 3",
-            ))
+            problems.append(
+                Problem(
+                    f"deepspeed.extra_config.zero_optimization.{key}",
+                    f"is a ZeRO-3 setting; zero_stage is {stage}",
+                    "remove it, or set deepspeed.zero_stage: 3",
+                )
+            )
 
     if config.get("fp16", {}).get("enabled") is True and config.get("bf16", {}).get("enabled") is True:
-        problems.append(Problem(
-            "deepspeed.extra_config.fp16", "fp16 and bf16 cannot both be enabled",
-            "remove fp16 from extra_config (janus-train trains in bf16)",
-        ))
+        problems.append(
+            Problem(
+                "deepspeed.extra_config.fp16",
+                "fp16 and bf16 cannot both be enabled",
+                "remove fp16 from extra_config (janus-train trains in bf16)",
+            )
+        )
     if "scheduler" in config:
-        problems.append(Problem(
-            "deepspeed.extra_config.scheduler",
-            "the trainer builds the learning-rate schedule from training.scheduler/warmup_ratio; a DeepSpeed scheduler would run twice",
-            "remove it and use training.scheduler and training.warmup_ratio",
-        ))
+        problems.append(
+            Problem(
+                "deepspeed.extra_config.scheduler",
+                "the trainer builds the learning-rate schedule from training.scheduler/warmup_ratio; "
+                "a DeepSpeed scheduler would run twice",
+                "remove it and use training.scheduler and training.warmup_ratio",
+            )
+        )
     return problems
 
 

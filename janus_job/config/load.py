@@ -50,6 +50,7 @@ _FIXES = {
     "dict_type": "use a mapping (key: value lines)",
     "model_type": "use a mapping (key: value lines)",
     "list_type": "use a list",
+    "multiple_of": "use a multiple of {multiple_of}",
 }
 
 
@@ -70,7 +71,9 @@ def _structural_problems(err: ValidationError) -> list[Problem]:
             continue
         if kind == "missing":
             field = _model_at(loc[:-1])
-            desc = field.model_fields[str(loc[-1])].description if field and str(loc[-1]) in field.model_fields else None
+            desc = (
+                field.model_fields[str(loc[-1])].description if field and str(loc[-1]) in field.model_fields else None
+            )
             problems.append(Problem(path, "required but missing", f"add it ({desc})" if desc else "add it"))
             continue
         got = e.get("input")
@@ -96,7 +99,9 @@ def _format(source: str, problems: list[Problem]) -> str:
 def validate_spec(data: Any, source: str = "job spec") -> JobSpec:
     """Structure, cross-field rules and the DeepSpeed rules; JobError lists every problem."""
     if not isinstance(data, dict):
-        raise JobError(f"{source}: the job spec must be a YAML mapping with keys name, model, data, features, training, ...")
+        raise JobError(
+            f"{source}: the job spec must be a YAML mapping with keys name, model, data, features, training, ..."
+        )
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as err:

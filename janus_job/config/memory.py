@@ -110,7 +110,10 @@ def memory_problems(spec: JobSpec) -> list[Problem]:
     t, ds = spec.training, spec.deepspeed
     fixes = []
     if t.micro_batch_size > 1:
-        fixes.append(f"lower training.micro_batch_size (raise gradient_accumulation_steps to keep the global batch {spec.global_batch_size})")
+        fixes.append(
+            "lower training.micro_batch_size (raise gradient_accumulation_steps to keep the global batch "
+            f"{spec.global_batch_size})"
+        )
     if not t.gradient_checkpointing:
         fixes.append("set training.gradient_checkpointing: true")
     if ds.zero_stage < 3:
@@ -119,9 +122,11 @@ def memory_problems(spec: JobSpec) -> list[Problem]:
         fixes.append("set deepspeed.offload_optimizer: cpu")
     if spec.data.max_history_images > 4:
         fixes.append("lower data.max_history_images or data.max_pixels")
-    return [Problem(
-        "training.micro_batch_size",
-        f"micro batch {t.micro_batch_size} of up to {tokens_per_sample(spec)} tokens/sample does not fit a "
-        f"{spec.cluster.resources.gpu_memory_gib:g} GiB GPU at {smallest_world} ranks: estimated {est.describe()}",
-        "; or ".join(fixes) or "use GPUs with more memory (cluster.resources.gpu_memory_gib)",
-    )]
+    return [
+        Problem(
+            "training.micro_batch_size",
+            f"micro batch {t.micro_batch_size} of up to {tokens_per_sample(spec)} tokens/sample does not fit a "
+            f"{spec.cluster.resources.gpu_memory_gib:g} GiB GPU at {smallest_world} ranks: estimated {est.describe()}",
+            "; or ".join(fixes) or "use GPUs with more memory (cluster.resources.gpu_memory_gib)",
+        )
+    ]

@@ -25,21 +25,43 @@ class Section(BaseModel):
 
 
 class ImageSpec(Section):
-    repository: str = Field("ghcr.io/janus-train/janus-train", min_length=1, description="Container image repository of janus-train.")
+    repository: str = Field(
+        "ghcr.io/janus-train/janus-train", min_length=1, description="Container image repository of janus-train."
+    )
     tag: str = Field("0.1.0", min_length=1, description="Image tag (or digest suffix such as '@sha256:...').")
-    pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field("IfNotPresent", description="Kubernetes imagePullPolicy.")
-    pull_secrets: list[str] = Field(default_factory=list, description="Names of image pull Secrets in the job's namespace.")
+    pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field(
+        "IfNotPresent", description="Kubernetes imagePullPolicy."
+    )
+    pull_secrets: list[str] = Field(
+        default_factory=list, description="Names of image pull Secrets in the job's namespace."
+    )
 
 
 class ModelSpec(Section):
-    qwen: str = Field(..., min_length=1, description="Qwen2.5-VL weights: local path in the image/volume or fsspec URL (s3://...).")
+    qwen: str = Field(
+        ..., min_length=1, description="Qwen2.5-VL weights: local path in the image/volume or fsspec URL (s3://...)."
+    )
     vggt: str = Field(..., min_length=1, description="VGGT-1B weights: local path or fsspec URL.")
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field("sdpa", description="Attention kernel of the language model.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="Attention kernel of the language model."
+    )
 
 
 class DataSpec(Section):
-    annotations: str = Field(..., min_length=1, description="JanusVLN annotation file (JSON/JSONL): path or fsspec URL.")
-    image_root: str = Field(..., min_length=1, description="Root the annotation image paths are relative to: path or fsspec URL.")
+    annotations: str = Field(
+        ..., min_length=1, description="JanusVLN annotation file (JSON/JSONL): path or fsspec URL."
+    )
+    image_root: str = Field(
+        ..., min_length=1, description="Root the annotation image paths are relative to: path or fsspec URL."
+    )
+    frame_width: int = Field(
+        644,
+        ge=28,
+        le=2044,
+        multiple_of=14,
+        description="Width in pixels VGGT sees each frame at (JanusVLN: 644), a multiple of the 14 px patch; "
+        "taller frames are center-cropped to a square.",
+    )
     max_history_images: int = Field(8, ge=0, le=64, description="History frames per sample (JanusVLN: 8).")
     max_pixels: int = Field(576 * 28 * 28, ge=28 * 28, description="Upper pixel budget per image (Qwen2.5-VL resize).")
     min_pixels: int = Field(16 * 28 * 28, ge=28 * 28, description="Lower pixel budget per image.")
@@ -50,7 +72,9 @@ class DataSpec(Section):
 
 
 class FeaturesSpec(Section):
-    store: str = Field(..., min_length=1, description="Feature store root: fsspec URL (s3://bucket/prefix) or a mounted path.")
+    store: str = Field(
+        ..., min_length=1, description="Feature store root: fsspec URL (s3://bucket/prefix) or a mounted path."
+    )
     mode: Literal["precomputed", "read_through", "online"] = Field(
         "precomputed",
         description="precomputed: the precompute Job fills the store and training waits for it; "
@@ -65,16 +89,26 @@ class FeaturesSpec(Section):
     credentials_secret: str | None = Field(
         None, description="Name of the Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (envFrom)."
     )
-    cache_dir: str = Field("/var/cache/janus-features", min_length=1, description="Local feature cache: an emptyDir on the node's disk mounted here.")
-    cache_size_gib: float = Field(200, ge=0, description="Size limit of the local feature cache in GiB (0: no cache volume).")
-    cache_vision: bool = Field(True, description="Also cache the frozen Qwen vision tower's output (else it runs online).")
+    cache_dir: str = Field(
+        "/var/cache/janus-features",
+        min_length=1,
+        description="Local feature cache: an emptyDir on the node's disk mounted here.",
+    )
+    cache_size_gib: float = Field(
+        200, ge=0, description="Size limit of the local feature cache in GiB (0: no cache volume)."
+    )
+    cache_vision: bool = Field(
+        True, description="Also cache the frozen Qwen vision tower's output (else it runs online)."
+    )
 
 
 class PrecomputeSpec(Section):
     pods: int = Field(2, ge=1, le=1024, description="Pods of the precompute Indexed Job (completions = parallelism).")
     gpus_per_pod: int = Field(8, ge=1, le=16, description="GPUs per precompute pod.")
     batch_size: int = Field(8, ge=1, le=1024, description="Samples per encoder forward pass on one GPU.")
-    backoff_limit_per_index: int = Field(3, ge=0, le=100, description="Retries of one failed index before it is marked failed.")
+    backoff_limit_per_index: int = Field(
+        3, ge=0, le=100, description="Retries of one failed index before it is marked failed."
+    )
 
 
 class CheckpointSpec(Section):
@@ -91,7 +125,10 @@ class ResizeSpec(Section):
         "a 1-node job runs fixed. fixed: static rendezvous at exactly training.nodes.",
     )
     min_nodes: int | None = Field(
-        None, ge=1, description="Fewest nodes the job may run on (default: training.nodes; elastic jobs need >= 2: Master + 1 Worker)."
+        None,
+        ge=1,
+        description="Fewest nodes the job may run on "
+        "(default: training.nodes; elastic jobs need >= 2: Master + 1 Worker).",
     )
     max_nodes: int | None = Field(None, ge=1, description="Most nodes the job may run on (default: training.nodes).")
     max_restarts: int = Field(10, ge=0, le=1000, description="torchrun restarts of the worker group (elastic).")
@@ -102,19 +139,30 @@ class TrainingSpec(Section):
     gpus_per_node: int = Field(8, ge=1, le=16, description="GPUs per node = torchrun nproc_per_node.")
     micro_batch_size: int = Field(1, ge=1, le=256, description="Samples per GPU per forward/backward.")
     gradient_accumulation_steps: int | None = Field(
-        None, ge=1, le=4096, description="Micro steps per optimizer step at training.nodes (default 8, or derived from global_batch_size)."
+        None,
+        ge=1,
+        le=4096,
+        description="Micro steps per optimizer step at training.nodes (default 8, or derived from global_batch_size).",
     )
     global_batch_size: int | None = Field(
-        None, ge=1, description="Samples per optimizer step, kept on resize (default: micro x accumulation x nodes x gpus)."
+        None,
+        ge=1,
+        description="Samples per optimizer step, kept on resize (default: micro x accumulation x nodes x gpus).",
     )
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the dataset.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float = Field(2e-5, gt=0, le=1, description="Language model learning rate.")
-    merger_learning_rate: float = Field(1e-5, gt=0, le=1, description="Learning rate of the vision and spatial mergers.")
-    vision_learning_rate: float | None = Field(None, gt=0, le=1, description="Vision tower learning rate; unset = frozen (JanusVLN).")
+    merger_learning_rate: float = Field(
+        1e-5, gt=0, le=1, description="Learning rate of the vision and spatial mergers."
+    )
+    vision_learning_rate: float | None = Field(
+        None, gt=0, le=1, description="Vision tower learning rate; unset = frozen (JanusVLN)."
+    )
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps with linear warmup.")
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute LLM activations in backward (HF gradient checkpointing): ~25% slower steps, "
@@ -126,13 +174,17 @@ class TrainingSpec(Section):
     checkpoint: CheckpointSpec
     resize: ResizeSpec = Field(default_factory=ResizeSpec)
     suspend: bool = Field(
-        False, description="Keep the PyTorchJob suspended (runPolicy.suspend), also after precompute; unsuspend by hand "
-        "to start training.")
+        False,
+        description="Keep the PyTorchJob suspended (runPolicy.suspend), also after precompute; unsuspend by hand "
+        "to start training.",
+    )
 
 
 class Stage3Spec(Section):
     prefetch_bucket_size: int | None = Field(None, ge=0, description="zero_optimization.stage3_prefetch_bucket_size.")
-    param_persistence_threshold: int | None = Field(None, ge=0, description="zero_optimization.stage3_param_persistence_threshold.")
+    param_persistence_threshold: int | None = Field(
+        None, ge=0, description="zero_optimization.stage3_param_persistence_threshold."
+    )
     max_live_parameters: int | None = Field(None, ge=0, description="zero_optimization.stage3_max_live_parameters.")
     max_reuse_distance: int | None = Field(None, ge=0, description="zero_optimization.stage3_max_reuse_distance.")
     gather_16bit_weights_on_model_save: bool | None = Field(None, description="Save consolidated 16-bit weights.")
@@ -140,10 +192,15 @@ class Stage3Spec(Section):
 
 class DeepSpeedSpec(Section):
     zero_stage: int = Field(
-        1, ge=0, le=3,
+        1,
+        ge=0,
+        le=3,
         description="ZeRO stage 0-3. 1: shard optimizer state, reduce gradients once per optimizer step; 2: also "
-        "shard gradients (reduced at every micro-step); 3: also shard parameters.")
-    offload_optimizer: Literal["none", "cpu"] = Field("none", description="Keep optimizer state in host memory (CPU Adam).")
+        "shard gradients (reduced at every micro-step); 3: also shard parameters.",
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="Keep optimizer state in host memory (CPU Adam)."
+    )
     offload_param: Literal["none", "cpu"] = Field("none", description="Keep parameters in host memory (ZeRO-3 only).")
     optimizer: Literal["deepspeed", "torch"] = Field(
         "torch",
@@ -153,75 +210,114 @@ class DeepSpeedSpec(Section):
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with backward.")
     contiguous_gradients: bool = Field(True, description="Copy gradients into one contiguous buffer.")
     reduce_bucket_size: int = Field(500_000_000, ge=1, description="Elements per gradient reduce bucket.")
-    allgather_bucket_size: int = Field(500_000_000, ge=1, description="Elements per parameter all-gather bucket (stages 1-2).")
+    allgather_bucket_size: int = Field(
+        500_000_000, ge=1, description="Elements per parameter all-gather bucket (stages 1-2)."
+    )
     bf16: bool = Field(True, description="bf16 mixed precision.")
     gradient_clipping: float = Field(1.0, ge=0, description="Max gradient norm (0 disables clipping).")
     stage3: Stage3Spec = Field(default_factory=Stage3Spec, description="ZeRO-3 knobs; refused on lower stages.")
     extra_config: dict[str, Any] = Field(
-        default_factory=dict, description="Raw DeepSpeed keys merged into the rendered config (checked by the same rules)."
+        default_factory=dict,
+        description="Raw DeepSpeed keys merged into the rendered config (checked by the same rules).",
     )
 
 
 class ResourcesSpec(Section):
     cpu: str = Field(
-        "96", min_length=1,
+        "96",
+        min_length=1,
         description="CPU request=limit of every GPU pod (training and precompute). The default fits an 8-GPU "
-        "H100/H800 node (2 x 48+ cores): 8 ranks, their DataLoader workers and CPU Adam threads.")
+        "H100/H800 node (2 x 48+ cores): 8 ranks, their DataLoader workers and CPU Adam threads.",
+    )
     memory: str = Field(
-        "900Gi", min_length=1,
+        "900Gi",
+        min_length=1,
         description="Memory request=limit of every GPU pod, /dev/shm included. The default fits the allocatable "
-        "memory of a 1 TiB 8-GPU node; raise it for optimizer/parameter offload (e.g. '1500Gi' on 2 TiB nodes).")
+        "memory of a 1 TiB 8-GPU node; raise it for optimizer/parameter offload (e.g. '1500Gi' on 2 TiB nodes).",
+    )
     gpu_resource_name: str = Field("nvidia.com/gpu", min_length=1, description="Extended resource name of the GPUs.")
     gpu_memory_gib: float = Field(80, gt=0, description="Memory of one GPU (H100/H800: 80), used by the fit check.")
 
 
 class ClusterSpec(Section):
     namespace: str | None = Field(None, description="Namespace of all objects (default: the Helm release namespace).")
-    service_account: str = Field("janus-train", min_length=1, description="ServiceAccount of the pods (no API permissions needed).")
+    service_account: str = Field(
+        "janus-train", min_length=1, description="ServiceAccount of the pods (no API permissions needed)."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of all GPU pods.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of all GPU pods.")
     affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of all GPU pods.")
     priority_class: str | None = Field(None, description="PriorityClass name of all GPU pods.")
-    gang_scheduler: Literal["none", "volcano", "scheduler-plugins"] = Field("none", description="Gang scheduler (PyTorchJob schedulingPolicy).")
+    gang_scheduler: Literal["none", "volcano", "scheduler-plugins"] = Field(
+        "none", description="Gang scheduler (PyTorchJob schedulingPolicy)."
+    )
     queue: str | None = Field(None, description="Volcano queue (gang_scheduler: volcano).")
     kueue_queue: str | None = Field(
-        None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
         description="Kueue LocalQueue of the training job (label kueue.x-k8s.io/queue-name): Kueue admits it and owns "
-        "runPolicy.suspend; with features.mode precomputed the starter adds the label once precompute has succeeded.")
+        "runPolicy.suspend; with features.mode precomputed the starter adds the label once precompute has succeeded.",
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    shm_size: str = Field("64Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$", description="/dev/shm size (memory emptyDir) for DataLoader workers.")
-    rdma_resource: str = Field("rdma/hca_shared_devices_a", min_length=1,
-                               description="RDMA device-plugin resource (network presets other than tcp).")
+    shm_size: str = Field(
+        "64Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$",
+        description="/dev/shm size (memory emptyDir) for DataLoader workers.",
+    )
+    rdma_resource: str = Field(
+        "rdma/hca_shared_devices_a",
+        min_length=1,
+        description="RDMA device-plugin resource (network presets other than tcp).",
+    )
     rdma_resource_count: int = Field(1, ge=1, le=64, description="RDMA devices requested per pod.")
-    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations (e.g. Multus networks).")
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra pod annotations (e.g. Multus networks)."
+    )
     restart_policy: Literal["OnFailure", "ExitCode", "Never"] = Field(
         "OnFailure",
         description="Restart policy of the training replicas: OnFailure restarts a failed pod in place (the job "
         "resumes from its newest checkpoint); ExitCode restarts only on signals/exit codes >= 128.",
     )
     backoff_limit_per_node: int = Field(
-        10, ge=0, le=1000,
+        10,
+        ge=0,
+        le=1000,
         description="Container restarts allowed per node before the PyTorchJob fails: runPolicy.backoffLimit is this "
-        "x the most nodes the job may run on (the operator counts every restart, the sidecar's included).")
+        "x the most nodes the job may run on (the operator counts every restart, the sidecar's included).",
+    )
     termination_grace_seconds: int = Field(
-        600, ge=60, le=86400,
+        600,
+        ge=60,
+        le=86400,
         description="terminationGracePeriodSeconds of the training pods: after SIGTERM the ranks finish their step, "
-        "checkpoint it and upload before this runs out (torchrun waits this long minus 15 s before SIGKILL).")
-    clean_pod_policy: Literal["None", "Running", "All"] = Field("None", description="PyTorchJob runPolicy.cleanPodPolicy.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished job after this many seconds.")
+        "checkpoint it and upload before this runs out (torchrun waits this long minus 15 s before SIGKILL).",
+    )
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(
+        "None", description="PyTorchJob runPolicy.cleanPodPolicy."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the finished job after this many seconds."
+    )
     pod_security: Literal["restricted", "baseline", "privileged"] = Field(
         "restricted",
         description="Pod Security Standards level the namespace enforces (label pod-security.kubernetes.io/enforce; "
         "manifests/namespace.yaml: restricted). validate refuses a spec whose pods that level would refuse; the "
-        "hostnetwork preset needs privileged.")
+        "hostnetwork preset needs privileged.",
+    )
     checkpoint_staging_gib: float = Field(
-        400, gt=0, le=100_000,
+        400,
+        gt=0,
+        le=100_000,
         description="Node-local checkpoint staging of each training pod (JANUS_CHECKPOINT_STAGING): a save, a fetched "
-        "checkpoint and its resharded copy; at least 3 x the estimated checkpoint (JanusVLN-7B: 101-109 GiB).")
+        "checkpoint and its resharded copy; at least 3 x the estimated checkpoint (JanusVLN-7B: 101-109 GiB).",
+    )
     checkpoint_staging_storage_class: str | None = Field(
-        None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
         description="Stage checkpoints on a per-pod generic ephemeral volume of this StorageClass "
-        "(checkpoint_staging_gib) instead of an emptyDir on the node's disk.")
+        "(checkpoint_staging_gib) instead of an emptyDir on the node's disk.",
+    )
 
 
 class NetworkSpec(Section):
@@ -229,43 +325,63 @@ class NetworkSpec(Section):
     the transport NCCL actually uses at start; docs/network.md."""
 
     preset: Literal["tcp", "infiniband", "roce", "hostnetwork"] = Field(
-        "tcp", description="tcp: sockets only; infiniband/roce: NCCL's IB transport over the RDMA device plugin's "
-        "HCAs; hostnetwork: the node's network namespace (RDMA devices of the host).")
+        "tcp",
+        description="tcp: sockets only; infiniband/roce: NCCL's IB transport over the RDMA device plugin's "
+        "HCAs; hostnetwork: the node's network namespace (RDMA devices of the host).",
+    )
     ib_hca: str | None = Field(
-        None, description="NCCL_IB_HCA in NCCL's syntax, exact or excluding: '=mlx5_0,mlx5_1', '=mlx5_0:1', "
-        "'^=mlx5_bond_0' (unset: NCCL uses every ACTIVE HCA port).")
+        None,
+        description="NCCL_IB_HCA in NCCL's syntax, exact or excluding: '=mlx5_0,mlx5_1', '=mlx5_0:1', "
+        "'^=mlx5_bond_0' (unset: NCCL uses every ACTIVE HCA port).",
+    )
     socket_ifname: str | None = Field(
-        None, description="NCCL_SOCKET_IFNAME in NCCL's syntax ('eth0', '=eth0,eth1', '^docker,lo'); a list "
-        "without '^' also becomes GLOO_SOCKET_IFNAME.")
-    ib_gid_index: int | None = Field(None, ge=0, le=255,
-                                     description="NCCL_IB_GID_INDEX (unset: NCCL picks the RoCE v2 GID).")
-    ib_tc: int | None = Field(None, ge=0, le=255,
-                              description="NCCL_IB_TC, the traffic class of NCCL's IB/RoCE traffic.")
+        None,
+        description="NCCL_SOCKET_IFNAME in NCCL's syntax ('eth0', '=eth0,eth1', '^docker,lo'); a list "
+        "without '^' also becomes GLOO_SOCKET_IFNAME.",
+    )
+    ib_gid_index: int | None = Field(
+        None, ge=0, le=255, description="NCCL_IB_GID_INDEX (unset: NCCL picks the RoCE v2 GID)."
+    )
+    ib_tc: int | None = Field(
+        None, ge=0, le=255, description="NCCL_IB_TC, the traffic class of NCCL's IB/RoCE traffic."
+    )
     ib_sl: int | None = Field(None, ge=0, le=15, description="NCCL_IB_SL, the InfiniBand service level.")
     gdr_level: Literal["LOC", "PIX", "PXB", "PHB", "SYS"] | None = Field(
-        None, description="NCCL_NET_GDR_LEVEL (unset: NCCL decides from the PCI topology).")
+        None, description="NCCL_NET_GDR_LEVEL (unset: NCCL decides from the PCI topology)."
+    )
     check: Literal["error", "warn", "off"] = Field(
-        "error", description="What a missing RDMA prerequisite, a socket fallback under an RDMA preset or a bus "
-        "bandwidth below min_busbw_gbs does at start: fail the job, log a warning, or skip the check.")
+        "error",
+        description="What a missing RDMA prerequisite, a socket fallback under an RDMA preset or a bus "
+        "bandwidth below min_busbw_gbs does at start: fail the job, log a warning, or skip the check.",
+    )
     min_busbw_gbs: float | None = Field(
-        None, gt=0, description="Expected all-reduce bus bandwidth (GB/s, nccl-tests' busbw) of a multi-node job "
-        "(unset: 40 for the RDMA presets, none for tcp).")
+        None,
+        gt=0,
+        description="Expected all-reduce bus bandwidth (GB/s, nccl-tests' busbw) of a multi-node job "
+        "(unset: 40 for the RDMA presets, none for tcp).",
+    )
     env: dict[str, str] = Field(
-        default_factory=dict, description="Further variables for NCCL or its plugins (e.g. NCCL_IB_TIMEOUT: '22'); "
-        "names janus-train sets itself are refused.")
+        default_factory=dict,
+        description="Further variables for NCCL or its plugins (e.g. NCCL_IB_TIMEOUT: '22'); "
+        "names janus-train sets itself are refused.",
+    )
 
 
 class MonitorSpec(Section):
     enabled: bool = Field(True, description="Run the GPU-balance sidecar in every training pod.")
     interval_seconds: int = Field(30, ge=1, le=3600, description="Seconds between stats files and balance log lines.")
-    imbalance_warning_ratio: float = Field(0.15, gt=0, le=1, description="WARN when (max-min)/max GPU memory used exceeds this.")
+    imbalance_warning_ratio: float = Field(
+        0.15, gt=0, le=1, description="WARN when (max-min)/max GPU memory used exceeds this."
+    )
     stale_after_seconds: int = Field(120, ge=1, description="WARN when a rank's stats file is older than this.")
     port: int = Field(9464, ge=1024, le=65535, description="Prometheus /metrics port of the sidecar.")
     pod_monitor: bool = Field(False, description="Create a prometheus-operator PodMonitor.")
     scraper_namespace: str | None = Field(
-        None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
         description="Namespace of the Prometheus that scrapes /metrics: the NetworkPolicy admits only it to the "
-        "metrics port (unset: any pod in the cluster).")
+        "metrics port (unset: any pod in the cluster).",
+    )
 
 
 class JobSpec(Section):

@@ -292,7 +292,8 @@ def build_scalevln(
             raise JobError(f"{annotations_file}: episode {episode_id} has {len(frames)} frames, {len(codes)} actions")
         actions = [action_names[codes[i + 1]] for i in range(len(frames) - 1)] + ["STOP"]
         relative = [os.path.relpath(frame, image_root) for frame in frames]
-        records += trajectory_records(episode_id, relative, instruction, actions[: len(frames)], max_history=max_history)
+        records += trajectory_records(episode_id, relative, instruction, actions[: len(frames)],
+                                      max_history=max_history)
     return records
 
 

@@ -1,16 +1,33 @@
 """Dataset, tokenisation and collation for JanusVLN annotations (the batch contract's producer).
 
-One sample = one `janus_job.data.annotations.Sample` (from `load_annotations`): `id`, `conversations` (human turn with one `<image>` per
-frame, then the assistant's answer) and `images` (history frames, then the current frame),
-relative to `image_root`. Tokenisation follows JanusVLN's `preprocess_qwen_2_visual`: a system
-turn, then every turn rendered alone with the ChatML template; each `<image>` becomes
-`<|vision_start|>` + `<|image_pad|>` x (visual tokens of that image) + `<|vision_end|>`; labels are
--100 everywhere except the assistant turns after their `<|im_start|>assistant\\n` header.
+One sample = one `janus_job.data.annotations.Sample` (from `load_annotations`): `id`,
+`conversations` (human turn with one `<image>` per frame, then the assistant's answer) and `images`
+(history frames, then the current frame), relative to `image_root`. Tokenisation follows JanusVLN's
+`preprocess_qwen_2_visual`: a system turn, then every turn rendered alone with the ChatML template;
+each `<image>` becomes `<|vision_start|>` + `<|image_pad|>` x (visual tokens of that image) +
+`<|vision_end|>`; labels are -100 everywhere except the assistant turns after their `<|im_start|>assistant\\n` header.
 
 Features come either from a `FeatureSource` (the store: `get_spatial(sample)`,
 `get_vision(frame_ref)`) or are computed in the step from decoded frames (`vggt_frames`,
 `pixel_values`). When both are cached the frames are not read at all: the patch grid is the
 spatial map's grid.
+
+The batch contract (`JanusCollator` -> `JanusVLNForConditionalGeneration.forward`), written only here:
+
+| key | type / shape | notes |
+| --- | --- | --- |
+| `input_ids`, `labels` | long `(B, L)` | right-padded (pad token / -100); labels -100 except the answer |
+| `attention_mask` | long `(B, L)` | 1 on real tokens |
+| `image_grid_thw` | long `(N_img, 3)` | all images of the batch, sample order; `(1, Hq, Wq)` |
+| `images_per_sample` | long `(B,)` | how many images each sample has |
+| `pixel_values` | `(sum Hq*Wq, 1176)` | only when the vision tower runs online |
+| `vision_features` | `(sum Hq*Wq, 1280)` | cached, natural order; instead of `pixel_values` |
+| `spatial_features` | `(B, Hp', Wp', C)` | cached; a list of `(Hp', Wp', C)` if shapes differ in the batch |
+| `vggt_frames` | list of `(S_i, 3, H, W)` | only when VGGT runs online |
+| `sample_ids` | list of str | error messages, exact-resume checks |
+
+`model(**batch)` accepts exactly these keys (plus `return_logits`, `return_computed_features`) and
+raises `TypeError` on anything else.
 """
 
 from __future__ import annotations
@@ -26,8 +43,7 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
 SYSTEM_MESSAGE = "You are a helpful assistant."
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "system": "system"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Rendered one message at a time, as JanusVLN does (no default system prompt injected).
 TURN_TEMPLATE = (
     "{% for message in messages %}"
@@ -58,8 +74,9 @@ class FeatureSource(Protocol):
         """(Hq * Wq, 1280) pre-merger vision hidden states of one frame, natural order."""
 
 
-def load_processor(qwen_dir: str, min_pixels: int | None = None,
-                   max_pixels: int | None = None) -> TextAndImageProcessor:
+def load_processor(
+    qwen_dir: str, min_pixels: int | None = None, max_pixels: int | None = None
+) -> TextAndImageProcessor:
     """Tokenizer + image processor from a local Qwen2.5-VL directory (see janus_job.io.local_copy)."""
     from transformers import AutoTokenizer
 
@@ -82,6 +99,7 @@ def load_processor(qwen_dir: str, min_pixels: int | None = None,
 
 # ---- annotations ----------------------------------------------------------------------------
 
+
 def _turns(sample) -> list[tuple[str, str]]:
     """(role, content) turns as JanusVLN reads them: `<image>\n` -> `<image>` in the first turn,
     then a leading non-human turn is dropped."""
@@ -90,8 +108,7 @@ def _turns(sample) -> list[tuple[str, str]]:
         role = turn.get("from", turn.get("role"))
         content = turn.get("value", turn.get("content"))
         if role not in ROLES or not isinstance(content, str):
-            raise JobError(f"sample {sample.id}: conversation turn {turn!r} needs from/value "
-                           "(human or gpt) with text")
+            raise JobError(f"sample {sample.id}: conversation turn {turn!r} needs from/value (human or gpt) with text")
         if n == 0:
             content = content.replace(IMAGE_TAG + "\n", IMAGE_TAG)
         turns.append((ROLES[role], content))
@@ -109,8 +126,9 @@ def tokenize_sample(sample, tokenizer, tokens_per_image: Sequence[int]) -> tuple
     pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     def encode(role: str, content: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": role, "content": content}],
-                                             chat_template=TURN_TEMPLATE, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": role, "content": content}], chat_template=TURN_TEMPLATE, tokenize=False
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     header = len(tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
@@ -122,8 +140,10 @@ def tokenize_sample(sample, tokenizer, tokens_per_image: Sequence[int]) -> tuple
             count = content.count(IMAGE_TAG)
             content = content.replace(IMAGE_TAG, "<|vision_start|><|image_pad|><|vision_end|>")
             if image + count > len(tokens_per_image):
-                raise JobError(f"sample {sample.id}: the conversation has more {IMAGE_TAG} "
-                               f"placeholders than images ({len(tokens_per_image)})")
+                raise JobError(
+                    f"sample {sample.id}: the conversation has more {IMAGE_TAG} "
+                    f"placeholders than images ({len(tokens_per_image)})"
+                )
             ids: list[int] = []
             for token in encode(role, content):
                 if token == pad_id:
@@ -142,8 +162,10 @@ def tokenize_sample(sample, tokenizer, tokens_per_image: Sequence[int]) -> tuple
             input_ids += ids
             labels += [IGNORE_INDEX] * len(ids)
     if image != len(tokens_per_image):
-        raise JobError(f"sample {sample.id}: {len(tokens_per_image)} images but {image} "
-                       f"{IMAGE_TAG} placeholders in the human turn; they must match one to one")
+        raise JobError(
+            f"sample {sample.id}: {len(tokens_per_image)} images but {image} "
+            f"{IMAGE_TAG} placeholders in the human turn; they must match one to one"
+        )
     return input_ids, labels
 
 
@@ -161,6 +183,7 @@ def sample_token_length(sample, tokens_per_image: int = 391, chars_per_token: fl
 
 # ---- dataset --------------------------------------------------------------------------------
 
+
 class JanusDataset:
     """Map-style dataset producing per-sample dicts for `JanusCollator`.
 
@@ -168,10 +191,16 @@ class JanusDataset:
     leaves the encoder to the model. With both cached, no frame is read.
     """
 
-    def __init__(self, samples: Sequence[Any], processor: TextAndImageProcessor,
-                 features: FeatureSource | None = None, spatial: Source = "cached",
-                 vision: Source = "cached", target_width: int | None = None,
-                 frame_size: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        samples: Sequence[Any],
+        processor: TextAndImageProcessor,
+        features: FeatureSource | None = None,
+        spatial: Source = "cached",
+        vision: Source = "cached",
+        target_width: int | None = None,
+        frame_size: tuple[int, int] | None = None,
+    ):
         from janus_job.data import frames
 
         if (spatial == "cached" or vision == "cached") and features is None:
@@ -201,8 +230,7 @@ class JanusDataset:
             width, height = self.frame_size
         else:
             width, height = _image_size(sample, 0)
-        return frames.frame_geometry(width, height, self.target_width, self.patch,
-                                     self.merge).tokens_per_image
+        return frames.frame_geometry(width, height, self.target_width, self.patch, self.merge).tokens_per_image
 
     def token_lengths(self) -> list[int]:
         """Estimated tokens per sample (text + visual), for the token-balanced sampler.
@@ -236,8 +264,7 @@ class JanusDataset:
             pixel_values, grid = self._pixel_values(sample, decoded)
             item["pixel_values"] = pixel_values
         else:
-            vision = [_with_sample_id(sample, lambda ref=ref: self.features.get_vision(ref))
-                      for ref in sample.images]
+            vision = [_with_sample_id(sample, lambda ref=ref: self.features.get_vision(ref)) for ref in sample.images]
             if decoded is not None:
                 grid = torch.tensor([[1, *self._qwen_grid(img)] for img in decoded])
             else:
@@ -308,8 +335,9 @@ def _image_size(sample, k: int) -> tuple[int, int]:
         with Image.open(path) as img:
             return img.size
     except (FileNotFoundError, OSError) as err:
-        raise JobError(f"sample {sample.id}: frame {sample.images[k]} ({path}) is missing or "
-                       f"unreadable: {err}") from err
+        raise JobError(
+            f"sample {sample.id}: frame {sample.images[k]} ({path}) is missing or unreadable: {err}"
+        ) from err
 
 
 def _with_sample_id(sample, fetch):
@@ -323,8 +351,9 @@ def _with_sample_id(sample, fetch):
 
 # ---- collation ------------------------------------------------------------------------------
 
+
 class JanusCollator:
-    """Per-sample dicts -> the batch contract (docs/architecture.md), right-padded."""
+    """Per-sample dicts -> the batch contract (this module's docstring), right-padded."""
 
     def __init__(self, pad_token_id: int, max_length: int | None = None):
         self.pad_token_id = int(pad_token_id)
@@ -338,9 +367,11 @@ class JanusCollator:
         ids = [item["sample_id"] for item in items]
         longest = max(item["input_ids"].shape[0] for item in items)
         if self.max_length is not None and longest > self.max_length:
-            raise JobError(f"sample(s) {ids} reach {longest} tokens, above the max length "
-                           f"{self.max_length}; image tokens cannot be truncated: raise it or use "
-                           "fewer frames")
+            raise JobError(
+                f"sample(s) {ids} reach {longest} tokens, above the max length "
+                f"{self.max_length}; image tokens cannot be truncated: raise it or use "
+                "fewer frames"
+            )
         batch_size = len(items)
         input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)

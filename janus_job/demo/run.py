@@ -24,8 +24,10 @@ from janus_job.errors import JobError
 
 DEMO_EPISODES = 4
 DEMO_STEPS_PER_EPISODE = 6  # samples per episode; history grows to 6 frames
-FRAME_SIZE = (160, 120)  # generated frames; preprocessing scales them to JanusVLN's 644 px width
+FRAME_SIZE = (160, 120)  # generated frames; preprocessing scales them to data.frame_width
 SEED = 0
+TINY_MODEL_SEED = 1234
+DEMO_FRAME_WIDTH = 112  # the tiny flavor's frame width (JanusVLN's is 644)
 INSTRUCTIONS = (
     "walk past the sofa and stop at the kitchen door",
     "turn left at the stairs and wait by the window",
@@ -67,31 +69,30 @@ def synthesize_dataset(root: Path, episodes: int = DEMO_EPISODES, steps: int = D
     return annotations
 
 
-def write_tiny_models(root: Path) -> tuple[Path, Path]:
-    """A tiny random Qwen2.5-VL directory (config, weights, tokenizer, image processor) and a
-    tiny VGGT aggregator checkpoint; both hold the frozen encoders `precompute --tiny-encoders`
-    runs (janus_job.features.encoders.tiny_frozen_encoders), so its features match these checkpoints."""
+def write_tiny_models(root: Path, seed: int = TINY_MODEL_SEED) -> tuple[Path, Path]:
+    """Seeded random checkpoints of the tiny flavor (janus_job.models.flavors): a Qwen2.5-VL directory
+    (config, weights, tokenizer, image processor) and a VGGT aggregator checkpoint that describes its
+    own architecture. Every job step reads them as it reads the real ones."""
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from janus_job.demo.tiny import tiny_image_processor, tiny_qwen_config, tiny_tokenizer
-    from janus_job.features.encoders import tiny_frozen_encoders
+    from janus_job.models.flavors import vggt_config
+    from janus_job.models.vggt import FrameCausalAggregator, save_aggregator
 
-    aggregator, visual = tiny_frozen_encoders()
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
+    aggregator = FrameCausalAggregator(vggt_config("tiny"))
     qwen_dir = root / "qwen-tiny"
     tokenizer = tiny_tokenizer()
     config = tiny_qwen_config(tokenizer)
     config.spatial_channels = 2 * int(aggregator.config.embed_dim)
     qwen = Qwen2_5_VLForConditionalGeneration(config)
-    qwen.model.visual.load_state_dict(visual.state_dict())
     qwen.save_pretrained(qwen_dir)
     tokenizer.save_pretrained(qwen_dir)
     tiny_image_processor().save_pretrained(qwen_dir)
 
     vggt_path = root / "vggt-tiny.safetensors"
-    save_file({f"aggregator.{k}": v.contiguous() for k, v in aggregator.state_dict().items()}, str(vggt_path))
+    save_aggregator(aggregator, vggt_path)
     return qwen_dir, vggt_path
 
 
@@ -104,7 +105,8 @@ def demo_spec(workdir: Path, annotations: Path, qwen_dir: Path, vggt_path: Path,
         "data": {
             "annotations": str(annotations),
             "image_root": str(annotations.parent / "images"),
-            # the tiny encoders work at 112 px frames; keep the Qwen processor from resizing them
+            # the tiny flavor works at 112 px frames; keep the Qwen processor from resizing them
+            "frame_width": DEMO_FRAME_WIDTH,
             "min_pixels": 4 * 28 * 28,
             "num_workers": 0,
             "pin_memory": gpu,
@@ -153,11 +155,11 @@ def prepare_job(workdir: Path, *, steps: int, gpu: bool, **spec_options) -> Path
 
 
 def precompute_features(spec_path: Path) -> None:
-    """Fills the spec's store with the tiny encoders, in this process (one worker)."""
+    """Fills the spec's store, in this process (one worker): what `janus-job precompute` runs."""
     from janus_job.config.load import load_spec
     from janus_job.features.precompute import run_pod
 
-    run_pod(load_spec(spec_path), str(spec_path), index=0, tiny=True, progress_interval_s=3600.0)
+    run_pod(load_spec(spec_path), str(spec_path), index=0, progress_interval_s=3600.0)
 
 
 def run_demo(workdir: str | None = None, steps: int = 6) -> Path:

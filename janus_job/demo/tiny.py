@@ -89,51 +89,12 @@ def tiny_processor(min_pixels: int = 4 * 28 * 28, max_pixels: int = 1024 * 28 * 
 
 
 def tiny_qwen_config(tokenizer=None, text_hidden: int = 64, text_layers: int = 2):
-    """A few-layer random Qwen2.5-VL config whose token ids match `tiny_tokenizer()`.
-
-    The vision window (112 px = 4x4 merge units at patch 14) is smaller than test frames, so the
-    window permutation is really exercised.
-    """
-    from transformers import Qwen2_5_VLConfig
+    """The tiny Qwen2.5-VL flavor (janus_job.models.flavors) with the token ids of `tiny_tokenizer()`."""
+    from janus_job.models.flavors import tiny_qwen_config as flavor
 
     tokenizer = tokenizer or tiny_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    head_dim = 16
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=text_hidden,
-            intermediate_size=2 * text_hidden,
-            num_hidden_layers=text_layers,
-            num_attention_heads=text_hidden // head_dim,
-            num_key_value_heads=max(1, text_hidden // head_dim // 2),
-            max_position_embeddings=8192,
-            max_window_layers=text_layers,
-            rms_norm_eps=1e-6,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=text_hidden,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1],
-            tokens_per_second=2,
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    return flavor(ids, len(tokenizer), text_hidden=text_hidden, text_layers=text_layers)
 
 
 def tiny_vggt_config():

@@ -14,7 +14,7 @@ Variables read (operator-set first, older operator fallbacks second):
 | processes per node | `PET_NPROC_PER_NODE` (number) | spec `training.gpus_per_node` |
 | this pod's node rank (static) | `PET_NODE_RANK` | `RANK` (pod index set by the operator) |
 | rendezvous host/port (static) | `PET_MASTER_ADDR`, `PET_MASTER_PORT` | `MASTER_ADDR`, `MASTER_PORT` |
-| elastic rendezvous | `PET_RDZV_BACKEND`, `PET_RDZV_ENDPOINT`, `PET_RDZV_ID`, `PET_RDZV_CONF`, `PET_MAX_RESTARTS`, `PET_STANDALONE` | rdzv id: the job name |
+| elastic rendezvous | `PET_RDZV_{BACKEND,ENDPOINT,ID,CONF}`, `PET_MAX_RESTARTS`, `PET_STANDALONE` | rdzv id: job name |
 
 With `PET_RDZV_ENDPOINT` set (the operator's `elasticPolicy`), torchrun uses that rendezvous and
 assigns node ranks itself; otherwise the static rendezvous at the master address is used with the
@@ -74,8 +74,9 @@ def _nproc(env: Mapping[str, str], default: int) -> int:
     raise JobError(f"PET_NPROC_PER_NODE={raw!r} must be a process count (the spec's training.gpus_per_node)")
 
 
-def torchrun_arguments(env: Mapping[str, str], spec_path: str, *, job_name: str, default_nodes: int,
-                       default_nproc: int, max_restarts: int) -> list[str]:
+def torchrun_arguments(
+    env: Mapping[str, str], spec_path: str, *, job_name: str, default_nodes: int, default_nproc: int, max_restarts: int
+) -> list[str]:
     """The torchrun command line (after `python -m torch.distributed.run`) for this pod."""
     nnodes = _nnodes(env, default_nodes)
     args = ["--nnodes", nnodes, "--nproc-per-node", str(_nproc(env, default_nproc))]
@@ -83,10 +84,14 @@ def torchrun_arguments(env: Mapping[str, str], spec_path: str, *, job_name: str,
     if endpoint:
         restarts = _int_var(env, "PET_MAX_RESTARTS", minimum=0)
         args += [
-            "--rdzv-backend", (env.get("PET_RDZV_BACKEND") or "c10d").strip(),
-            "--rdzv-endpoint", endpoint,
-            "--rdzv-id", (env.get("PET_RDZV_ID") or job_name).strip(),
-            "--max-restarts", str(max_restarts if restarts is None else restarts),
+            "--rdzv-backend",
+            (env.get("PET_RDZV_BACKEND") or "c10d").strip(),
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-id",
+            (env.get("PET_RDZV_ID") or job_name).strip(),
+            "--max-restarts",
+            str(max_restarts if restarts is None else restarts),
         ]
         if env.get("PET_RDZV_CONF"):
             args += ["--rdzv-conf", env["PET_RDZV_CONF"]]
@@ -110,10 +115,20 @@ def torchrun_arguments(env: Mapping[str, str], spec_path: str, *, job_name: str,
         addr = (env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR") or "").strip()
         port = _int_var(env, "PET_MASTER_PORT", minimum=1) or _int_var(env, "MASTER_PORT", minimum=1)
         if int(nnodes) > 1 and (not addr or port is None):
-            raise JobError("PET_MASTER_ADDR/PET_MASTER_PORT (or MASTER_ADDR/MASTER_PORT) must be set for a multi-node job")
-        args += ["--node-rank", str(node_rank), "--max-restarts", "0",
-                 "--master-addr", addr or "127.0.0.1", "--master-port", str(port or 29500)]
-    return args + ["--module", "janus_job.train.trainer", "--spec", spec_path]
+            raise JobError(
+                "PET_MASTER_ADDR/PET_MASTER_PORT (or MASTER_ADDR/MASTER_PORT) must be set for a multi-node job"
+            )
+        args += [
+            "--node-rank",
+            str(node_rank),
+            "--max-restarts",
+            "0",
+            "--master-addr",
+            addr or "127.0.0.1",
+            "--master-port",
+            str(port or 29500),
+        ]
+    return args + ["--module", "janus_job.cli", "train", "--spec", spec_path]
 
 
 def network_arguments(settings: network.NetworkSettings, env: Mapping[str, str]) -> list[str]:

@@ -28,7 +28,9 @@ _ManifestDumper.add_representer(str, _str_representer)
 
 def _chart_dir() -> Path:
     if not (CHART_DIR / "Chart.yaml").is_file():
-        raise JobError(f"the Helm chart is not at {CHART_DIR}; fix: run from a janus-train checkout or set JANUS_CHART_DIR")
+        raise JobError(
+            f"the Helm chart is not at {CHART_DIR}; fix: run from a janus-train checkout or set JANUS_CHART_DIR"
+        )
     return CHART_DIR
 
 
@@ -55,5 +57,7 @@ def render_chart(values: dict[str, Any], release: str = RELEASE_NAME, namespace:
     return "---\n".join(docs)
 
 
-def render_objects(values: dict[str, Any], release: str = RELEASE_NAME, namespace: str = "default") -> list[dict[str, Any]]:
+def render_objects(
+    values: dict[str, Any], release: str = RELEASE_NAME, namespace: str = "default"
+) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(render_chart(values, release, namespace)) if d]

@@ -21,11 +21,13 @@ if TYPE_CHECKING:
     import torch
 
 # Bump when the cached function's code changes in a way that changes its output.
-SPATIAL_FUNCTION = "janus-spatial-1: frame-causal VGGT aggregator, layer depth-2, frame+global halves, last frame, even patch grid"
-VISION_FUNCTION = "janus-vision-1: Qwen2.5-VL vision blocks before the merger, natural merge-unit order, even patch grid"
+SPATIAL_FUNCTION = (
+    "janus-spatial-1: frame-causal VGGT aggregator, layer depth-2, frame+global halves, last frame, even patch grid"
+)
+VISION_FUNCTION = (
+    "janus-vision-1: Qwen2.5-VL vision blocks before the merger, natural merge-unit order, even patch grid"
+)
 STORED_DTYPE = "bfloat16"
-TINY_TARGET_WIDTH = 112
-TINY_SEED = 1234
 
 
 @dataclass
@@ -65,8 +67,9 @@ def spatial_fingerprint(weights_sha256: str, config: Any, target_width: int, com
     )
 
 
-def vision_fingerprint(weights_sha256: str, vision_config: Any, processor: Any, target_width: int,
-                       compute: str) -> Fingerprint:
+def vision_fingerprint(
+    weights_sha256: str, vision_config: Any, processor: Any, target_width: int, compute: str
+) -> Fingerprint:
     arch = vision_config.to_dict() if hasattr(vision_config, "to_dict") else dict(vision_config)
     arch = {k: v for k, v in arch.items() if not k.startswith(("_", "transformers_version", "torch_dtype", "dtype"))}
     return Fingerprint(
@@ -127,49 +130,6 @@ def _vision_fn(visual: Any, processor: Any, device: str, patch: int, merge: int)
     return run
 
 
-def tiny_frozen_encoders(seed: int = TINY_SEED) -> tuple[Any, Any]:
-    """The seeded random tiny VGGT aggregator and Qwen2.5-VL vision tower (fp32, CPU): what
-    `tiny_encoders` runs and what the demo's tiny checkpoints hold."""
-    import torch
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-    from janus_job.demo.tiny import tiny_qwen_config
-    from janus_job.models.vggt import FrameCausalAggregator, VGGTAggregatorConfig
-
-    torch.manual_seed(seed)
-    aggregator = FrameCausalAggregator(VGGTAggregatorConfig.tiny())
-    visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(tiny_qwen_config().vision_config)
-    return aggregator, visual
-
-
-def tiny_encoders(device: str = "cpu", *, vision: bool = True, target_width: int = TINY_TARGET_WIDTH,
-                  seed: int = TINY_SEED) -> Encoders:
-    """Seeded random tiny encoders (tests, the demo): the same code paths at CPU speed."""
-    from janus_job.demo.tiny import tiny_image_processor
-
-    aggregator, visual = tiny_frozen_encoders(seed)
-    config = aggregator.config
-    aggregator = aggregator.to(device).eval()
-    encoders = Encoders(
-        device=device,
-        target_width=target_width,
-        patch=config.patch_size,
-        merge=2,
-        spatial=_spatial_fn(aggregator, device),
-        spatial_fingerprint=spatial_fingerprint(
-            state_dict_digest(aggregator.state_dict()), config, target_width, _compute_mode(device)
-        ),
-    )
-    if vision:
-        visual = visual.to(device).eval()
-        processor = tiny_image_processor(max_pixels=4096 * 28 * 28)
-        encoders.vision = _vision_fn(visual, processor, device, config.patch_size, 2)
-        encoders.vision_fingerprint = vision_fingerprint(
-            frozen_visual_digest(visual.state_dict()), visual.config, processor, target_width, _compute_mode(device)
-        )
-    return encoders
-
-
 def read_qwen_visual(qwen: str, endpoint_url: str | None = None) -> tuple[dict, Any]:
     """The ``visual.*`` tensors of a Qwen2.5-VL checkpoint as stored (names without the prefix),
     and its vision config."""
@@ -189,7 +149,7 @@ def read_qwen_visual(qwen: str, endpoint_url: str | None = None) -> tuple[dict, 
             for key in handle.keys():
                 for prefix in ("visual.", "model.visual."):
                     if key.startswith(prefix):
-                        state[key[len(prefix):]] = handle.get_tensor(key)
+                        state[key[len(prefix) :]] = handle.get_tensor(key)
     return state, config.vision_config
 
 
@@ -208,21 +168,19 @@ def load_qwen_visual(qwen: str, device: str, dtype: Any, endpoint_url: str | Non
     return visual.to(device=device, dtype=dtype).eval(), vision_config, frozen_visual_digest(state)
 
 
-def load_encoders(spec: Any, device: str, *, vision: bool | None = None, vggt_config: Any = None,
-                  target_width: int | None = None) -> Encoders:
-    """The real encoders of a job spec (VGGT-1B aggregator, Qwen2.5-VL vision tower).
-
-    ``vggt_config`` / ``target_width`` default to VGGT-1B and JanusVLN's 644; tests pass tiny ones.
-    """
+def load_encoders(spec: Any, device: str, *, vision: bool | None = None) -> Encoders:
+    """The encoders of a job spec: the VGGT aggregator of model.vggt (the architecture its checkpoint
+    describes, VGGT-1B when it describes none), the vision tower of model.qwen, at data.frame_width."""
     import torch
 
     from janus_job.data import frames as frame_ops
-    from janus_job.models.vggt import VGGTAggregatorConfig, load_aggregator
+    from janus_job.models.vggt import load_aggregator
 
-    config = vggt_config or VGGTAggregatorConfig()
-    width = target_width or frame_ops.VGGT_TARGET_WIDTH
-    aggregator = load_aggregator(spec.model.vggt, config, device, torch.float32,
-                                 endpoint_url=spec.features.endpoint_url).eval()
+    width = int(spec.data.frame_width)
+    aggregator = load_aggregator(
+        spec.model.vggt, None, device, torch.float32, endpoint_url=spec.features.endpoint_url
+    ).eval()
+    config = aggregator.config
     compute = _compute_mode(device)
     encoders = Encoders(
         device=device,
@@ -241,29 +199,27 @@ def load_encoders(spec: Any, device: str, *, vision: bool | None = None, vggt_co
         local = local_copy(spec.model.qwen, endpoint_url=spec.features.endpoint_url)
         processor = load_processor(local, spec.data.min_pixels, spec.data.max_pixels).image_processor
         encoders.vision = _vision_fn(visual, processor, device, frame_ops.PATCH_SIZE, frame_ops.MERGE_SIZE)
-        encoders.vision_fingerprint = vision_fingerprint(
-            digest, vision_config, processor, width, compute
-        )
+        encoders.vision_fingerprint = vision_fingerprint(digest, vision_config, processor, width, compute)
     return encoders
 
 
-def expected_fingerprints(spec: Any, *, compute: str = "bf16-autocast", hash_weights: bool = True,
-                          stored: FeatureStore | None = None, tiny: bool = False) -> list[Fingerprint]:
+def expected_fingerprints(
+    spec: Any, *, compute: str = "bf16-autocast", hash_weights: bool = True, stored: FeatureStore | None = None
+) -> list[Fingerprint]:
     """The fingerprints a consumer (trainer, verify) opens the store with.
 
     ``hash_weights`` loads the spec's weights on CPU and hashes them (seconds to a minute for
     VGGT-1B + the vision tower). Without it, the weight digests are taken from ``stored``'s
     manifests and every other field (function version, architecture, geometry, dtype) is still
-    checked; use that where the weights are not at hand, knowing a weight swap goes unnoticed.
+    checked (the VGGT architecture as its checkpoint describes it, read without its tensors); use
+    that where the weights are not at hand, knowing a weight swap goes unnoticed.
     """
     vision = bool(spec.features.cache_vision)
-    if tiny:
-        found = tiny_encoders("cpu", vision=vision).fingerprints()
-    elif hash_weights:
+    width = int(spec.data.frame_width)
+    if hash_weights:
         found = load_encoders(spec, "cpu", vision=vision).fingerprints()
     else:
-        from janus_job.data import frames as frame_ops
-        from janus_job.models.vggt import VGGTAggregatorConfig
+        from janus_job.models.vggt import VGGTAggregatorConfig, describe_checkpoint
 
         if stored is None:
             raise JobError("expected_fingerprints without hash_weights needs the store to read weight digests from")
@@ -274,7 +230,8 @@ def expected_fingerprints(spec: Any, *, compute: str = "bf16-autocast", hash_wei
                 raise JobError(f"feature store {stored.url} has no {kind} manifest: run `janus-job precompute` first")
             return str(record["fields"].get("weights_sha256"))
 
-        found = [spatial_fingerprint(digest("spatial"), VGGTAggregatorConfig(), frame_ops.VGGT_TARGET_WIDTH, compute)]
+        architecture = describe_checkpoint(spec.model.vggt, spec.features.endpoint_url) or VGGTAggregatorConfig()
+        found = [spatial_fingerprint(digest("spatial"), architecture, width, compute)]
         if vision:
             from transformers import AutoConfig
 
@@ -283,6 +240,9 @@ def expected_fingerprints(spec: Any, *, compute: str = "bf16-autocast", hash_wei
 
             local = local_copy(spec.model.qwen, endpoint_url=spec.features.endpoint_url)
             processor = load_processor(local, spec.data.min_pixels, spec.data.max_pixels).image_processor
-            found.append(vision_fingerprint(digest("vision"), AutoConfig.from_pretrained(local).vision_config,
-                                            processor, frame_ops.VGGT_TARGET_WIDTH, compute))
+            found.append(
+                vision_fingerprint(
+                    digest("vision"), AutoConfig.from_pretrained(local).vision_config, processor, width, compute
+                )
+            )
     return [Fingerprint(fp.kind, {**fp.fields, "compute": compute}) for fp in found]

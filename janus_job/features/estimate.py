@@ -9,7 +9,7 @@ from janus_job.data.annotations import AnnotationSet, load_spec_annotations
 from janus_job.errors import JobError
 from janus_job.io import read_bytes
 
-# Per-sample GPU costs on one H100 used by `features estimate` (issue 7's measurements at the
+# Per-sample GPU costs on one H100 used by `features estimate` (measured at the
 # official geometry: one batched 9-frame VGGT pass 0.323 s, the vision tower 0.312 s per
 # 9-image sample). Spatial cost is scaled linearly with the frame count.
 H100_SPATIAL_S_PER_9_FRAME_SAMPLE = 0.323
@@ -47,7 +47,7 @@ def estimate(spec: Any, *, spatial_s_per_9_frames: float = H100_SPATIAL_S_PER_9_
             width, height = img.size
     except (OSError, Image.UnidentifiedImageError) as err:
         raise JobError(f"cannot read the first frame {first} to size the features: {err}") from err
-    geometry = frame_ops.frame_geometry(width, height)
+    geometry = frame_ops.frame_geometry(width, height, spec.data.frame_width)
     header = 200
     spatial_each = geometry.spatial_grid[0] * geometry.spatial_grid[1] * 2048 * 2 + header
     vision_each = geometry.qwen_grid[0] * geometry.qwen_grid[1] * 1280 * 2 + header

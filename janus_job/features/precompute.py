@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from janus_job.data.annotations import AnnotationSet, Sample, load_spec_annotations
 from janus_job.errors import JobError
-from janus_job.features.encoders import Encoders, load_encoders, tiny_encoders
+from janus_job.features.encoders import Encoders, load_encoders
 from janus_job.features.store import FeatureStore, Fingerprint
 from janus_job.io import read_bytes
 
@@ -364,7 +364,6 @@ def run_pod(
     spec_path: str,
     *,
     index: int,
-    tiny: bool = False,
     local_worker: int | None = None,
     progress_interval_s: float = 30.0,
     pace_s: float = 0.0,
@@ -383,9 +382,6 @@ def run_pod(
             f"precompute.gpus_per_pod is {per_pod} but this pod sees {torch.cuda.device_count()} GPUs"
         )
 
-    def build(device: str) -> Encoders:
-        return tiny_encoders(device, vision=spec.features.cache_vision) if tiny else load_encoders(spec, device)
-
     if local_worker is None:  # fail fast, once, before starting any worker
         load_spec_annotations(spec)
         FeatureStore.from_spec(spec, local_cache=False).check_reachable()
@@ -394,7 +390,7 @@ def run_pod(
     if local_worker is not None or per_pod == 1:
         local = local_worker or 0
         device = "cuda:0" if cuda else "cpu"  # the parent sets CUDA_VISIBLE_DEVICES per child
-        encoders = build(device)
+        encoders = load_encoders(spec, device)
         reports.append(run_worker(spec, encoders, worker=index * per_pod + local, workers=workers,
                                   progress_interval_s=progress_interval_s, pace_s=pace_s))
         fingerprints = encoders.fingerprints()
@@ -407,14 +403,12 @@ def run_pod(
             command = [sys.executable, "-m", "janus_job.cli", "precompute", "--spec", spec_path,
                        "--index", str(index), "--local-worker", str(local),
                        "--progress-interval", str(progress_interval_s), "--pace-s", str(pace_s)]
-            if tiny:
-                command.append("--tiny-encoders")
             children.append(subprocess.Popen(command, env=env))
         failed = [local for local, child in enumerate(children) if child.wait() != 0]
         if failed:
             raise JobError(f"precompute workers {failed} of pod {index} failed (see their log lines above); "
                            "the Job retries this index and the rerun skips finished work")
-        fingerprints = build("cpu").fingerprints() if tiny else _fingerprints_from_store(spec)
+        fingerprints = _fingerprints_from_store(spec)
     if report_path:
         with open(report_path, "w") as handle:
             json.dump([asdict(r) for r in reports], handle)

@@ -17,7 +17,6 @@ from typing import Any
 from janus_job.errors import JobError
 
 PRECOMPUTE_WAIT_ENV = "JANUS_PRECOMPUTE_WAIT_S"
-TINY_ENCODERS_ENV = "JANUS_TINY_ENCODERS"  # read_through with the seeded tiny encoders (tests, demo)
 DEFAULT_PRECOMPUTE_WAIT_S = 48 * 3600.0
 
 
@@ -55,13 +54,10 @@ def _fill_store(spec: Any, annotations: Any, ranks: Any, device: Any) -> None:
 
     import torch
 
-    from janus_job.features.encoders import load_encoders, tiny_encoders
+    from janus_job.features.encoders import load_encoders
     from janus_job.features.precompute import finalize, run_worker
 
-    if os.environ.get(TINY_ENCODERS_ENV) == "1":
-        encoders = tiny_encoders(str(device), vision=spec.features.cache_vision)
-    else:
-        encoders = load_encoders(spec, str(device))
+    encoders = load_encoders(spec, str(device))
     run_worker(spec, encoders, worker=ranks.rank, workers=ranks.world_size, annotations=annotations,
                progress_interval_s=60.0)
     fingerprints = encoders.fingerprints()
@@ -115,7 +111,7 @@ class Features:
     source: Any  # a janus_job.data.dataset.FeatureSource, or None when both encoders run online
     spatial: str  # "cached" | "online"
     vision: str  # "cached" | "online"
-    target_width: int | None = None  # frame width the cached features were computed at
+    target_width: int  # frame width VGGT sees (data.frame_width; cached features were computed at it)
     spatial_channels: int | None = None  # channels of the cached spatial maps
 
 
@@ -126,7 +122,7 @@ def resolve_features(spec: Any, annotations: Any, ranks: Any, device: Any) -> Fe
 
     mode = spec.features.mode
     if mode == "online":
-        return Features(None, "online", "online")
+        return Features(None, "online", "online", target_width=int(spec.data.frame_width))
     if mode == "read_through":
         _fill_store(spec, annotations, ranks, device)
     poll_s = 2.0 if mode == "read_through" else 30.0  # read_through: rank 0 finalizes within seconds
@@ -136,6 +132,13 @@ def resolve_features(spec: Any, annotations: Any, ranks: Any, device: Any) -> Fe
     frame_hashes: dict = {}
     if ranks.rank == 0:
         try:
+            stored_width = int(spatial_fingerprint.fields["target_width"])
+            if stored_width != spec.data.frame_width:
+                raise JobError(
+                    f"features.store {store.url} was precomputed at frame width {stored_width}, data.frame_width "
+                    f"is {spec.data.frame_width}; set data.frame_width: {stored_width}, or give this run its own "
+                    "features.store and rerun `janus-job precompute`"
+                )
             _check_spatial_weights(spec, spatial_fingerprint)
             if "vision" in fingerprints:
                 _check_vision_weights(spec, fingerprints["vision"])

@@ -523,7 +523,8 @@ class FeatureStore:
                         f"feature store {self.url} has no {fingerprint.kind} features ({key} missing): "
                         "run `janus-job precompute --spec ...` first, or set features.mode: read_through"
                     )
-                record = {"format": 1, "kind": fingerprint.kind, "id": fingerprint.id, "fields": dict(fingerprint.fields)}
+                record = {"format": 1, "kind": fingerprint.kind, "id": fingerprint.id,
+                          "fields": dict(fingerprint.fields)}
                 self.put_bytes(key, json.dumps(record, sort_keys=True, indent=1).encode())
                 found = self.get_bytes(key)  # re-read: a concurrent creator with other settings loses here
             self._check_manifest(fingerprint, found, key)

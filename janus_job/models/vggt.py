@@ -475,8 +475,96 @@ def spatial_features(aggregator: FrameCausalAggregator, frames: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- checkpoints
+# A checkpoint describes its own architecture: the safetensors metadata holds the aggregator config
+# as JSON under ARCHITECTURE_KEY (what `save_aggregator` writes), or a config.json beside the file
+# holds its fields (as the official VGGT-1B repository ships one). A checkpoint without either is
+# read as VGGT-1B, and refused unless its tensors have VGGT-1B's names and shapes.
 
 CHECKPOINT_PREFIX = "aggregator."
+ARCHITECTURE_KEY = "janus.vggt.aggregator"
+CONFIG_FILE = "config.json"
+
+
+def save_aggregator(aggregator: FrameCausalAggregator, path: str | os.PathLike) -> None:
+    """Writes ``aggregator`` as a VGGT checkpoint (``aggregator.*`` tensors) that describes itself.
+
+    Atomic: a temporary file beside ``path`` is renamed into place.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    state = {CHECKPOINT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in aggregator.state_dict().items()}
+    metadata = {"format": "pt", ARCHITECTURE_KEY: json.dumps(aggregator.config.to_dict(), sort_keys=True)}
+    save_file(state, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _config_from(fields: object, where: str) -> VGGTAggregatorConfig:
+    known = {f for f in VGGTAggregatorConfig.__dataclass_fields__}
+    if not isinstance(fields, dict):
+        raise JobError(f"{where}: the VGGT architecture must be a JSON object of {', '.join(sorted(known))}")
+    try:
+        config = VGGTAggregatorConfig(**{k: v for k, v in fields.items() if k in known})
+    except TypeError as err:
+        raise JobError(f"{where}: not a VGGT aggregator architecture ({err})") from err
+    config.validate()
+    return config
+
+
+def _safetensors_metadata(path: str, endpoint_url: str | None) -> dict:
+    """The metadata of a safetensors file, reading only its header (local or remote)."""
+    import json
+    import struct
+
+    from janus_job.io import url_to_fs
+
+    fs, inner = url_to_fs(path, endpoint_url)
+    try:
+        with fs.open(inner, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > 100 << 20:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(handle.read(size))
+    except FileNotFoundError:
+        raise JobError(f"vggt checkpoint {path} does not exist; point model.vggt at a VGGT checkpoint") from None
+    except (OSError, ValueError, struct.error) as err:
+        raise JobError(f"vggt checkpoint {path} is not a readable safetensors file ({err}); "
+                       "re-download model.safetensors") from err
+    return header.get("__metadata__") or {}
+
+
+def describe_checkpoint(path_or_url: str, endpoint_url: str | None = None) -> VGGTAggregatorConfig | None:
+    """The architecture a VGGT checkpoint describes (its safetensors metadata, else a config.json
+    beside it), or None when it describes none. Reads no tensors."""
+    import json
+
+    from janus_job.io import read_bytes
+
+    path = str(path_or_url)
+    if path.endswith(".safetensors"):
+        described = _safetensors_metadata(path, endpoint_url).get(ARCHITECTURE_KEY)
+        if described is not None:
+            try:
+                fields = json.loads(described)
+            except ValueError as err:
+                raise JobError(f"vggt checkpoint {path}: metadata {ARCHITECTURE_KEY} is not JSON ({err})") from err
+            return _config_from(fields, f"vggt checkpoint {path} (metadata {ARCHITECTURE_KEY})")
+    beside = path.rsplit("/", 1)[0] + "/" + CONFIG_FILE if "/" in path else CONFIG_FILE
+    try:
+        raw = read_bytes(beside, endpoint_url)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise JobError(f"cannot read {beside} beside the vggt checkpoint: {err}") from err
+    try:
+        fields = json.loads(raw)
+    except ValueError as err:
+        raise JobError(f"{beside} beside the vggt checkpoint is not JSON ({err})") from err
+    return _config_from(fields, str(beside))
 
 
 def _read_state_dict(local_path: str) -> dict[str, torch.Tensor]:
@@ -505,13 +593,16 @@ def _read_state_dict(local_path: str) -> dict[str, torch.Tensor]:
 def load_aggregator(path_or_url: str, config: VGGTAggregatorConfig | None = None,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     causal_impl: CausalImpl = "chunked", endpoint_url: str | None = None) -> FrameCausalAggregator:
-    """Load the aggregator of an official VGGT checkpoint (``model.safetensors`` / ``model.pt``).
+    """Load the aggregator of a VGGT checkpoint (``model.safetensors`` / ``model.pt``).
 
-    ``path_or_url`` is a local path or any fsspec URL (``s3://``, ``https://``, ...); remote files
-    are copied to a temporary file first (``endpoint_url`` for s3://, see janus_job.io). Keys outside ``aggregator.*`` are ignored; a missing,
-    unexpected or wrongly shaped aggregator key is a JobError.
+    The architecture is ``config`` when given, else the one the checkpoint describes
+    (`describe_checkpoint`), else VGGT-1B. ``path_or_url`` is a local path or any fsspec URL
+    (``s3://``, ``https://``, ...); remote files are copied to a temporary file first
+    (``endpoint_url`` for s3://, see janus_job.io). Keys outside ``aggregator.*`` are ignored; a
+    missing, unexpected or wrongly shaped aggregator key is a JobError.
     """
-    cfg = config or VGGTAggregatorConfig()
+    described = None if config is not None else describe_checkpoint(str(path_or_url), endpoint_url)
+    cfg = config or described or VGGTAggregatorConfig()
     path = str(path_or_url)
     suffix = ".safetensors" if path.endswith(".safetensors") else ".pt"
     if path.startswith("file://"):
@@ -549,8 +640,14 @@ def load_aggregator(path_or_url: str, config: VGGTAggregatorConfig | None = None
         if wrong:
             problems.append("wrong shape for " + show(
                 [f"{n} {tuple(state[n].shape)} != {tuple(expected[n])}" for n in wrong]))
-        raise JobError(f"vggt checkpoint {path_or_url} does not match the aggregator config: "
-                       + "; ".join(problems) + ". Use the VGGT-1B checkpoint or the matching config")
+        if config is None and described is None:
+            fix = ("it describes no architecture, so it was read as VGGT-1B: use VGGT-1B's checkpoint, or write "
+                   f"yours with janus_job.models.vggt.save_aggregator, or put a {CONFIG_FILE} with its architecture "
+                   "beside it")
+        else:
+            fix = "use a checkpoint of this architecture"
+        raise JobError(f"vggt checkpoint {path_or_url} does not match the aggregator architecture: "
+                       + "; ".join(problems) + f"; {fix}")
     model.load_state_dict(state, strict=True, assign=True)
     model.patch_embed.mask_token.requires_grad_(False)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

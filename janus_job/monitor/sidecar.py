@@ -7,12 +7,11 @@ lines for a large spread or stale ranks; `/metrics` serves the latest scan from 
 Spread of a node = (max - min) / max of the NVML used bytes over that node's ranks that report
 GPU memory; 0 with fewer than two such ranks.
 
-Entry points: `janus-job monitor ...` and `python -m janus_job.monitor.sidecar ...` (same flags).
+Entry point: `janus-job monitor ...` (janus_job.cli.monitor).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -505,37 +504,3 @@ def serve(config: MonitorConfig) -> int:
     thread.join(timeout=5)
     _log.info("monitor stopped")
     return 0
-
-
-def parse_args(argv: Sequence[str] | None = None) -> MonitorConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m janus_job.monitor.sidecar",
-        description="GPU-balance sidecar: aggregates rank stats files, serves Prometheus metrics.",
-    )
-    parser.add_argument("--stats-dir", required=True, type=Path)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--host", default=DEFAULT_HOST)
-    parser.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_SECONDS)
-    parser.add_argument("--warn-ratio", type=float, default=DEFAULT_WARN_RATIO)
-    parser.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_SECONDS)
-    args = parser.parse_args(argv)
-    return MonitorConfig(
-        stats_dir=args.stats_dir,
-        port=args.port,
-        host=args.host,
-        interval_seconds=args.interval,
-        warn_ratio=args.warn_ratio,
-        stale_after_seconds=args.stale_after,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return serve(parse_args(argv))
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

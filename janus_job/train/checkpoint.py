@@ -19,9 +19,10 @@ Rank 0's thread waits for all markers and writes ``COMPLETE`` last, then prunes 
 ``keep`` checkpoints. Training is held only for the local write.
 
 Resuming at the saved world size: DeepSpeed reads the checkpoint in place on a mounted path; from
-object storage each rank fetches its own shard and the shared files (once per node) to staging. At a different world size the checkpoint is converted, once per
-node, into DeepSpeed's universal (per-parameter) layout and loaded with ``load_universal``, which
-reshards the fp32 master weights and Adam moments to the new data-parallel size.
+object storage each rank fetches its own shard and the shared files (once per node) to staging.
+At a different world size the checkpoint is converted, once per node, into DeepSpeed's universal
+(per-parameter) layout and loaded with ``load_universal``, which reshards the fp32 master weights
+and Adam moments to the new data-parallel size.
 """
 
 from __future__ import annotations
@@ -207,8 +208,7 @@ class CheckpointManager:
 
     def _verify(self, step_path: str, manifest: dict) -> bool:
         sizes = {
-            info["name"].rstrip("/").rsplit("/", 1)[-1]: info.get("size")
-            for info in self.fs.ls(step_path, detail=True)
+            info["name"].rstrip("/").rsplit("/", 1)[-1]: info.get("size") for info in self.fs.ls(step_path, detail=True)
         }
         missing = [n for n, s in manifest["files"].items() if sizes.get(n) != s]
         if missing:
@@ -311,7 +311,9 @@ class CheckpointManager:
         self._upload_error = None
         if self.async_upload:
             self._upload = threading.Thread(
-                target=self._upload_and_finalize, args=(written, target, meta), daemon=True,
+                target=self._upload_and_finalize,
+                args=(written, target, meta),
+                daemon=True,
                 name=f"checkpoint-upload-{step}",
             )
             self._upload.start()
@@ -492,7 +494,12 @@ class CheckpointManager:
         }
         log.info(
             "rank %d resumed from %s (step %d, saved at world size %d, now %d%s)",
-            self.rank, ref.url, ref.step, saved_world, self.world_size, ", resharded" if resharding else "",
+            self.rank,
+            ref.url,
+            ref.step,
+            saved_world,
+            self.world_size,
+            ", resharded" if resharding else "",
         )
         return client_state
 
@@ -587,34 +594,3 @@ def _convert_to_universal(ds_dir: Path, out_dir: Path, stamp: str) -> None:
     ds_to_universal.main(args)
     # the per-rank RNG files are not DeepSpeed's; they stay in ds_dir
     done.write_text(f"{stamp} {time.perf_counter() - t0:.3f}\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m janus_job.train.checkpoint list URL`` / ``... resume-from URL STEP``."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m janus_job.train.checkpoint", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="complete checkpoints, oldest first").add_argument("url")
-    pin = sub.add_parser("resume-from", help="retire every newer checkpoint so the job resumes from STEP")
-    pin.add_argument("url")
-    pin.add_argument("step", type=int)
-    args = parser.parse_args(argv)
-    manager = CheckpointManager(args.url, 1, 1, rank=0, world_size=1)
-    try:
-        if args.command == "list":
-            for ref in manager.complete_checkpoints():
-                m = ref.manifest
-                print(f"{ref.step:>10}  world={ref.world_size:<4} bytes={m.get('total_bytes', 0):<14} {ref.url}")
-        else:
-            retired = manager.retire_newer_than(args.step)
-            print(f"the job resumes from step {args.step}; retired: {retired or 'none'}")
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -131,12 +131,31 @@ def to_device(batch: dict, device: Any) -> dict:
     return {key: move(value) for key, value in batch.items()}
 
 
-def micro_step(engine: Any, batch: dict, device: Any) -> Any:
-    """Forward, backward and (at the accumulation boundary) optimizer step of one micro-batch.
+class _NoClock:
+    def start(self, phase: str) -> None:
+        pass
 
-    Returns the detached loss (a device tensor: no host sync here).
+    def stop(self, phase: str) -> None:
+        pass
+
+
+def micro_step(engine: Any, batch: dict, device: Any, *, clock: Any = None, **forward_options: Any) -> Any:
+    """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch.
+
+    Returns the model's output; its `loss` is what was backpropagated (a device tensor: no host
+    sync here). `clock`, when given, is told where each phase starts and stops
+    (`clock.start(phase)` / `clock.stop(phase)` for "forward", "backward", "optimizer_step"): the
+    step benchmark times the product's step this way. `forward_options` go to the model's forward.
     """
-    loss = engine(**to_device(batch, device)).loss
-    engine.backward(loss)
+    clock = clock or _NoClock()
+    batch = to_device(batch, device)
+    clock.start("forward")
+    output = engine(**batch, **forward_options)
+    clock.stop("forward")
+    clock.start("backward")
+    engine.backward(output.loss)
+    clock.stop("backward")
+    clock.start("optimizer_step")
     engine.step()
-    return loss.detach()
+    clock.stop("optimizer_step")
+    return output

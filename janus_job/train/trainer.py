@@ -1,6 +1,6 @@
 """The training loop: one rank of a janus-train job on the DeepSpeed engine, and its log line.
 
-`janus-job train --spec job.yaml` (or `python -m janus_job.train.trainer --spec job.yaml`) runs one rank;
+`janus-job train --spec job.yaml` runs one rank (torchrun starts it as `-m janus_job.cli train`);
 torchrun (started by `janus-job launch`) runs one per GPU. Without torchrun's variables it runs
 as a single-process job (the demo).
 
@@ -19,7 +19,6 @@ $JANUS_STATS_DIR/train-metrics-rank<r>.jsonl). docs/training.md defines every fi
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -249,7 +248,7 @@ class Trainer:
                 trace.write({"step": self.step, "micro_step": micro, "rank": self.ranks.rank,
                              "sample_ids": batch["sample_ids"]})
                 interval.work.add_batch(batch, self.image_token_id)
-                loss = micro_step(self.engine, batch, self.device)
+                loss = micro_step(self.engine, batch, self.device).loss.detach()
                 interval.loss_sum = interval.loss_sum + loss.float()
                 interval.loss_count += 1
             self.sampler.advance()
@@ -381,18 +380,3 @@ def run(spec_path: str) -> None:
     from janus_job.config.load import load_spec
 
     Trainer(load_spec(spec_path), spec_path).run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m janus_job.train.trainer", description="Run one training rank.")
-    parser.add_argument("--spec", required=True, help="job spec YAML")
-    args = parser.parse_args(argv)
-    try:
-        run(args.spec)
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -70,10 +70,12 @@ def _finish(model, gradient_checkpointing: bool, lean_activations: bool = True):
         switched = make_activation_lean(model.model.language_model)
         if switched != expected:
             raise JobError(
-                f"janus_job.models.janusvln.lean switched {switched} of the language model's {expected} MLP/RMSNorm modules "
+                f"janus_job.models.janusvln.lean switched {switched} of the language model's {expected} "
+                "MLP/RMSNorm modules "
                 f"(hidden_act {text.hidden_act!r}): this transformers version's Qwen2.5-VL layers are not the "
                 "ones it knows, and the memory estimate assumes them; pin the transformers version of "
-                "constraints.txt or build the model with lean_activations=False")
+                "constraints.txt or build the model with lean_activations=False"
+            )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for module in model.model.visual.modules():  # frozen blocks keep no activations anyway
@@ -83,11 +85,23 @@ def _finish(model, gradient_checkpointing: bool, lean_activations: bool = True):
     return model
 
 
-def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: str = "sdpa",
-                gradient_checkpointing: bool = False, lam: float = DEFAULT_LAM,
-                spatial_mode: str = "batched", vggt_dtype=None, register_vggt: bool = True,
-                vggt_config=None, spatial_channels: int | None = None, cache_dir: str | None = None,
-                lean_activations: bool = True, endpoint_url: str | None = None):
+def build_model(
+    qwen,
+    vggt=None,
+    dtype=None,
+    device="cpu",
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    lam: float = DEFAULT_LAM,
+    spatial_mode: str = "batched",
+    vggt_dtype=None,
+    register_vggt: bool = True,
+    vggt_config=None,
+    spatial_channels: int | None = None,
+    cache_dir: str | None = None,
+    lean_activations: bool = True,
+    endpoint_url: str | None = None,
+):
     """JanusVLN from pretrained weights (paths or fsspec URLs) or from configs (random weights).
 
     qwen: Qwen2.5-VL-7B-Instruct directory/URL, or a `Qwen2_5_VLConfig` for random weights.
@@ -105,8 +119,9 @@ def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: 
     dtype = dtype or torch.bfloat16
     vggt_dtype = vggt_dtype or torch.float32
     if isinstance(vggt, (str, os.PathLike)):
-        aggregator = load_aggregator(str(vggt), config=vggt_config, device=device, dtype=vggt_dtype,
-                                     endpoint_url=endpoint_url)
+        aggregator = load_aggregator(
+            str(vggt), config=vggt_config, device=device, dtype=vggt_dtype, endpoint_url=endpoint_url
+        )
     elif vggt is not None:
         with _default_dtype(vggt_dtype), torch.device(device):
             aggregator = FrameCausalAggregator(vggt)
@@ -115,8 +130,10 @@ def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: 
     if aggregator is not None:
         produced = 2 * aggregator.config.embed_dim
         if spatial_channels is not None and spatial_channels != produced:
-            raise JobError(f"the VGGT aggregator produces {produced}-channel spatial maps but "
-                           f"{spatial_channels} were requested (cached features of another VGGT?)")
+            raise JobError(
+                f"the VGGT aggregator produces {produced}-channel spatial maps but "
+                f"{spatial_channels} were requested (cached features of another VGGT?)"
+            )
         spatial_channels = produced
     if isinstance(qwen, (str, os.PathLike)):
         local = local_copy(str(qwen), cache_dir, endpoint_url)
@@ -125,11 +142,13 @@ def build_model(qwen, vggt=None, dtype=None, device="cpu", attn_implementation: 
         config = janus_config(config, lam=lam, spatial_channels=channels)
         JanusVLNForConditionalGeneration.register_checkpoint_layout()
         model = JanusVLNForConditionalGeneration.from_pretrained(
-            local, config=config, dtype=dtype, attn_implementation=attn_implementation).to(device)
+            local, config=config, dtype=dtype, attn_implementation=attn_implementation
+        ).to(device)
         model.merger.reset_parameters(config.text_config.initializer_range)  # not in the checkpoint
     else:
-        model = model_from_config(qwen, None, dtype, device, attn_implementation, lam=lam,
-                                  spatial_channels=spatial_channels)
+        model = model_from_config(
+            qwen, None, dtype, device, attn_implementation, lam=lam, spatial_channels=spatial_channels
+        )
     if aggregator is not None:
         model.attach_aggregator(aggregator, mode=spatial_mode, register=register_vggt)
     return _finish(model, gradient_checkpointing, lean_activations)

@@ -4,7 +4,7 @@
 and adds only what JanusVLN adds: a `merger` (the spatial merger, same parameter names as
 JanusVLN's VGGTMerger), an optional frozen VGGT aggregator under `vggt.aggregator`, and a forward
 that blends `lam * merger(spatial map of the sample's last frame)` into every image embedding of
-the same sample. Its forward takes the batch contract of docs/architecture.md directly
+the same sample. Its forward takes the batch contract of janus_job.data.dataset directly
 (`model(**batch)`), and computes the LM head and cross-entropy only where a label exists.
 
 Imports torch and transformers: import this module inside CLI command functions, not at start-up.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 from transformers.vision_utils import get_vision_window_index
@@ -29,59 +29,6 @@ DEFAULT_LAM = 0.2
 SPATIAL_CHANNELS = 2048  # VGGT-1B: frame and global halves of the aggregator output, concatenated
 SPATIAL_MERGER_HIDDEN = 4096
 QWEN_VISION_CHANNELS = 1280
-
-# Public config.json of Qwen/Qwen2.5-VL-7B-Instruct, written out so benches need no download.
-QWEN25_VL_7B_TEXT = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    hidden_act="silu",
-    max_position_embeddings=128000,
-    max_window_layers=28,
-    rms_norm_eps=1e-6,
-    use_sliding_window=False,
-    sliding_window=32768,
-    attention_dropout=0.0,
-    initializer_range=0.02,
-    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
-    bos_token_id=151643,
-    eos_token_id=151645,
-)
-QWEN25_VL_7B_VISION = dict(
-    depth=32,
-    hidden_act="silu",
-    hidden_size=1280,
-    intermediate_size=3420,
-    num_heads=16,
-    in_channels=3,
-    out_hidden_size=3584,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=112,
-    fullatt_block_indexes=[7, 15, 23, 31],
-    tokens_per_second=2,
-)
-QWEN25_VL_7B_TOKENS = dict(
-    image_token_id=151655,
-    video_token_id=151656,
-    vision_start_token_id=151652,
-    vision_end_token_id=151653,
-)
-
-
-def qwen25_vl_7b_config() -> Qwen2_5_VLConfig:
-    """Qwen2.5-VL-7B-Instruct's architecture as a transformers config (no weights, no download)."""
-    return Qwen2_5_VLConfig(
-        text_config=dict(QWEN25_VL_7B_TEXT),
-        vision_config=dict(QWEN25_VL_7B_VISION),
-        tie_word_embeddings=False,
-        **QWEN25_VL_7B_TOKENS,
-    )
-
 
 def janus_config(qwen_config, lam: float = DEFAULT_LAM, spatial_channels: int = SPATIAL_CHANNELS,
                  merger_hidden: int = SPATIAL_MERGER_HIDDEN):
