@@ -109,7 +109,7 @@ def _generated_spec(rng: random.Random) -> dict:
         cluster["queue"] = "default"
     if rng.random() < 0.3:
         cluster["nccl_ib_hca"] = "mlx5"
-    data = {"annotations": "s3://d/a.json", "image_root": "s3://d/images", "max_history_images": c([0, 4, 8, 8, 16]),
+    data = {"annotations": "s3://data/a.json", "image_root": "s3://data/images", "max_history_images": c([0, 4, 8, 8, 16]),
             "max_pixels": c([576 * 28 * 28, 576 * 28 * 28, 1024 * 28 * 28, 64 * 28 * 28]),
             "min_pixels": c([16 * 28 * 28, 16 * 28 * 28, 100 * 28 * 28]), "num_workers": c([0, 4, 8]),
             "persistent_workers": c([True, False])}

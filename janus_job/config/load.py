@@ -7,11 +7,9 @@ problem with its field and fix.
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from janus_job.config.deepspeed import deepspeed_problems
@@ -40,12 +38,15 @@ _FIXES = {
     "string_pattern_mismatch": "match the pattern {pattern}",
     "literal_error": "use {expected}",
     "int_parsing": "use a whole number",
-    "int_type": "use a whole number",
+    "int_type": "use a whole number, unquoted",
     "int_from_float": "use a whole number",
     "float_parsing": "use a number",
-    "float_type": "use a number",
+    "float_type": "use a number (finite, unquoted)",
+    "finite_number": "use a finite number",
     "bool_parsing": "use true or false",
-    "bool_type": "use true or false",
+    "bool_type": "use true or false, unquoted",
+    "k8s_grammar": "{fix}",
+    "too_long": "use at most {max_length} items",
     "string_type": "use a string (quote it in YAML)",
     "dict_type": "use a mapping (key: value lines)",
     "model_type": "use a mapping (key: value lines)",
@@ -107,30 +108,8 @@ def validate_spec(data: Any, source: str = "job spec") -> JobSpec:
     return spec
 
 
-class _SpecLoader(yaml.SafeLoader):
-    """YAML 1.2 floats: `2e-5` is a number (PyYAML's YAML 1.1 reads it as a string; Helm's toYaml writes it)."""
-
-
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
 def load_spec(path: str | Path) -> JobSpec:
     """Reads and validates a job spec YAML file (also the Helm values / the pod's ConfigMap)."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise JobError(f"{p}: no such job spec file; fix: pass the path of your job YAML (see examples/)") from None
-    except OSError as err:
-        raise JobError(f"{p}: cannot read the job spec ({err.strerror})") from None
-    try:
-        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise JobError(f"{p}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    return validate_spec(data, str(p))
+    from janus_job.spec_yaml import read_spec_yaml
+
+    return validate_spec(read_spec_yaml(path), str(path))

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import re
 
+from janus_job import k8s_grammar as k8s
 from janus_job.config.memory import memory_problems
 from janus_job.config.spec import DNS_LABEL_MAX, MIN_ELASTIC_NODES, JobSpec
 from janus_job.errors import Problem
 
 PRECOMPUTE_HASH_LEN = 8  # the chart names the precompute Job <name>-precompute-<8 hex>
-OBJECT_STORE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
+OBJECT_STORE_SCHEMES = ("s3://",)  # the object stores the image can open (s3fs); others are refused by type
 
 
 def _longest_generated_suffix(spec: JobSpec) -> str:
@@ -124,6 +125,10 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("cluster.queue", "gang_scheduler 'volcano' needs a queue", "set cluster.queue (e.g. default)"))
     if c.gang_scheduler != "volcano" and c.queue:
         problems.append(Problem("cluster.queue", f"queues are a Volcano feature; gang_scheduler is '{c.gang_scheduler}'", "remove cluster.queue or set gang_scheduler: volcano"))
+    if f.cache_size_gib > 0:
+        clash = k8s.mount_path_problem(f.cache_dir, {m: "a volume of the chart" for m in k8s.CHART_MOUNTS})
+        if clash:
+            problems.append(Problem("features.cache_dir", clash, "choose another directory, e.g. /var/cache/janus-features"))
     if c.network == "tcp" and c.nccl_ib_hca:
         problems.append(Problem("cluster.nccl_ib_hca", "has no effect with network 'tcp'", "remove it or choose network infiniband/roce"))
 

@@ -36,9 +36,26 @@ def defaults_values() -> dict[str, Any]:
     return _defaults_of(JobSpec)
 
 
+def _key_rules(node: Any) -> Any:
+    """Map keys with a grammar (node selector, annotations): pydantic writes patternProperties, which lets
+    every other key through; propertyNames makes Helm refuse keys outside the grammar."""
+    if isinstance(node, list):
+        return [_key_rules(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _key_rules(v) for k, v in node.items()}
+    patterns = node.get("patternProperties")
+    if isinstance(patterns, dict) and len(patterns) == 1 and "additionalProperties" not in node:
+        ((pattern, value_schema),) = patterns.items()
+        del node["patternProperties"]
+        node["propertyNames"] = {"pattern": pattern}
+        node["additionalProperties"] = value_schema
+    return node
+
+
 def json_schema() -> dict[str, Any]:
     """The chart's values.schema.json."""
-    schema = JobSpec.model_json_schema(mode="validation")
+    schema = _key_rules(JobSpec.model_json_schema(mode="validation"))
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
 
