@@ -71,9 +71,11 @@ def grammar(
     max_length: int | None = None,
     min_length: int = 1,
     check: Callable[[str], str | None] | None = None,
+    schema_extra: dict[str, Any] | None = None,
 ) -> Any:
     """A str type refused with "<rule>" and "<fix>" unless it matches `pattern` within the lengths and
-    `check` (returning a reason or None) passes; its JSON Schema states the pattern and lengths."""
+    `check` (returning a reason or None) passes; its JSON Schema states the pattern and lengths, and
+    `schema_extra` says what it can of `check` (RE2 patterns: no lookahead)."""
     compiled = re.compile(pattern) if pattern else None
 
     def validate(value: str) -> str:
@@ -98,6 +100,7 @@ def grammar(
         schema["pattern"] = pattern
     if max_length is not None:
         schema["maxLength"] = max_length
+    schema.update(schema_extra or {})
     return Annotated[str, AfterValidator(validate), WithJsonSchema(schema)]
 
 
@@ -124,7 +127,9 @@ def _priority_class(value: str) -> str | None:
 PriorityClassName = grammar(
     "a PriorityClass name (DNS-1123 subdomain, 'system-' reserved)",
     "use the name of a PriorityClass your cluster admin created (kubectl get priorityclass)",
-    DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX, check=_priority_class)
+    DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX, check=_priority_class,
+    schema_extra={"anyOf": [{"enum": ["system-node-critical", "system-cluster-critical"]},
+                            {"not": {"pattern": "^system-"}}]})
 
 
 # -- labels, annotations, node selection ----------------------------------------------------------
@@ -139,12 +144,13 @@ def _qualified_name(value: str) -> str | None:
     return None
 
 
+_KEY_LENGTHS = {"allOf": [{"pattern": f"^([^/]{{1,{DNS_SUBDOMAIN_MAX}}}/)?[^/]{{1,{DNS_LABEL_MAX}}}$"}]}
 _KEY_FIX = ("write [prefix/]name: an optional DNS subdomain prefix (<= 253) and '/', then <= 63 letters, digits, "
             "'-', '_' or '.', starting and ending with a letter or digit")
 LabelKey = grammar("a label key (qualified name)", _KEY_FIX, QUALIFIED_NAME,
-                   DNS_SUBDOMAIN_MAX + 1 + DNS_LABEL_MAX, check=_qualified_name)
+                   DNS_SUBDOMAIN_MAX + 1 + DNS_LABEL_MAX, check=_qualified_name, schema_extra=_KEY_LENGTHS)
 AnnotationKey = grammar("an annotation key (qualified name)", _KEY_FIX, QUALIFIED_NAME,
-                        DNS_SUBDOMAIN_MAX + 1 + DNS_LABEL_MAX, check=_qualified_name)
+                        DNS_SUBDOMAIN_MAX + 1 + DNS_LABEL_MAX, check=_qualified_name, schema_extra=_KEY_LENGTHS)
 LabelValue = grammar(
     "a label value", "use at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
     "(or the empty string)", LABEL_VALUE, DNS_LABEL_MAX, min_length=0)
@@ -204,7 +210,8 @@ def _positive_quantity(value: str) -> str | None:
 Quantity = grammar(
     "a Kubernetes quantity", "write a number with an optional suffix: Ki Mi Gi Ti Pi Ei (powers of 1024), m k M G T "
     "P E (powers of 1000) or an exponent, e.g. '96', '500m', '1500Gi' (quote it in YAML)",
-    QUANTITY, 64, check=_positive_quantity)
+    QUANTITY, 64, check=_positive_quantity,
+    schema_extra={"not": {"pattern": r"^(0+(\.0*)?|\.0+)([KMGTPE]i|[eE][+-]?[0-9]+|[mkMGTPE])?$"}})
 
 
 def _extended_resource(value: str) -> str | None:
@@ -219,7 +226,8 @@ def _extended_resource(value: str) -> str | None:
 ExtendedResourceName = grammar(
     "an extended resource name (domain/name)",
     "use the device plugin's resource name, e.g. nvidia.com/gpu or rdma/hca_shared_devices_a",
-    EXTENDED_RESOURCE, DNS_SUBDOMAIN_MAX + 1 + DNS_LABEL_MAX, check=_extended_resource)
+    EXTENDED_RESOURCE, DNS_SUBDOMAIN_MAX + 1 + DNS_LABEL_MAX, check=_extended_resource,
+    schema_extra={"not": {"pattern": r"^(([^/]*\.)?kubernetes\.io/|requests\.)"}, **_KEY_LENGTHS})
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -247,7 +255,8 @@ def _image_tag(value: str) -> str | None:
 ImageTag = grammar(
     "an image tag or digest",
     "use a tag of <= 128 letters, digits, '_', '.' or '-' (not starting with '.' or '-'), '@sha256:<64 hex>', "
-    "or both as tag@sha256:<64 hex>", IMAGE_TAG, 128 + 1 + 200, check=_image_tag)
+    "or both as tag@sha256:<64 hex>", IMAGE_TAG, 128 + 1 + 200, check=_image_tag,
+    schema_extra={"anyOf": [{"not": {"pattern": "@sha256:"}}, {"pattern": "@sha256:[0-9a-f]{64}$"}]})
 
 
 # -- paths, environment, free text ----------------------------------------------------------------
@@ -266,7 +275,8 @@ def _absolute_path(value: str) -> str | None:
 
 AbsolutePath = grammar(
     "an absolute normalised path", "write it like /var/cache/janus-features: '/'-separated parts of letters, digits "
-    "and ._+@=,- with no '.', '..', '//' or trailing '/'", ABSOLUTE_PATH, 1024, check=_absolute_path)
+    "and ._+@=,- with no '.', '..', '//' or trailing '/'", ABSOLUTE_PATH, 1024, check=_absolute_path,
+    schema_extra={"not": {"pattern": r"/\.\.?(/|$)"}})
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -348,6 +358,15 @@ def _grammar_error(reason: str, fix: str) -> PydanticCustomError:
 
 
 class Toleration(_K8s):
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"required": ["operator"], "properties": {"operator": {"const": "Exists"}}},
+         "then": {"properties": {"value": {"anyOf": [{"maxLength": 0}, {"type": "null"}]}}}},
+        {"if": {"not": {"required": ["key"]}}, "then": {"required": ["operator"],
+                                                         "properties": {"operator": {"const": "Exists"}}}},
+        {"if": {"required": ["tolerationSeconds"], "properties": {"tolerationSeconds": {"type": "integer"}}},
+         "then": {"required": ["effect"], "properties": {"effect": {"const": "NoExecute"}}}},
+    ]})
+
     key: LabelKey | None = Field(None, description="Taint key; empty matches every key (operator Exists).")
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default).")
     value: LabelValue | None = Field(None, description="Taint value (operator Equal).")
@@ -369,7 +388,20 @@ class Toleration(_K8s):
         return self
 
 
+_REQUIREMENT_RULES = {"allOf": [
+    {"if": {"properties": {"operator": {"enum": ["In", "NotIn"]}}},
+     "then": {"required": ["values"], "properties": {"values": {"type": "array", "minItems": 1}}}},
+    {"if": {"properties": {"operator": {"enum": ["Exists", "DoesNotExist"]}}},
+     "then": {"properties": {"values": {"anyOf": [{"type": "null"}, {"maxItems": 0}]}}}},
+    {"if": {"properties": {"operator": {"enum": ["Gt", "Lt"]}}},
+     "then": {"required": ["values"], "properties": {"values": {
+         "type": "array", "minItems": 1, "maxItems": 1, "items": {"pattern": "^-?[0-9]+$"}}}}},
+]}
+
+
 class NodeSelectorRequirement(_K8s):
+    model_config = ConfigDict(json_schema_extra=_REQUIREMENT_RULES)
+
     key: LabelKey
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
     values: list[LabelValue] | None = None
@@ -406,6 +438,8 @@ class NodeAffinity(_K8s):
 
 
 class LabelSelectorRequirement(_K8s):
+    model_config = ConfigDict(json_schema_extra=_REQUIREMENT_RULES)
+
     key: LabelKey
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
     values: list[LabelValue] | None = None
@@ -452,10 +486,13 @@ class Affinity(_K8s):
     podAntiAffinity: PodAffinity | None = None
 
 
+UNIQUE = Field(json_schema_extra={"uniqueItems": True})
+
+
 def unique(what: str) -> Any:
     """A list validator refusing repeated items."""
 
-    def check(items: list[Any]) -> list[Any]:
+    def check(items: list[Any]) -> list[Any]:  # JSON Schema: uniqueItems (see UNIQUE)
         seen = set()
         for item in items:
             if item in seen:

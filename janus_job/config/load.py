@@ -75,7 +75,11 @@ def _structural_problems(err: ValidationError) -> list[Problem]:
             problems.append(Problem(path, "required but missing", f"add it ({desc})" if desc else "add it"))
             continue
         got = e.get("input")
-        got_text = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+        shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:76] + "...'"
+        got_text = "" if isinstance(got, (dict, list)) else f" (got {shown})"
+        if len(loc) >= 2 and loc[-1] == "[key]":  # a map key outside its grammar: name the map and the key
+            path, got_text, loc = ".".join(str(p) for p in loc[:-2]), "", loc[:-1]
+            e = {**e, "msg": f"key {loc[-1]!r}: {e['msg']}"}
         field_model = _model_at(loc[:-1])
         desc = None
         if field_model and str(loc[-1]) in field_model.model_fields:

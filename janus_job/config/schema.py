@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from janus_job.config.spec import JobSpec
+from janus_job.config.spec import JobSpec, Section
 
 
 def spec_to_values(spec: JobSpec) -> dict[str, Any]:
@@ -53,9 +53,29 @@ def _key_rules(node: Any) -> Any:
     return node
 
 
+def _sections(model: type[BaseModel]) -> list[type[BaseModel]]:
+    found = [model]
+    for field in model.model_fields.values():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Section) and ann not in found:
+            found.extend(m for m in _sections(ann) if m not in found)
+    return found
+
+
+def _defaulted_fields_required(schema: dict[str, Any]) -> dict[str, Any]:
+    """Helm deletes a key the user sets to null and then skips its schema, so `precompute.pods: null` would
+    render 0. values.yaml gives every field with a default a value, so the schema can require them all: a
+    null then fails the schema with the field named, as `janus-job validate` refuses it."""
+    for model in _sections(JobSpec):
+        node = schema if model is JobSpec else schema["$defs"][model.__name__]
+        node["required"] = [name for name, field in model.model_fields.items()
+                            if field.is_required() or field.default_factory is not None or field.default is not None]
+    return schema
+
+
 def json_schema() -> dict[str, Any]:
     """The chart's values.schema.json."""
-    schema = _key_rules(JobSpec.model_json_schema(mode="validation"))
+    schema = _defaulted_fields_required(_key_rules(JobSpec.model_json_schema(mode="validation")))
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
 

@@ -50,7 +50,7 @@ class ImageSpec(Section):
     repository: k8s.ImageRepository = Field("ghcr.io/janus-train/janus-train", description="Container image repository of janus-train.")
     tag: k8s.ImageTag = Field("0.1.0", description="Image tag, '@sha256:<digest>' or both (tag@sha256:...).")
     pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field("IfNotPresent", description="Kubernetes imagePullPolicy.")
-    pull_secrets: Annotated[list[k8s.DNSSubdomain], k8s.unique("pull secret")] = Field(default_factory=list, description="Names of image pull Secrets in the job's namespace.")
+    pull_secrets: Annotated[list[k8s.DNSSubdomain], k8s.unique("pull secret"), k8s.UNIQUE] = Field(default_factory=list, description="Names of image pull Secrets in the job's namespace.")
 
 
 class ModelSpec(Section):
