@@ -104,6 +104,10 @@ def grammar(
     return Annotated[str, AfterValidator(validate), WithJsonSchema(schema)]
 
 
+def _grammar_error(reason: str, fix: str) -> PydanticCustomError:
+    return PydanticCustomError("k8s_grammar", "{reason}", {"reason": reason, "fix": fix})
+
+
 # -- object names ---------------------------------------------------------------------------------
 
 DNSLabel = grammar(
@@ -172,8 +176,9 @@ def _annotation_map(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-Annotations = Annotated[dict[AnnotationKey, Annotated[str, Field(max_length=ANNOTATIONS_TOTAL_MAX)]],
-                        AfterValidator(_annotation_map)]
+AnnotationValue = grammar("an annotation value", "remove control characters other than tab and newline",
+                          r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$", ANNOTATIONS_TOTAL_MAX, min_length=0)
+Annotations = Annotated[dict[AnnotationKey, AnnotationValue], AfterValidator(_annotation_map)]
 NodeSelector = dict[LabelKey, LabelValue]
 
 
@@ -344,6 +349,37 @@ HttpUrl = grammar("an http(s) URL", "write it like https://minio.example:9000",
                   r"^https?://[^\x00-\x20\x7f/?#]+[^\x00-\x20\x7f]*$", 2048)
 
 
+# -- free data ----------------------------------------------------------------------------------------
+
+CONFIG_KEY = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_CONFIG_KEY = re.compile(CONFIG_KEY)
+_TEXT_VALUE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _config_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """Keys of raw config blocks (deepspeed.extra_config) are identifiers, as DeepSpeed's are: Helm's toYaml
+    writes nothing at all for a spec with a key of thousands of characters, and the pods would get an empty spec."""
+    stack: list[tuple[str, Any]] = [("", tree)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not _CONFIG_KEY.fullmatch(key):
+                    shown = repr(key) if len(key) <= 40 else repr(key[:37]) + "..."
+                    raise _grammar_error(f"key {shown}{' under ' + where if where else ''} is not a config key",
+                                         "use letters, digits and '_' (at most 128), as DeepSpeed's keys are")
+                stack.append((f"{where}.{key}" if where else key, value))
+        elif isinstance(node, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(node))
+        elif isinstance(node, str) and _TEXT_VALUE.search(node):
+            raise _grammar_error(f"{where} contains a control character", "remove it")
+    return tree
+
+
+ConfigTree = Annotated[dict[str, Any], AfterValidator(_config_tree), WithJsonSchema(
+    {"type": "object", "propertyNames": {"pattern": CONFIG_KEY}, "additionalProperties": True})]
+
+
 # -- scheduling -----------------------------------------------------------------------------------
 
 
@@ -351,10 +387,6 @@ class _K8s(BaseModel):
     """Kubernetes objects keep their API field names (camelCase) so they are copied into the pod as written."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-def _grammar_error(reason: str, fix: str) -> PydanticCustomError:
-    return PydanticCustomError("k8s_grammar", "{reason}", {"reason": reason, "fix": fix})
 
 
 class Toleration(_K8s):

@@ -26,7 +26,10 @@ _TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-class SpecLoader(yaml.SafeLoader):
+_BASE = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML was built with it
+
+
+class SpecLoader(_BASE):  # type: ignore[valid-type,misc]
     """SafeLoader without timestamps (Helm keeps `2024-01-01` as text) and with YAML 1.2 floats."""
 
     yaml_implicit_resolvers: ClassVar[dict] = {

@@ -177,7 +177,7 @@ class DeepSpeedSpec(Section):
     bf16: bool = Field(True, description="bf16 mixed precision.")
     gradient_clipping: float = Field(1.0, ge=0, le=1e6, description="Max gradient norm (0 disables clipping).")
     stage3: Stage3Spec = Field(default_factory=Stage3Spec, description="ZeRO-3 knobs; refused on lower stages.")
-    extra_config: dict[str, Any] = Field(
+    extra_config: k8s.ConfigTree = Field(
         default_factory=dict, description="Raw DeepSpeed keys merged into the rendered config (checked by the same rules)."
     )
 
