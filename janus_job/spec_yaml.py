@@ -176,6 +176,9 @@ def read_spec_yaml(path: str | Path) -> Any:
     if node is None:
         raise JobError(f"{source}: the file holds no values; fix: write a job spec (see examples/minimal.yaml)")
     try:
-        return _convert(source, loader, node, ())
+        data = _convert(source, loader, node, ())
     except yaml.YAMLError as err:
         raise _yaml_error(source, err) from None
+    if data is None:
+        raise JobError(f"{source}: the file holds no values; fix: write a job spec (see examples/minimal.yaml)")
+    return data
