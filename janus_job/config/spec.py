@@ -186,7 +186,7 @@ class ResourcesSpec(Section):
     cpu: k8s.Quantity | None = Field(None, description="CPU request=limit of every GPU pod (training and precompute), e.g. '96'.")
     memory: k8s.Quantity | None = Field(None, description="Memory request=limit of every GPU pod (training and precompute), e.g. '1500Gi'.")
     gpu_resource_name: k8s.ExtendedResourceName = Field("nvidia.com/gpu", description="Extended resource name of the GPUs.")
-    gpu_memory_gib: float = Field(80, gt=0, le=4096, description="Memory of one GPU (H100/H800: 80), used by the fit check.")
+    gpu_memory_gib: float = Field(80, gt=0, le=1_000_000, description="Memory of one GPU (H100/H800: 80), used by the fit check.")
 
 
 class ClusterSpec(Section):
