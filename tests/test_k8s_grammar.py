@@ -14,9 +14,9 @@ import jsonschema
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from janus_job import k8s_grammar as k8s
+from janus_job.config import k8s
+from janus_job.config.load import MAX_DEPTH, read_spec_yaml
 from janus_job.errors import JobError
-from janus_job.spec_yaml import MAX_DEPTH, read_spec_yaml
 
 SAMPLES = {
     "DNSLabel": (k8s.DNSLabel, ["janus", "a", "team-1", "0abc", "a" * 63],

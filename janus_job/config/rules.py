@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from janus_job import k8s_grammar as k8s
+from janus_job.config import k8s
 from janus_job.config.memory import memory_problems
 from janus_job.config.spec import DNS_LABEL_MAX, MIN_ELASTIC_NODES, JobSpec
 from janus_job.errors import Problem
@@ -128,7 +128,8 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
     if f.cache_size_gib > 0:
         clash = k8s.mount_path_problem(f.cache_dir, {m: "a volume of the chart" for m in k8s.CHART_MOUNTS})
         if clash:
-            problems.append(Problem("features.cache_dir", clash, "choose another directory, e.g. /var/cache/janus-features"))
+            problems.append(Problem("features.cache_dir", clash,
+                                    "choose another directory, e.g. /var/cache/janus-features"))
     if c.network == "tcp" and c.nccl_ib_hca:
         problems.append(Problem("cluster.nccl_ib_hca", "has no effect with network 'tcp'", "remove it or choose network infiniband/roce"))
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from janus_job import k8s_grammar as k8s
+from janus_job.config import k8s
 from janus_job.errors import JobError
 
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"

@@ -3,7 +3,7 @@
 Each type checks a value against the rule the API server (or the container runtime) applies, and
 carries the same rule as JSON Schema (pattern, maxLength) so that Helm's values.schema.json refuses
 what `janus-job validate` refuses wherever JSON Schema can say it. A refusal is one line naming the
-rule and the fix; `janus_job.spec` adds the field path.
+rule and the fix; janus_job.config.load adds the field path.
 
 Sources of the grammars: Kubernetes "Object Names and IDs" (DNS-1123 label and subdomain, DNS-1035
 label), "Labels and Selectors" (qualified names, label values), "Annotations" (keys as label keys,
