@@ -9,6 +9,11 @@ class JobError(Exception):
     """A problem the user can fix: bad spec, missing data, unreachable store, ..."""
 
 
+def _one_line(text: str) -> str:
+    """Control characters of user values shown escaped, so every problem stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One refusal of a job spec: the field, what is wrong, and how to fix it."""
@@ -18,4 +23,4 @@ class Problem:
     fix: str
 
     def __str__(self) -> str:
-        return f"  - {self.path}: {self.message}\n    fix: {self.fix}"
+        return _one_line(f"  - {self.path}: {self.message}; fix: {self.fix}")

@@ -20,8 +20,8 @@ ALLOWED = {
     "data": {"io", "errors"},
     "models": {"data", "io", "errors"},
     "features": {"models", "data", "io", "errors"},
-    "train": {"features", "models", "data", "config", "monitor", "io", "errors"},
-    "monitor": {"errors"},
+    "train": {"features", "models", "data", "config", "deploy", "monitor", "io", "errors"},
+    "monitor": {"io", "errors"},
 }
 PRODUCTION = set(ALLOWED)
 

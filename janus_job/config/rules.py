@@ -10,12 +10,13 @@ import math
 import re
 from typing import Any
 
+from janus_job.config import k8s
 from janus_job.config.memory import checkpoint_gib, memory_problems
 from janus_job.config.spec import DNS_LABEL_MAX, MIN_ELASTIC_NODES, JobSpec
 from janus_job.errors import Problem
 
 PRECOMPUTE_HASH_LEN = 8  # the chart names the precompute Job <name>-precompute-<8 hex>
-OBJECT_STORE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
+OBJECT_STORE_SCHEMES = ("s3://",)  # the object stores the image can open (s3fs); others are refused by type
 
 
 def _longest_generated_suffix(spec: JobSpec) -> str:
@@ -188,6 +189,12 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
                 "remove cluster.queue or set gang_scheduler: volcano",
             )
         )
+    if f.cache_size_gib > 0:
+        clash = k8s.mount_path_problem(f.cache_dir, {m: "a volume of the chart" for m in k8s.CHART_MOUNTS})
+        if clash:
+            problems.append(
+                Problem("features.cache_dir", clash, "choose another directory, e.g. /var/cache/janus-features")
+            )
     problems.extend(network_problems(spec.network))
 
     if spec.monitor.stale_after_seconds <= spec.monitor.interval_seconds:
@@ -260,7 +267,7 @@ def staging_problems(spec: JobSpec) -> list[Problem]:
 
 def network_problems(n: Any) -> list[Problem]:
     """NCCL's list syntax, the env passthrough and the fields that only an RDMA preset uses."""
-    from janus_job.deploy import network
+    from janus_job.config import nccl as network
 
     problems = []
     if n.ib_hca is not None and (why := network.check_hca_filter(n.ib_hca)):

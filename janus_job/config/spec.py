@@ -9,10 +9,11 @@ The chart's `values.schema.json` and `values.yaml` are generated from `JobSpec` 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from janus_job.config import k8s
 from janus_job.errors import JobError
 
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -20,38 +21,59 @@ DNS_LABEL_MAX = 63
 IMAGE_TOKENS_PER_28PX = 28 * 28  # Qwen2.5-VL: one LLM token per 28x28 pixels after the 2x2 merge
 
 
+INT32_MAX = 2**31 - 1  # Kubernetes int32 fields; also a safe bound for counts the runtime loops over
+SEED_MAX = 2**32 - 1  # numpy's seed range
+
+
+def _int_annotation(annotation: Any) -> bool:
+    return annotation is int or (getattr(annotation, "__args__", None) or ()) == (int, type(None))
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    """Strict like Helm's JSON Schema: "2" is not a number, "yes" not a boolean, NaN/Inf not allowed."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_floats_are_ints(cls, data: Any) -> Any:
+        # Helm keeps numbers as JSON numbers: its toYaml may write 500000000 as 5e+08
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if isinstance(value, float) and value.is_integer() and _int_annotation(field.annotation):
+                    data = {**data, name: int(value)}
+        return data
 
 
 class ImageSpec(Section):
-    repository: str = Field(
+    repository: k8s.ImageRepository = Field(
         "ghcr.io/janus-train/janus-train", min_length=1, description="Container image repository of janus-train."
     )
-    tag: str = Field("0.1.0", min_length=1, description="Image tag (or digest suffix such as '@sha256:...').")
+    tag: k8s.ImageTag = Field("0.1.0", min_length=1, description="Image tag (or digest suffix such as '@sha256:...').")
     pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field(
         "IfNotPresent", description="Kubernetes imagePullPolicy."
     )
-    pull_secrets: list[str] = Field(
+    pull_secrets: Annotated[list[k8s.DNSSubdomain], k8s.unique("pull secret"), k8s.UNIQUE] = Field(
         default_factory=list, description="Names of image pull Secrets in the job's namespace."
     )
 
 
 class ModelSpec(Section):
-    qwen: str = Field(
+    qwen: k8s.WeightsLocation = Field(
         ..., min_length=1, description="Qwen2.5-VL weights: local path in the image/volume or fsspec URL (s3://...)."
     )
-    vggt: str = Field(..., min_length=1, description="VGGT-1B weights: local path or fsspec URL.")
+    vggt: k8s.WeightsLocation = Field(..., min_length=1, description="VGGT-1B weights: local path or fsspec URL.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
         "sdpa", description="Attention kernel of the language model."
     )
 
 
 class DataSpec(Section):
-    annotations: str = Field(
+    annotations: k8s.WeightsLocation = Field(
         ..., min_length=1, description="JanusVLN annotation file (JSON/JSONL): path or fsspec URL."
     )
-    image_root: str = Field(
+    image_root: k8s.WeightsLocation = Field(
         ..., min_length=1, description="Root the annotation image paths are relative to: path or fsspec URL."
     )
     frame_width: int = Field(
@@ -72,7 +94,7 @@ class DataSpec(Section):
 
 
 class FeaturesSpec(Section):
-    store: str = Field(
+    store: k8s.StorageLocation = Field(
         ..., min_length=1, description="Feature store root: fsspec URL (s3://bucket/prefix) or a mounted path."
     )
     mode: Literal["precomputed", "read_through", "online"] = Field(
@@ -80,22 +102,24 @@ class FeaturesSpec(Section):
         description="precomputed: the precompute Job fills the store and training waits for it; "
         "read_through: compute missing features during training and store them; online: never use the store.",
     )
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2...); unset for AWS S3.")
+    endpoint_url: k8s.HttpUrl | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, R2...); unset for AWS S3."
+    )
     credentials_from: Literal["secret", "environment"] = Field(
         "secret",
         description="secret: object-store credentials come from credentials_secret; "
         "environment: from the pod's identity (IRSA, Workload Identity, instance profile).",
     )
-    credentials_secret: str | None = Field(
+    credentials_secret: k8s.DNSSubdomain | None = Field(
         None, description="Name of the Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (envFrom)."
     )
-    cache_dir: str = Field(
+    cache_dir: k8s.AbsolutePath = Field(
         "/var/cache/janus-features",
         min_length=1,
         description="Local feature cache: an emptyDir on the node's disk mounted here.",
     )
     cache_size_gib: float = Field(
-        200, ge=0, description="Size limit of the local feature cache in GiB (0: no cache volume)."
+        200, ge=0, le=1_000_000, description="Size limit of the local feature cache in GiB (0: no cache volume)."
     )
     cache_vision: bool = Field(
         True, description="Also cache the frozen Qwen vision tower's output (else it runs online)."
@@ -112,8 +136,8 @@ class PrecomputeSpec(Section):
 
 
 class CheckpointSpec(Section):
-    url: str = Field(..., min_length=1, description="Checkpoint root: fsspec URL (s3://...) or a mounted path.")
-    interval_steps: int = Field(1000, ge=1, description="Optimizer steps between checkpoints.")
+    url: k8s.StorageLocation = Field(..., description="Checkpoint root: fsspec URL (s3://...) or a mounted path.")
+    interval_steps: int = Field(1000, ge=1, le=INT32_MAX, description="Optimizer steps between checkpoints.")
     keep: int = Field(2, ge=1, le=100, description="Newest complete checkpoints kept; older ones are deleted.")
 
 
@@ -147,10 +171,13 @@ class TrainingSpec(Section):
     global_batch_size: int | None = Field(
         None,
         ge=1,
+        le=INT32_MAX,
         description="Samples per optimizer step, kept on resize (default: micro x accumulation x nodes x gpus).",
     )
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the dataset.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="Stop after this many optimizer steps (overrides epochs)."
+    )
     learning_rate: float = Field(2e-5, gt=0, le=1, description="Language model learning rate.")
     merger_learning_rate: float = Field(
         1e-5, gt=0, le=1, description="Learning rate of the vision and spatial mergers."
@@ -169,8 +196,10 @@ class TrainingSpec(Section):
         "~20 GiB less per GPU; the fit check asks for it when a GPU cannot hold the activations.",
     )
     balanced_sampler: bool = Field(True, description="Token-balanced distributed sampler (equal work per rank).")
-    seed: int = Field(42, ge=0, description="Seed of data order and initialisation.")
-    log_interval: int = Field(10, ge=1, description="Optimizer steps between throughput log lines.")
+    seed: int = Field(
+        42, ge=0, le=SEED_MAX, description="Seed of data order and initialisation (numpy's range: < 2^32)."
+    )
+    log_interval: int = Field(10, ge=1, le=INT32_MAX, description="Optimizer steps between throughput log lines.")
     checkpoint: CheckpointSpec
     resize: ResizeSpec = Field(default_factory=ResizeSpec)
     suspend: bool = Field(
@@ -181,12 +210,18 @@ class TrainingSpec(Section):
 
 
 class Stage3Spec(Section):
-    prefetch_bucket_size: int | None = Field(None, ge=0, description="zero_optimization.stage3_prefetch_bucket_size.")
-    param_persistence_threshold: int | None = Field(
-        None, ge=0, description="zero_optimization.stage3_param_persistence_threshold."
+    prefetch_bucket_size: int | None = Field(
+        None, ge=0, le=2**53, description="zero_optimization.stage3_prefetch_bucket_size."
     )
-    max_live_parameters: int | None = Field(None, ge=0, description="zero_optimization.stage3_max_live_parameters.")
-    max_reuse_distance: int | None = Field(None, ge=0, description="zero_optimization.stage3_max_reuse_distance.")
+    param_persistence_threshold: int | None = Field(
+        None, ge=0, le=2**53, description="zero_optimization.stage3_param_persistence_threshold."
+    )
+    max_live_parameters: int | None = Field(
+        None, ge=0, le=2**53, description="zero_optimization.stage3_max_live_parameters."
+    )
+    max_reuse_distance: int | None = Field(
+        None, ge=0, le=2**53, description="zero_optimization.stage3_max_reuse_distance."
+    )
     gather_16bit_weights_on_model_save: bool | None = Field(None, description="Save consolidated 16-bit weights.")
 
 
@@ -209,49 +244,57 @@ class DeepSpeedSpec(Section):
     )
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with backward.")
     contiguous_gradients: bool = Field(True, description="Copy gradients into one contiguous buffer.")
-    reduce_bucket_size: int = Field(500_000_000, ge=1, description="Elements per gradient reduce bucket.")
+    reduce_bucket_size: int = Field(500_000_000, ge=1, le=2**53, description="Elements per gradient reduce bucket.")
     allgather_bucket_size: int = Field(
-        500_000_000, ge=1, description="Elements per parameter all-gather bucket (stages 1-2)."
+        500_000_000, ge=1, le=2**53, description="Elements per parameter all-gather bucket (stages 1-2)."
     )
     bf16: bool = Field(True, description="bf16 mixed precision.")
-    gradient_clipping: float = Field(1.0, ge=0, description="Max gradient norm (0 disables clipping).")
+    gradient_clipping: float = Field(1.0, ge=0, le=1e6, description="Max gradient norm (0 disables clipping).")
     stage3: Stage3Spec = Field(default_factory=Stage3Spec, description="ZeRO-3 knobs; refused on lower stages.")
-    extra_config: dict[str, Any] = Field(
+    extra_config: k8s.ConfigTree = Field(
         default_factory=dict,
         description="Raw DeepSpeed keys merged into the rendered config (checked by the same rules).",
     )
 
 
 class ResourcesSpec(Section):
-    cpu: str = Field(
+    cpu: k8s.Quantity = Field(
         "96",
         min_length=1,
         description="CPU request=limit of every GPU pod (training and precompute). The default fits an 8-GPU "
         "H100/H800 node (2 x 48+ cores): 8 ranks, their DataLoader workers and CPU Adam threads.",
     )
-    memory: str = Field(
+    memory: k8s.Quantity = Field(
         "900Gi",
         min_length=1,
         description="Memory request=limit of every GPU pod, /dev/shm included. The default fits the allocatable "
         "memory of a 1 TiB 8-GPU node; raise it for optimizer/parameter offload (e.g. '1500Gi' on 2 TiB nodes).",
     )
-    gpu_resource_name: str = Field("nvidia.com/gpu", min_length=1, description="Extended resource name of the GPUs.")
-    gpu_memory_gib: float = Field(80, gt=0, description="Memory of one GPU (H100/H800: 80), used by the fit check.")
+    gpu_resource_name: k8s.ExtendedResourceName = Field(
+        "nvidia.com/gpu", min_length=1, description="Extended resource name of the GPUs."
+    )
+    gpu_memory_gib: float = Field(
+        80, gt=0, le=1_000_000, description="Memory of one GPU (H100/H800: 80), used by the fit check."
+    )
 
 
 class ClusterSpec(Section):
-    namespace: str | None = Field(None, description="Namespace of all objects (default: the Helm release namespace).")
-    service_account: str = Field(
+    namespace: k8s.DNSLabel | None = Field(
+        None, description="Namespace of all objects (default: the Helm release namespace)."
+    )
+    service_account: k8s.DNSSubdomain = Field(
         "janus-train", min_length=1, description="ServiceAccount of the pods (no API permissions needed)."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of all GPU pods.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of all GPU pods.")
-    affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of all GPU pods.")
-    priority_class: str | None = Field(None, description="PriorityClass name of all GPU pods.")
+    node_selector: k8s.NodeSelector = Field(default_factory=dict, description="nodeSelector of all GPU pods.")
+    tolerations: list[k8s.Toleration] = Field(default_factory=list, description="Tolerations of all GPU pods.")
+    affinity: k8s.Affinity = Field(
+        default_factory=k8s.Affinity, description="Affinity of all GPU pods (Kubernetes API fields)."
+    )
+    priority_class: k8s.PriorityClassName | None = Field(None, description="PriorityClass name of all GPU pods.")
     gang_scheduler: Literal["none", "volcano", "scheduler-plugins"] = Field(
         "none", description="Gang scheduler (PyTorchJob schedulingPolicy)."
     )
-    queue: str | None = Field(None, description="Volcano queue (gang_scheduler: volcano).")
+    queue: k8s.DNSLabel | None = Field(None, description="Volcano queue (gang_scheduler: volcano).")
     kueue_queue: str | None = Field(
         None,
         max_length=63,
@@ -265,13 +308,13 @@ class ClusterSpec(Section):
         pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$",
         description="/dev/shm size (memory emptyDir) for DataLoader workers.",
     )
-    rdma_resource: str = Field(
+    rdma_resource: k8s.ExtendedResourceName = Field(
         "rdma/hca_shared_devices_a",
         min_length=1,
         description="RDMA device-plugin resource (network presets other than tcp).",
     )
     rdma_resource_count: int = Field(1, ge=1, le=64, description="RDMA devices requested per pod.")
-    pod_annotations: dict[str, str] = Field(
+    pod_annotations: k8s.Annotations = Field(
         default_factory=dict, description="Extra pod annotations (e.g. Multus networks)."
     )
     restart_policy: Literal["OnFailure", "ExitCode", "Never"] = Field(
@@ -297,7 +340,7 @@ class ClusterSpec(Section):
         "None", description="PyTorchJob runPolicy.cleanPodPolicy."
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the finished job after this many seconds."
+        None, ge=0, le=INT32_MAX, description="Delete the finished job after this many seconds."
     )
     pod_security: Literal["restricted", "baseline", "privileged"] = Field(
         "restricted",
@@ -373,7 +416,9 @@ class MonitorSpec(Section):
     imbalance_warning_ratio: float = Field(
         0.15, gt=0, le=1, description="WARN when (max-min)/max GPU memory used exceeds this."
     )
-    stale_after_seconds: int = Field(120, ge=1, description="WARN when a rank's stats file is older than this.")
+    stale_after_seconds: int = Field(
+        120, ge=1, le=86400, description="WARN when a rank's stats file is older than this."
+    )
     port: int = Field(9464, ge=1024, le=65535, description="Prometheus /metrics port of the sidecar.")
     pod_monitor: bool = Field(False, description="Create a prometheus-operator PodMonitor.")
     scraper_namespace: str | None = Field(
