@@ -1,4 +1,4 @@
-"""CLI commands of the monitor area: `janus-job monitor` (the GPU-balance sidecar) and `janus-job status`."""
+"""CLI commands of the monitor area: `janus-job monitor`, the GPU-balance sidecar."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from janus_job.monitor import sidecar
 def register(app: typer.Typer) -> None:
     """Adds this area's commands to the main app."""
     app.command("monitor")(monitor)
-    app.command("status")(status)
 
 
 def monitor(
@@ -44,24 +43,3 @@ def monitor(
     )
     raise typer.Exit(sidecar.serve(config))
 
-
-def status(
-    spec_path: Path = typer.Argument(..., help="Job spec YAML (the chart's values file)."),
-    watch: bool = typer.Option(False, "--watch", help="Print the screen again every --interval seconds."),
-    interval: float = typer.Option(30.0, "--interval", min=1.0, help="Seconds between screens with --watch."),
-) -> None:
-    """One screen about a job from its feature store and checkpoint URL alone (no cluster access)."""
-    import time
-
-    from janus_job.config.load import load_spec
-    from janus_job.monitor.status import job_status
-
-    spec = load_spec(spec_path)
-    while True:
-        screen = "\n".join(job_status(spec).lines())
-        if watch:
-            typer.echo(f"\x1b[2J\x1b[H{time.strftime('%Y-%m-%d %H:%M:%S')}  (every {interval:g}s, Ctrl-C ends)")
-        typer.echo(screen)
-        if not watch:
-            return
-        time.sleep(interval)
