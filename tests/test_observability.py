@@ -138,3 +138,102 @@ def test_unreachable_or_missing_tracker_is_a_warning_not_a_failure(tmp_path, mon
     text = "\n".join(trackers.warnings)
     assert "training.report_to mlflow: not installed" in text or "training.report_to mlflow: cannot open" in text
     assert "training.report_to tensorboard" in text and "training goes on" in text
+
+
+# ---------------------------------------------------------------- the real trainer and sidecar
+
+
+def scrape_typed(port: int) -> dict[str, tuple[str, list[tuple[dict, float]]]]:
+    """name -> (type, [(labels, value)]) through prometheus_client's own text parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, (family.type, []))[1].append((sample.labels, sample.value))
+    return out
+
+
+def by_rank(series, name) -> dict[str, float]:
+    return {labels["rank"]: value for labels, value in series[name][1]}
+
+
+@pytest.mark.slow
+def test_real_trainer_metrics_reach_the_sidecar_tensorboard_and_status(tmp_path):
+    """The trainer (tiny flavor, 2 CPU ranks under torchrun) writes its figures; the real sidecar serves
+    every training metric typed and labelled, moving with the steps across a resumed second run;
+    report_to tensorboard leaves event files TensorBoard's reader loads with the logged losses; and
+    `janus-job status` reads the job's storage."""
+    import subprocess
+    import sys as _sys
+
+    import ckpt_worker as worker
+    import yaml
+    from test_monitor import JOB, sidecar
+
+    from janus_job.monitor.sidecar import TRAINING_METRICS
+
+    base = worker.trainer_job(tmp_path / "job", steps=2, interval=2)
+    checkpoints = tmp_path / "checkpoints"
+    spec = yaml.safe_load(base.read_text())
+    spec["training"].update(log_interval=1, report_to=["tensorboard"])
+    spec["monitor"]["interval_seconds"] = 1
+    spec_path = worker.trainer_spec(base, tmp_path / "job.yaml", checkpoints)
+    stats_dir = tmp_path / "stats"
+    env = {**worker.trainer_env(tmp_path / "trace-{rank}.jsonl", tmp_path / "staging"),
+           "JANUS_STATS_DIR": str(stats_dir), "JANUS_PEAK_TFLOPS": "0.001"}
+    seen = []
+    stdout = ""
+    with sidecar(stats_dir) as running:
+        for steps in (2, 4):  # the second run resumes from the first's step-2 checkpoint
+            spec["training"]["max_steps"] = steps
+            spec["training"]["checkpoint"]["url"] = str(checkpoints)
+            spec_path.write_text(yaml.safe_dump(spec))
+            result = subprocess.run(worker.trainer_command(2, spec_path), cwd=worker.REPO, capture_output=True,
+                                    text=True, env=env, timeout=600)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+            stdout += result.stdout
+            running.wait_for_line(r"gpu-balance node=\S+ .*ranks=2$", start=len(running.lines))
+            series = scrape_typed(running.port)
+            while by_rank(series, "janus_train_step") != {"0": steps, "1": steps}:
+                running.wait_for_line(r"gpu-balance node=", start=len(running.lines))
+                series = scrape_typed(running.port)
+            seen.append(series)
+    for series in seen:
+        for _, name, kind, _ in TRAINING_METRICS:
+            assert name in series, f"{name} missing from /metrics"
+            family_type, samples = series[name]
+            assert family_type == kind, f"{name}: {family_type}"
+            assert {frozenset(labels) for labels, _ in samples} == {frozenset({"job", "node", "rank"})}, name
+            assert {labels["job"] for labels, _ in samples} == {JOB}
+            assert sorted(labels["rank"] for labels, _ in samples) == ["0", "1"], name
+    first, second = seen
+    assert by_rank(first, "janus_train_step") == {"0": 2, "1": 2}
+    assert by_rank(second, "janus_train_step") == {"0": 4, "1": 4}
+    assert by_rank(second, "janus_train_last_checkpoint_step") == {"0": 4, "1": 4}
+    assert by_rank(first, "janus_train_total_steps")["0"] == 2 and by_rank(second, "janus_train_total_steps")["0"] == 4
+    started = [by_rank(series, "janus_train_start_time_seconds")["0"] for series in seen]
+    assert started[1] > started[0]  # the second run is a restart
+    for name in ("janus_train_loss", "janus_train_learning_rate", "janus_train_grad_norm", "janus_train_mfu_ratio",
+                 "janus_train_tokens_per_second", "janus_train_samples_per_second"):
+        assert all(value > 0 for value in by_rank(second, name).values()), name
+    assert all(0 <= value <= 1 for value in by_rank(second, "janus_train_data_wait_ratio").values())
+
+    logged = worker.logged_steps(stdout)
+    events = read_scalars(checkpoints / "tensorboard")
+    assert [step for step, _ in events[SCALARS["loss"]]] == [1, 2, 3, 4]
+    for step, value in events[SCALARS["loss"]]:
+        assert value == pytest.approx(logged[step][0], abs=5e-5), step
+
+    status = subprocess.run([_sys.executable, "-m", "janus_job.cli", "status", str(spec_path)], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == f"job        {spec['name']}"
+    assert lines[1].startswith("features   complete: ") and "1/1 workers" in lines[1]
+    assert lines[2].startswith("checkpoint newest complete step 4 ")
+    assert lines[3].startswith("training   step 4/4 (100.0%), ") and f"loss {logged[4][0]:.4f}" in lines[3]
+    assert lines[4] == "export     no export yet"

@@ -1,4 +1,5 @@
-"""The `janus-job` command. Each area (spec, features, train, checkpoint, monitor, deploy) registers its subcommands."""
+"""The `janus-job` command. Each area (spec, features, train, checkpoint, monitor, status, deploy) registers
+its subcommands."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sys
 
 import typer
 
-from janus_job.cli import checkpoint, deploy, features, monitor, spec, train
+from janus_job.cli import checkpoint, deploy, features, monitor, spec, status, train
 from janus_job.errors import JobError
 
 app = typer.Typer(
@@ -23,7 +24,7 @@ def _group() -> None:
     """Keeps `janus-job` a command group whatever is registered."""
 
 
-for area in (spec, features, train, checkpoint, monitor, deploy):
+for area in (spec, features, train, checkpoint, monitor, status, deploy):
     area.register(app)
 
 

@@ -42,3 +42,4 @@ def monitor(
         stale_after_seconds=stale_after,
     )
     raise typer.Exit(sidecar.serve(config))
+

@@ -202,6 +202,18 @@ class TrainingSpec(Section):
     log_interval: int = Field(10, ge=1, le=INT32_MAX, description="Optimizer steps between throughput log lines.")
     checkpoint: CheckpointSpec
     resize: ResizeSpec = Field(default_factory=ResizeSpec)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers rank 0 reports to: tensorboard (event files under "
+        "<training.checkpoint.url>/tensorboard), wandb, mlflow (extras janus-train[wandb] / [mlflow], credentials "
+        "from training.tracker_secret). A tracker that cannot be reached logs a warning; training goes on.",
+    )
+    tracker_secret: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+        description="Kubernetes Secret with the trackers' credentials (e.g. WANDB_API_KEY, MLFLOW_TRACKING_URI, "
+        "MLFLOW_TRACKING_TOKEN), envFrom of the training pods only.",
+    )
     suspend: bool = Field(
         False,
         description="Keep the PyTorchJob suspended (runPolicy.suspend), also after precompute; unsuspend by hand "
@@ -421,6 +433,10 @@ class MonitorSpec(Section):
     )
     port: int = Field(9464, ge=1024, le=65535, description="Prometheus /metrics port of the sidecar.")
     pod_monitor: bool = Field(False, description="Create a prometheus-operator PodMonitor.")
+    dashboard: bool = Field(
+        False, description="Create a ConfigMap with the job's Grafana dashboard, labelled grafana_dashboard: '1' for "
+        "Grafana's dashboard sidecar."
+    )
     scraper_namespace: str | None = Field(
         None,
         pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",

@@ -228,6 +228,10 @@ class Trainer:
             self.restore(checkpoints.load(self.engine, latest, lr_scheduler=self.engine.lr_scheduler))
         self._announce(latest)
         stats = RankStatsWriter.from_env(interval_seconds=self.spec.monitor.interval_seconds)
+        # the figures the sidecar exports for this rank (monitor.gpustats.TRAINING_FIELDS)
+        self.figures = {"total_steps": self.total_steps, "started": time.time(), "bad_samples": 0,
+                        "last_checkpoint_step": None if latest is None else self.step}
+        self.trackers = self._trackers()
         metrics = MetricsFile(metrics_path(self.ranks.rank))
         trace = MetricsFile(per_rank_path(os.environ.get(SAMPLE_TRACE_ENV), self.ranks.rank))
         batches = self._micro_batches()
@@ -235,6 +239,7 @@ class Trainer:
         self.engine.train()
         # from here a SIGTERM becomes a checkpoint; before (setup, restore) it ends the rank at once
         stop = StopRequest().install()
+        step_time = None
         while self.step < self.total_steps:
             step_started = time.perf_counter()
             interval.lr = self._lr()  # the lr this step trains with (the scheduler moves it at the boundary)
@@ -256,7 +261,7 @@ class Trainer:
             interval.steps += 1
             step_time = time.perf_counter() - step_started
             if stats is not None:
-                stats.maybe_write(self.step, step_time, self.global_batch_size / step_time)
+                stats.maybe_write(self.step, step_time, self.global_batch_size / step_time, self.figures)
             if self.step % self.spec.training.log_interval == 0 or self.step == self.total_steps:
                 self._log(interval, metrics)
                 interval = Interval()
@@ -266,10 +271,28 @@ class Trainer:
             if self.step < self.total_steps and stop.agreed(self.device):
                 self._stop(checkpoints, saved)
         checkpoints.wait()
+        if stats is not None and step_time:  # the sidecar shows the last step, not one the interval let through
+            stats.write(self.step, step_time, self.global_batch_size / step_time, self.figures)
         self._finish(metrics)
 
     def _save(self, checkpoints: Any) -> None:
         checkpoints.save(self.engine, self.step, self.client_state(), lr_scheduler=self.engine.lr_scheduler)
+        self.figures["last_checkpoint_step"] = self.step
+
+    def _trackers(self) -> Any:
+        """Rank 0's experiment trackers (training.report_to) and the status file; None on other ranks."""
+        from janus_job.monitor.trackers import Trackers
+
+        if self.ranks.rank != 0:
+            return None
+        t = self.spec.training
+        return Trackers(t.report_to, t.checkpoint.url, self.spec.name, endpoint_url=self.spec.features.endpoint_url,
+                        config=self.spec.model_dump(mode="json"))
+
+    def _close_trackers(self) -> None:
+        if getattr(self, "trackers", None) is not None:
+            self.trackers.close()
+            self.trackers = None
 
     def _stop(self, checkpoints: Any, saved: bool) -> None:
         """SIGTERM on some rank: checkpoint this step everywhere, then exit for a restart."""
@@ -280,6 +303,7 @@ class Trainer:
         if not saved:
             self._save(checkpoints)
         checkpoints.wait()
+        self._close_trackers()
         # rank 0's wait ends with COMPLETE written; a rank leaving earlier makes its node's torchrun
         # stop the other local ranks, rank 0 among them
         dist.barrier()
@@ -345,15 +369,29 @@ class Trainer:
             "loss": loss,
             "lr": interval.lr,
             "eta_s": (self.total_steps - self.step) * s_per_it,
+            "grad_norm": self._grad_norm(),
             "rank": self.ranks.rank,
             "world_size": self.ranks.world_size,
             "time": time.time(),
         }
         if not math.isfinite(loss):
             raise JobError(f"the loss is {loss} at step {self.step}; lower training.learning_rate or check the data")
+        self.figures.update(loss=loss, learning_rate=interval.lr, grad_norm=record["grad_norm"],
+                            tokens_per_s=record["tokens_per_s"], mfu=mfu, data_wait_ratio=record["data_wait"],
+                            eta_s=record["eta_s"])
         if self.ranks.prints:
             print(format_log_line(record), flush=True)
             metrics.write(record)
+        if self.trackers is not None:
+            self.trackers.log(self.step, record)
+
+    def _grad_norm(self) -> float | None:
+        """The global gradient norm DeepSpeed measured at the last optimizer step (before clipping)."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        norm = float(norm)
+        return norm if math.isfinite(norm) else None
 
     def _lr(self) -> float:
         groups = self.engine.optimizer.param_groups
@@ -374,6 +412,7 @@ class Trainer:
         record = {"event": "done", "step": self.step, "param_norm": norm, "rank": self.ranks.rank}
         print(f"train done step={self.step} rank={self.ranks.rank} param_norm={norm:.10e}", flush=True)
         metrics.write(record)
+        self._close_trackers()
 
 
 def run(spec_path: str) -> None:

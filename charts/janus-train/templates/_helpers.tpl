@@ -23,7 +23,7 @@ schema is skipped (helm --skip-schema-validation), so that nothing renders as 0 
     "cluster.backoff_limit_per_node" "cluster.termination_grace_seconds" "cluster.clean_pod_policy"
     "cluster.checkpoint_staging_gib"
     "monitor.enabled" "monitor.interval_seconds" "monitor.imbalance_warning_ratio" "monitor.stale_after_seconds"
-    "monitor.port" "monitor.pod_monitor" }}
+    "monitor.port" "monitor.pod_monitor" "monitor.dashboard" }}
 {{- $value := $.Values }}
 {{- $missing := false }}
 {{- range $key := splitList "." $path }}
@@ -143,12 +143,22 @@ capabilities:
 {{- end }}
 {{- end }}
 
-{{/* Object-store credentials: only ever from the named Secret. */}}
+{{/* Credentials, only ever from named Secrets: the object store's for every pod, the experiment trackers'
+(training.tracker_secret) for training pods only. Called with (list $ trainer). */}}
 {{- define "janus-train.envFrom" -}}
-{{- if and (eq .Values.features.credentials_from "secret") .Values.features.credentials_secret }}
+{{- $ := index . 0 -}}
+{{- $store := and (eq $.Values.features.credentials_from "secret") $.Values.features.credentials_secret -}}
+{{- $trackers := and (index . 1) $.Values.training.tracker_secret -}}
+{{- if or $store $trackers }}
 envFrom:
+{{- if $store }}
   - secretRef:
-      name: {{ .Values.features.credentials_secret | quote }}
+      name: {{ $.Values.features.credentials_secret | quote }}
+{{- end }}
+{{- if $trackers }}
+  - secretRef:
+      name: {{ $.Values.training.tracker_secret | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 

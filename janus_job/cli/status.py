@@ -1,4 +1,5 @@
-"""`janus-job status job.yaml`: one screen about a job from its feature store and checkpoint URL alone.
+"""CLI command `janus-job status job.yaml`: one screen about a job from its feature store and checkpoint URL
+alone.
 
 No cluster access: it reads what the job writes to storage.
 
@@ -16,7 +17,10 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import typer
 
 from janus_job.errors import JobError
 
@@ -137,3 +141,27 @@ def job_status(spec: Any, now: float | None = None) -> JobStatus:
         except OSError as err:
             parts.append(f"unavailable: {type(err).__name__}: {err}")
     return JobStatus(spec.name, *parts, facts=facts)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds this area's commands to the main app."""
+    app.command("status")(status)
+
+
+def status(
+    spec_path: Path = typer.Argument(..., help="Job spec YAML (the chart's values file)."),
+    watch: bool = typer.Option(False, "--watch", help="Print the screen again every --interval seconds."),
+    interval: float = typer.Option(30.0, "--interval", min=1.0, help="Seconds between screens with --watch."),
+) -> None:
+    """One screen about a job from its feature store and checkpoint URL alone (no cluster access)."""
+    from janus_job.config.load import load_spec
+
+    spec = load_spec(spec_path)
+    while True:
+        screen = "\n".join(job_status(spec).lines())
+        if watch:
+            typer.echo(f"\x1b[2J\x1b[H{time.strftime('%Y-%m-%d %H:%M:%S')}  (every {interval:g}s, Ctrl-C ends)")
+        typer.echo(screen)
+        if not watch:
+            return
+        time.sleep(interval)
