@@ -202,15 +202,14 @@ class TrainingSpec(Section):
     log_interval: int = Field(10, ge=1, le=INT32_MAX, description="Optimizer steps between throughput log lines.")
     checkpoint: CheckpointSpec
     resize: ResizeSpec = Field(default_factory=ResizeSpec)
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+    report_to: Annotated[list[Literal["tensorboard", "wandb", "mlflow"]], k8s.UNIQUE] = Field(
         default_factory=list,
         description="Experiment trackers rank 0 reports to: tensorboard (event files under "
         "<training.checkpoint.url>/tensorboard), wandb, mlflow (extras janus-train[wandb] / [mlflow], credentials "
         "from training.tracker_secret). A tracker that cannot be reached logs a warning; training goes on.",
     )
-    tracker_secret: str | None = Field(
+    tracker_secret: k8s.DNSSubdomain | None = Field(
         None,
-        pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
         description="Kubernetes Secret with the trackers' credentials (e.g. WANDB_API_KEY, MLFLOW_TRACKING_URI, "
         "MLFLOW_TRACKING_TOKEN), envFrom of the training pods only.",
     )
