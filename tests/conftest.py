@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import uuid
 
 import pytest
@@ -10,6 +11,11 @@ import pytest
 S3_REGION = "us-east-1"
 S3_KEY = "testing-key"
 S3_SECRET = "testing-secret"
+
+
+# The CLI through the interpreter running the tests: works wherever janus_job is importable, with or
+# without the `janus-job` console script installed beside that interpreter.
+JANUS_JOB = (sys.executable, "-m", "janus_job.cli")
 
 
 def free_port() -> int:

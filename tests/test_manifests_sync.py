@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import JANUS_JOB
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -18,7 +19,7 @@ def test_every_example_has_rendered_manifests():
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
 def test_rendered_example_is_current(tmp_path, example):
-    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "janus-job"), "render", str(example), "--out", str(tmp_path)],
+    proc = subprocess.run([*JANUS_JOB, "render", str(example), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     committed = ROOT / "manifests" / "examples" / example.stem

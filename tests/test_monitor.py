@@ -15,16 +15,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import JANUS_JOB
 
 from janus_job.gpustats import GpuMemory, RankStatsWriter
 from janus_job.monitor import RankStats, memory_spread, node_balances
 
 GIB = 1024**3
-BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import common  # noqa: E402  (bench/common.py: the /metrics scrape the GPU bench uses too)
+
 INTERVAL = 0.3
 
 
@@ -67,7 +68,7 @@ class Sidecar:
 def sidecar(stats_dir: Path, *extra: str):
     process = subprocess.Popen(
         [
-            str(BIN / "janus-job"), "monitor",
+            *JANUS_JOB, "monitor",
             "--stats-dir", str(stats_dir),
             "--port", "0",
             "--host", "127.0.0.1",
@@ -243,7 +244,7 @@ def test_sigterm_stops_the_sidecar_with_exit_code_0(tmp_path):
 
 def test_bad_flags_are_user_errors(tmp_path):
     result = subprocess.run(
-        [str(BIN / "janus-job"), "monitor", "--stats-dir", str(tmp_path), "--warn-ratio", "1.5"],
+        [*JANUS_JOB, "monitor", "--stats-dir", str(tmp_path), "--warn-ratio", "1.5"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
@@ -254,7 +255,7 @@ def test_bad_flags_are_user_errors(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [str(BIN / "janus-job"), "monitor", "--stats-dir", str(tmp_path),
+            [*JANUS_JOB, "monitor", "--stats-dir", str(tmp_path),
              "--host", "127.0.0.1", "--port", str(port)],
             capture_output=True, text=True, timeout=60,
         )

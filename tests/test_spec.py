@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import JANUS_JOB
 
 from janus_job.errors import JobError
 from janus_job.spec import JobSpec, estimate_gpu_memory, load_spec, spec_to_values, validate_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = str(ROOT / ".venv" / "bin" / "janus-job")
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 MINIMAL = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([*JANUS_JOB, *args], capture_output=True, text=True, timeout=60)
 
 
 def with_changes(changes: dict) -> dict:
