@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import JANUS_JOB
+from conftest import JANUS_JOB, load_scaled
 
 from janus_job.gpustats import GpuMemory, RankStatsWriter
 from janus_job.monitor import RankStats, memory_spread, node_balances
@@ -43,7 +43,7 @@ class Sidecar:
             self.lines.append(line.rstrip("\n"))
 
     def wait_for_line(self, pattern: str, timeout: float = 15, start: int = 0) -> re.Match:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + load_scaled(timeout)
         while time.monotonic() < deadline:
             for line in self.lines[start:]:
                 match = re.search(pattern, line)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_scaled
 import torch
 from PIL import Image
 
@@ -142,7 +143,7 @@ def test_killed_precompute_resumes_without_recomputing(tmp_path):
     spec = write_spec(tmp_path, f"file://{tmp_path}/store", batch=1)
     store = FeatureStore(str(tmp_path / "store"))
     first = _janus_job("precompute", "--spec", str(spec), "--tiny-encoders", "--pace-s", "0.4", "--progress-interval", "0")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + load_scaled(120)  # a hung run that never writes
     while len(store.list_keys("spatial")) < 4:
         assert first.poll() is None, first.stdout.read()
         assert time.monotonic() < deadline
