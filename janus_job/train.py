@@ -692,6 +692,7 @@ class Trainer:
 
     def run(self) -> None:
         from janus_job.gpustats import RankStatsWriter
+        from janus_job.shutdown import finish_rank
         from janus_job.stop import StopRequest
 
         self.setup()
@@ -742,6 +743,7 @@ class Trainer:
                 self._stop(checkpoints, saved)
         checkpoints.wait()
         self._finish(metrics)
+        finish_rank(self, checkpoints=checkpoints, batches=batches)
 
     def _save(self, checkpoints: Any) -> None:
         checkpoints.save(self.engine, self.step, self.client_state(), lr_scheduler=self.engine.lr_scheduler)
@@ -750,6 +752,7 @@ class Trainer:
         """SIGTERM on some rank: checkpoint this step everywhere, then exit for a restart."""
         import torch.distributed as dist
 
+        from janus_job.shutdown import finish_rank
         from janus_job.stop import EXIT_CODE
 
         if not saved:
@@ -761,7 +764,7 @@ class Trainer:
         if self.ranks.prints:
             print(f"train stopped step={self.step}/{self.total_steps}: SIGTERM; checkpoint of step {self.step} "
                   f"is complete, exiting with {EXIT_CODE} so the pod restarts and resumes there", flush=True)
-        sys.stdout.flush()
+        finish_rank(self, checkpoints=checkpoints)
         sys.exit(EXIT_CODE)
 
     def _announce(self, resumed_from: Any) -> None:
