@@ -16,9 +16,12 @@ trajectory sees frames 0..i when i <= 8, else 9 frames (JanusVLN's create_data r
 frames -> VGGT 490x644 (35x46 patches, even crop 34x46) and Qwen 476x644 = 391 tokens per
 image; text = system turn + instruction (150..260 tokens) + a 12..24-token labelled answer.
 
-Watchdog: a micro-step that runs longer than `--budget-s` is a stall. Every rank dumps its Python
-stacks (faulthandler) into the run folder, the bench kills the process group, records
-`stalled: true` with the stacks and goes on with the next config.
+Watchdog (progress, not wall time): every rank runs a heartbeat thread that notes when its main
+thread last moved (common.Heartbeat). A micro-step in which no rank has moved for `--budget-s`
+(all of them sleep or wait in a collective) is a stall: each rank has dumped its Python stacks
+into the run folder by then, the bench kills the process group, records `stalled: true` with
+the stacks and goes on with the next config. A slow step on a loaded machine keeps moving and is
+never taken for a stall.
 
 Config names: official, official_inside (JanusVLN exact: VGGT inside the ZeRO-3 engine; stalls),
 janus (the spec defaults janus-train ships), janus_* (one spec field changed, for the
@@ -544,16 +547,6 @@ class PhaseClock:
         return out
 
 
-class Progress:
-    """What the parent watches: the phase and micro-step this rank is in, atomically rewritten."""
-
-    def __init__(self, folder: Path, rank: int) -> None:
-        self.path = folder / f"progress-rank{rank}.json"
-
-    def __call__(self, phase: str, step: int = -1, micro: int = -1) -> None:
-        common.write_json_atomic(self.path, {"phase": phase, "step": step, "micro": micro, "time": time.time()})
-
-
 def _peak_memory_bytes(device) -> int:
     import resource
 
@@ -609,8 +602,6 @@ def _ds_config(setup: Setup, hidden: int, world: int, tiny: bool) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import faulthandler
-
     import torch
 
     from janus_job.data import frames
@@ -623,9 +614,11 @@ def worker(args: argparse.Namespace) -> None:
     folder = Path(args.run_dir)
     ranks, device = init_distributed()
     rank, world = ranks.rank, ranks.world_size
-    progress = Progress(folder, rank)
-    progress("init")
     stacks = open(folder / f"stacks-rank{rank}.txt", "w")
+    # what the parent watches: this rank's phase and micro-step, and when its main thread last moved
+    progress = common.Heartbeat(folder / f"progress-rank{rank}.json", stacks=stacks,
+                                dump_after_s=args.budget_s).start()
+    progress("init")
     setup = setups(world, args.tiny)[args.config]
     if isinstance(setup, Exception):
         raise SystemExit(f"{args.config}: {setup}")
@@ -798,10 +791,8 @@ def worker(args: argparse.Namespace) -> None:
             window_start = time.perf_counter()
         for k in range(accumulation):
             progress(kind, step, k)
-            faulthandler.dump_traceback_later(args.budget_s, repeat=False, file=stacks, exit=False)
             started = time.perf_counter()
             work, loss = micro_step(step, k)
-            faulthandler.cancel_dump_traceback_later()
             if first_micro_s is None:
                 sync()
                 first_micro_s = time.perf_counter() - started
@@ -964,6 +955,7 @@ def worker(args: argparse.Namespace) -> None:
         common.write_json_atomic(result_path, result)
     dist.barrier()
     progress("done")
+    progress.stop()
 
 
 # ---------------------------------------------------------------- the parent (one torchrun per config)
@@ -1052,16 +1044,16 @@ def run_config(name: str, args: argparse.Namespace, run_root: Path) -> dict:
             now = time.time()
             progress = [_read_json(folder / f"progress-rank{r}.json") for r in range(nproc)]
             in_step = [p for p in progress if p and p["phase"] in ("warmup", "measure", "profile", "report")]
-            stale = [p for p in in_step if now - p["time"] > args.budget_s + args.grace_s]
-            if stale:
+            # a stall: no rank has moved for the budget (a slow rank that computes keeps the others waiting)
+            still = min((common.still_for(p, now) for p in progress), default=0.0)
+            if in_step and still > args.budget_s + args.grace_s:
                 status = "stalled"
-                worst = max(stale, key=lambda p: now - p["time"])
-                reason = (
-                    f"a micro-step ran > {args.budget_s:.0f} s (phase {worst['phase']} step {worst['step']} "
-                    f"micro {worst['micro']})"
-                )
-            elif any(p and p["phase"] == "init" and now - p["time"] > args.init_budget_s for p in progress):
-                status, reason = "stalled", f"initialisation ran > {args.init_budget_s:.0f} s"
+                where = max(in_step, key=lambda p: (p["step"], p["micro"]))
+                reason = (f"no rank made progress for > {args.budget_s:.0f} s in a micro-step (phase {where['phase']} "
+                          f"step {where['step']} micro {where['micro']})")
+            elif (len(progress) == nproc and all(p and p["phase"] == "init" for p in progress)
+                  and still > args.init_budget_s):
+                status, reason = "stalled", f"no rank made progress for > {args.init_budget_s:.0f} s in initialisation"
             elif args.config_limit_s and time.monotonic() - started > args.config_limit_s:
                 status, reason = "incomplete", f"config ran > {args.config_limit_s:.0f} s"
             if status != "ok":
@@ -1118,9 +1110,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="extra optimizer steps timed with synchronisation at every phase boundary",
     )
-    p.add_argument("--budget-s", type=float, default=90.0, help="watchdog: longest allowed micro-step")
+    p.add_argument(
+        "--budget-s", type=float, default=90.0,
+        help="watchdog: longest time without progress on any rank within a micro-step",
+    )
     p.add_argument("--grace-s", type=float, default=8.0, help="time for the stack dumps before the kill")
-    p.add_argument("--init-budget-s", type=float, default=420.0, help="longest allowed model/engine init")
+    p.add_argument("--init-budget-s", type=float, default=420.0,
+                   help="longest time without progress on any rank in model/engine init")
     p.add_argument("--config-limit-s", type=float, default=0.0, help="kill a config after this long (0: no limit)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device for MFU (default H100 989)")
     p.add_argument(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import uuid
 
 import pytest
@@ -10,6 +12,20 @@ import pytest
 S3_REGION = "us-east-1"
 S3_KEY = "testing-key"
 S3_SECRET = "testing-secret"
+
+
+# The CLI through the interpreter running the tests: works wherever janus_job is importable, with or
+# without the `janus-job` console script installed beside that interpreter.
+JANUS_JOB = (sys.executable, "-m", "janus_job.cli")
+
+
+def load_scaled(seconds: float) -> float:
+    """A generous wait scaled by how busy the machine is (1-minute load per core, at least 1x): for
+    the few waits that guard against a hang where no progress signal exists. Never a timing claim."""
+    try:
+        return seconds * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    except OSError:
+        return seconds
 
 
 def free_port() -> int:

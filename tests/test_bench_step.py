@@ -20,11 +20,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 import step  # noqa: E402  (bench/step.py)
 
 
-def run_bench(tmp_path: Path, *extra: str, timeout: float = 300, env: dict | None = None) -> tuple[dict, str]:
+def run_bench(tmp_path: Path, *extra: str, env: dict | None = None) -> tuple[dict, str]:
+    """bench/step.py --tiny; no wall-clock limit here: the bench's own watchdog ends a run that stops
+    making progress (see step.py's docstring), however long a loaded machine needs for one that does."""
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "bench" / "step.py"), "--tiny", "--out", str(out),
            "--run-dir", str(tmp_path / "run"), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("tiny-step-*-cpu-2.json"))
     assert len(files) == 1, proc.stdout
@@ -166,18 +168,18 @@ def test_the_bench_runs_the_trainers_step(tmp_path):
 
 
 def test_watchdog_records_a_stall_with_every_ranks_stacks(tmp_path):
-    """Rank 1 hangs in its first micro-step: the bench must not hang with it."""
+    """Rank 1 hangs in its first micro-step: the bench must not hang with it. The watchdog judges by
+    progress (no rank's main thread moved for --budget-s), so a slow machine is not a stall."""
     report, stdout = run_bench(tmp_path, "--configs", "official", "--steps", "1", "--warmup", "0",
                                "--profile-steps", "0", "--budget-s", "6", "--grace-s", "4",
-                               "--fault-hang-rank", "1", timeout=200)
+                               "--fault-hang-rank", "1")
     official = report["official"]
     assert "[step.py] official: stalled" in stdout
     assert official["config"] == "official"
     assert official["status"] == "stalled" and official["stalled"] is True
-    assert "micro-step ran > 6 s" in official["reason"]
-    assert "in micro_step" in official["stacks"]["rank1"]
-    assert "Timeout" in official["stacks"]["rank0"]  # rank 0 waits in a collective and dumps too
-    assert official["wall_s"] < 150
+    assert "no rank made progress for > 6 s in a micro-step (phase measure step 0 micro 0)" in official["reason"]
+    assert "no progress for" in official["stacks"]["rank1"] and "in micro_step" in official["stacks"]["rank1"]
+    assert "no progress for" in official["stacks"]["rank0"]  # rank 0 waits in a collective and dumps too
     assert report["ratio"] is None
     assert leftover_processes(tmp_path) == []  # hung ranks and their loader workers are gone too
 
@@ -190,7 +192,7 @@ def test_janusvln_exact_setup_stalls_and_the_bench_says_where(tmp_path):
     the bench, and the evidence must point at ZeRO-3's parameter fetch.
     """
     report, _ = run_bench(tmp_path, "--configs", "official_inside", "--steps", "1", "--warmup", "1",
-                          "--budget-s", "15", "--grace-s", "4", timeout=240)
+                          "--budget-s", "15", "--grace-s", "4")
     r = report["official_inside"]
     assert r["status"] in ("stalled", "failed"), r.get("status")
     stacks = "\n".join(r["stacks"].values())

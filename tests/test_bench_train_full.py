@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -75,13 +76,11 @@ def test_a_hanging_stage_is_killed_with_its_children(tmp_path):
         "print('started', flush=True)\n"
         "time.sleep(120)\n"
     )
-    started = time.monotonic()
-    with pytest.raises(train_full.StageFailed) as err:
+    with pytest.raises(train_full.StageFailed) as err:  # the stage would exit 0 after 120 s if not killed
         train_full.run_stage("train-online", [sys.executable, "-c", script], dict(os.environ), 3, tmp_path)
-    assert time.monotonic() - started < 30
     assert err.value.stage == "train-online" and "no result within 3s" in str(err.value)
     child = int(marker.read_text())
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + load_scaled(10)  # SIGKILLed: gone as soon as it is scheduled
     while time.monotonic() < deadline and _alive(child):
         time.sleep(0.1)
     assert not _alive(child)

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import JANUS_JOB
 
 from janus_job.config.deepspeed import render_deepspeed_config
 from janus_job.config.load import load_spec, validate_spec
@@ -232,18 +233,8 @@ def test_rendered_configs_load_in_real_deepspeed(tmp_path):
 
     # the acceptance path: `janus-job render examples/r2r-2node-ib.yaml --out DIR` -> DIR/deepspeed.json
     out = tmp_path / "rendered"
-    proc = subprocess.run(
-        [
-            str(ROOT / ".venv" / "bin" / "janus-job"),
-            "render",
-            str(ROOT / "examples" / "r2r-2node-ib.yaml"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = subprocess.run([*JANUS_JOB, "render", str(ROOT / "examples" / "r2r-2node-ib.yaml"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert (out / "manifests.yaml").is_file()
     r2r = load_spec(ROOT / "examples" / "r2r-2node-ib.yaml")

@@ -6,10 +6,9 @@ import json
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import JANUS_JOB
 
 DEMO_BUDGET_S = 300  # the README promises under 5 minutes on a 2-core CPU machine
 
@@ -20,7 +19,7 @@ def test_demo_runs_end_to_end_and_prints_the_training_log_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "JANUS_STATS_DIR")}
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("janus-job")), "demo", "--workdir", str(workdir), "--steps", "4"],
+        [*JANUS_JOB, "demo", "--workdir", str(workdir), "--steps", "4"],
         capture_output=True, text=True, env=env, timeout=DEMO_BUDGET_S,
     )
     out = result.stdout
@@ -36,8 +35,7 @@ def test_demo_runs_end_to_end_and_prints_the_training_log_line(tmp_path):
     # the demo's store verifies against the demo's own spec with the command a user runs: its
     # checkpoints describe themselves, so no option tells verify which encoders they are
     verify = subprocess.run(
-        [str(Path(sys.executable).with_name("janus-job")), "features", "verify", "--spec", str(workdir / "job.yaml"),
-         "--json"],
+        [*JANUS_JOB, "features", "verify", "--spec", str(workdir / "job.yaml"), "--json"],
         capture_output=True, text=True, env=env, timeout=DEMO_BUDGET_S,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import JANUS_JOB, free_port
 
 from janus_job.deploy.launch import ALLOCATOR_DEFAULT, ALLOCATOR_ENV, runtime_defaults, torchrun_arguments
 from janus_job.errors import JobError
@@ -88,14 +89,6 @@ def test_bad_operator_variables_are_named(env, message):
 # ---------------------------------------------------------------- two nodes, as the PyTorchJob starts them
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_runtime_defaults_allocator_and_cpu_adam_threads():
     from tests.test_deepspeed import make
@@ -116,15 +109,12 @@ def test_two_nodes_started_like_the_pytorchjob_train_together(tmp_path):
     import os
     import re
     import subprocess
-    import sys
-    from pathlib import Path
 
     from janus_job.demo.run import precompute_features, prepare_job
 
     spec = prepare_job(tmp_path, steps=3, gpu=False, nodes=2, micro_batch_size=1, global_batch_size=4)
     precompute_features(spec)
     port = free_port()
-    launcher = str(Path(sys.executable).with_name("janus-job"))
     nodes = []
     for node_rank in (0, 1):
         env = {k: v for k, v in os.environ.items()
@@ -136,7 +126,7 @@ def test_two_nodes_started_like_the_pytorchjob_train_together(tmp_path):
             PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
             JANUS_METRICS_FILE=str(tmp_path / "metrics-{rank}.jsonl"),
         )
-        nodes.append(subprocess.Popen([launcher, "launch", "--spec", str(spec)], env=env, text=True,
+        nodes.append(subprocess.Popen([*JANUS_JOB, "launch", "--spec", str(spec)], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outputs = []
     try:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import JANUS_JOB
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -19,9 +19,8 @@ def test_every_example_has_rendered_manifests():
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
 def test_rendered_example_is_current(tmp_path, example):
-    proc = subprocess.run([sys.executable, "-m", "janus_job.cli", "render", str(example), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          check=False)
+    proc = subprocess.run([*JANUS_JOB, "render", str(example), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     committed = ROOT / "manifests" / "examples" / example.stem
     for name in ("deepspeed.json", "manifests.yaml"):

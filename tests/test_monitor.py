@@ -16,12 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import JANUS_JOB, load_scaled
 
 from janus_job.monitor.gpustats import GpuMemory, RankStatsWriter
 from janus_job.monitor.sidecar import RankStats, memory_spread, node_balances
 
 GIB = 1024**3
-BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
@@ -45,7 +45,7 @@ class Sidecar:
             self.lines.append(line.rstrip("\n"))
 
     def wait_for_line(self, pattern: str, timeout: float = 15, start: int = 0) -> re.Match:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + load_scaled(timeout)
         while time.monotonic() < deadline:
             for line in self.lines[start:]:
                 match = re.search(pattern, line)
@@ -70,7 +70,7 @@ class Sidecar:
 def sidecar(stats_dir: Path, *extra: str):
     process = subprocess.Popen(
         [
-            str(BIN / "janus-job"), "monitor",
+            *JANUS_JOB, "monitor",
             "--stats-dir", str(stats_dir),
             "--port", "0",
             "--host", "127.0.0.1",
@@ -247,7 +247,7 @@ def test_sigterm_stops_the_sidecar_with_exit_code_0(tmp_path):
 
 def test_bad_flags_are_user_errors(tmp_path):
     result = subprocess.run(
-        [str(BIN / "janus-job"), "monitor", "--stats-dir", str(tmp_path), "--warn-ratio", "1.5"],
+        [*JANUS_JOB, "monitor", "--stats-dir", str(tmp_path), "--warn-ratio", "1.5"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
@@ -258,7 +258,7 @@ def test_bad_flags_are_user_errors(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [str(BIN / "janus-job"), "monitor", "--stats-dir", str(tmp_path),
+            [*JANUS_JOB, "monitor", "--stats-dir", str(tmp_path),
              "--host", "127.0.0.1", "--port", str(port)],
             capture_output=True, text=True, timeout=60,
         )

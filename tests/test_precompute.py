@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_scaled
 from PIL import Image
 
 from janus_job.config.load import load_spec
@@ -189,7 +190,7 @@ def test_killed_precompute_resumes_without_recomputing(tmp_path):
     spec = write_spec(tmp_path, f"file://{tmp_path}/store", batch=1)
     store = FeatureStore(str(tmp_path / "store"))
     first = _janus_job("precompute", "--spec", str(spec), "--pace-s", "0.4", "--progress-interval", "0")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + load_scaled(120)  # a hung run that never writes
     while len(store.list_keys("spatial")) < 4:
         assert first.poll() is None, first.stdout.read()
         assert time.monotonic() < deadline

@@ -13,6 +13,7 @@ import os
 
 import ckpt_worker as worker
 import pytest
+from conftest import load_scaled
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +131,7 @@ def test_real_trainer_survives_sigkill_of_a_rank(tmp_path):
     proc = subprocess.Popen(worker.trainer_command(2, spec, max_restarts=1), cwd=worker.REPO, stdout=out,
                             stderr=subprocess.STDOUT, env=worker.trainer_env(trace, tmp_path / "staging"))
     killed_at = None
-    deadline = time.time() + 240
+    deadline = time.time() + load_scaled(240)
     rank1_trace = str(trace).format(rank=1)
     while killed_at is None and proc.poll() is None and time.time() < deadline:
         steps = []
@@ -185,7 +186,7 @@ def test_real_trainer_checkpoints_on_sigterm_and_resumes_there(tmp_path):
     proc = subprocess.Popen(worker.trainer_command(2, spec), cwd=worker.REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     signalled_at = None
-    deadline = time.time() + 240
+    deadline = time.time() + load_scaled(240)
     rank0_trace = str(trace).format(rank=0)
     while signalled_at is None and proc.poll() is None and time.time() < deadline:
         if os.path.exists(rank0_trace):

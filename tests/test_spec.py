@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import JANUS_JOB
 
 from janus_job.config.load import load_spec, validate_spec
 from janus_job.config.memory import estimate_gpu_memory
@@ -17,13 +18,12 @@ from janus_job.config.spec import JobSpec
 from janus_job.errors import JobError
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = str(ROOT / ".venv" / "bin" / "janus-job")
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 MINIMAL = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([*JANUS_JOB, *args], capture_output=True, text=True, timeout=60)
 
 
 def with_changes(changes: dict) -> dict:

@@ -9,11 +9,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import JANUS_JOB
 
 from janus_job.train.engine import lr_factor
 from janus_job.train.metrics import BatchWork, ParamCounts, format_log_line, model_flops, peak_flops_per_device
@@ -88,7 +88,7 @@ def subprocess_env(extra: dict | None = None) -> dict:
 
 
 def janus_job(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).with_name("janus-job")), *args]
+    command = [*JANUS_JOB, *args]
     return subprocess.run(command, capture_output=True, text=True, env=subprocess_env(env), timeout=timeout)
 
 

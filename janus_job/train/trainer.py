@@ -42,6 +42,7 @@ from janus_job.train.metrics import (
     peak_flops_per_device,
     per_rank_path,
 )
+from janus_job.train.shutdown import finish_rank
 
 SAMPLE_TRACE_ENV = "JANUS_SAMPLE_TRACE"  # per-rank JSON lines of the sample ids trained, for resume checks
 
@@ -274,6 +275,7 @@ class Trainer:
         if stats is not None and step_time:  # the sidecar shows the last step, not one the interval let through
             stats.write(self.step, step_time, self.global_batch_size / step_time, self.figures)
         self._finish(metrics)
+        finish_rank(self, checkpoints=checkpoints, batches=batches)
 
     def _save(self, checkpoints: Any) -> None:
         checkpoints.save(self.engine, self.step, self.client_state(), lr_scheduler=self.engine.lr_scheduler)
@@ -310,7 +312,7 @@ class Trainer:
         if self.ranks.prints:
             print(f"train stopped step={self.step}/{self.total_steps}: SIGTERM; checkpoint of step {self.step} "
                   f"is complete, exiting with {EXIT_CODE} so the pod restarts and resumes there", flush=True)
-        sys.stdout.flush()
+        finish_rank(self, checkpoints=checkpoints)
         sys.exit(EXIT_CODE)
 
     def _announce(self, resumed_from: Any) -> None:
