@@ -100,7 +100,8 @@ def test_helm_refuses_values_that_violate_the_schema(case, change, word):
 
 @pytest.mark.parametrize("path", VALUE_FILES, ids=IDS)
 def test_configmap_holds_the_validated_spec(rendered, path, tmp_path):
-    (configmap,) = by_kind(rendered[path.stem], "ConfigMap")
+    (configmap,) = [c for c in by_kind(rendered[path.stem], "ConfigMap")
+                    if c["metadata"]["labels"]["app.kubernetes.io/component"] == "spec"]
     mounted = tmp_path / "job.yaml"  # what the pod reads at /etc/janus/job.yaml
     mounted.write_text(configmap["data"]["job.yaml"])
     in_pod = load_spec(mounted)
