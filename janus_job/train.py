@@ -488,8 +488,13 @@ def _reraise_loader_error(err: JobError) -> None:
     raise JobError(text) from None
 
 
+# small per-image metadata the forward reads on the host (sizes, counts): copying it to the GPU would
+# cost a device synchronisation at every read
+HOST_KEYS = frozenset({"image_grid_thw", "images_per_sample"})
+
+
 def to_device(batch: dict, device: Any) -> dict:
-    """The batch's tensors (and lists of tensors) on `device`, copied without blocking."""
+    """The batch's tensors (and lists of tensors) on `device`, copied without blocking; HOST_KEYS stay."""
     import torch
 
     def move(value: Any) -> Any:
@@ -499,7 +504,54 @@ def to_device(batch: dict, device: Any) -> dict:
             return [v.to(device, non_blocking=True) for v in value]
         return value
 
-    return {key: move(value) for key, value in batch.items()}
+    return {key: value if key in HOST_KEYS else move(value) for key, value in batch.items()}
+
+
+def micro_step(engine: Any, batch: dict, device: Any) -> Any:
+    """One micro-step of the training loop: forward, backward, `engine.step()` (the optimizer runs
+    at the accumulation boundary). Returns the loss, still on the device (no synchronisation)."""
+    loss = engine(**to_device(batch, device)).loss
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def build_engine(spec: Any, model: Any, groups: list[dict], world_size: int, accumulation: int,
+                 total_steps: int, warmup_steps: int) -> tuple[Any, dict]:
+    """`deepspeed.initialize` with the spec's rendered config, the optimizer it names (torch's fused
+    AdamW unless `deepspeed.optimizer: deepspeed`) and the spec's lr schedule; returns (engine, config)."""
+    import deepspeed
+    import torch
+
+    from janus_job.deepspeed import ADAMW_BETAS, ADAMW_EPS, render_deepspeed_config
+
+    t = spec.training
+    config = render_deepspeed_config(spec, world_size)
+    if config["gradient_accumulation_steps"] != accumulation:
+        raise JobError(
+            f"internal: DeepSpeed accumulation {config['gradient_accumulation_steps']} differs from the "
+            f"sampler's {accumulation}"
+        )
+    optimizer = None
+    if "optimizer" not in config:
+        # fused: one multi-tensor kernel on CUDA, nothing to compile (DeepSpeed's FusedAdam is JIT-built)
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(ADAMW_BETAS),
+                                      eps=ADAMW_EPS, weight_decay=t.weight_decay,
+                                      fused=torch.cuda.is_available())
+    schedule = dict(total_steps=total_steps, warmup_steps=warmup_steps, kind=t.scheduler)
+
+    def scheduler(opt: Any) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, **schedule))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups if optimizer is None else None,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=config,
+        dist_init_required=False,
+    )
+    return engine, config
 
 
 # ---------------------------------------------------------------- the run
@@ -548,7 +600,6 @@ class Trainer:
         processor = load_processor(qwen_dir, spec.data.min_pixels, spec.data.max_pixels)
         self.dataset = JanusDataset(annotations.samples, processor, features.source, spatial=features.spatial,
                                     vision=features.vision, target_width=features.target_width)
-        self.collator = JanusCollator(processor.tokenizer.pad_token_id)
 
         self.global_batch_size = spec.global_batch_size
         sampler_cls = BalancedBatchSampler if t.balanced_sampler else LengthGroupedBatchSampler
@@ -577,6 +628,9 @@ class Trainer:
             gradient_checkpointing=t.gradient_checkpointing,
         )
         self.image_token_id = int(model.config.image_token_id)
+        # the loader computes the mRoPE positions (no per-step host synchronisations in the forward)
+        self.collator = JanusCollator(processor.tokenizer.pad_token_id, image_token_id=self.image_token_id,
+                                      spatial_merge_size=model.config.vision_config.spatial_merge_size)
         self.params = ParamCounts.of(model)
         groups = param_groups(model, t.learning_rate, t.merger_learning_rate, t.vision_learning_rate,
                               weight_decay=t.weight_decay)
@@ -594,38 +648,8 @@ class Trainer:
         return [sample_token_length(sample, per_image) for sample in samples]
 
     def _deepspeed_engine(self, model: Any, groups: list[dict]) -> Any:
-        import deepspeed
-        import torch
-
-        from janus_job.deepspeed import ADAMW_BETAS, ADAMW_EPS, render_deepspeed_config
-
-        spec, t = self.spec, self.spec.training
-        config = render_deepspeed_config(spec, self.ranks.world_size)
-        if config["gradient_accumulation_steps"] != self.accumulation:
-            raise JobError(
-                f"internal: DeepSpeed accumulation {config['gradient_accumulation_steps']} differs from the "
-                f"sampler's {self.accumulation}"
-            )
-        optimizer = None
-        if "optimizer" not in config:
-            # fused: one multi-tensor kernel on CUDA, nothing to compile (DeepSpeed's FusedAdam is JIT-built)
-            optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(ADAMW_BETAS),
-                                          eps=ADAMW_EPS, weight_decay=t.weight_decay,
-                                          fused=torch.cuda.is_available())
-        schedule = dict(total_steps=self.total_steps, warmup_steps=self.warmup_steps, kind=t.scheduler)
-
-        def scheduler(opt: Any) -> Any:
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, **schedule))
-
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=groups if optimizer is None else None,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=config,
-            dist_init_required=False,
-        )
-        self.deepspeed_config = config
+        engine, self.deepspeed_config = build_engine(self.spec, model, groups, self.ranks.world_size,
+                                                     self.accumulation, self.total_steps, self.warmup_steps)
         return engine
 
     def _seed_everything(self, seed: int) -> None:
@@ -721,9 +745,7 @@ class Trainer:
                 trace.write({"step": self.step, "micro_step": micro_step, "rank": self.ranks.rank,
                              "sample_ids": batch["sample_ids"]})
                 interval.work.add_batch(batch, self.image_token_id)
-                loss = self.engine(**to_device(batch, self.device)).loss
-                self.engine.backward(loss)
-                self.engine.step()
+                loss = micro_step(self.engine, batch, self.device)
                 interval.loss_sum = interval.loss_sum + loss.detach().float()
                 interval.loss_count += 1
             self.sampler.advance()
