@@ -82,6 +82,8 @@ class Setup:
     vggt_mode: str = "streaming"  # online VGGT: "streaming" (one call per frame) | "batched" (per sample)
     vggt_registered: bool = False  # online VGGT inside the module tree (ZeRO-3 partitions it)
     lean_activations: bool = False  # janus_job.lean MLP/RMSNorm (the product's model); False = transformers'
+    loader_indices: bool = False  # the collator computes positions and indices (the product's loader; not JanusVLN's)
+    compile_layers: bool = False  # training.compile: each decoder layer compiled
     allocator_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the ranks ("" = torch's default allocator)
     spec_overrides: tuple = ()  # (dotted spec path, value) pairs for the spec-based configs
 
@@ -105,6 +107,8 @@ def janus_setup(world_size: int, tiny: bool = False, overrides: tuple = (), desc
         vggt_mode="batched",  # the model's default, what the trainer runs online
         vggt_registered=spec.deepspeed.zero_stage < 3,  # as janus_job.train attaches it
         lean_activations=True,  # janus_job.train builds the model with it
+        loader_indices=True,  # janus_job.train's collator
+        compile_layers=t.compile,
         allocator_conf=ALLOCATOR_DEFAULT,  # janus-job launch sets it for the trainer
         vision="cached" if spec.features.cache_vision else "online",
         sampler="balanced" if t.balanced_sampler else "length_grouped",
@@ -149,6 +153,8 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
                                   "janus defaults with torch AdamW instead of DeepSpeed's"),
         "janus_length_grouped": janus((("training.balanced_sampler", False),),
                                       "janus defaults with JanusVLN's length-grouped sampler"),
+        "janus_compiled": janus((("training.compile", True),), "janus defaults with training.compile (each decoder "
+                                "layer compiled)"),
         "janus_online": janus((("features.mode", "online"), ("features.cache_vision", False)),
                               "janus defaults with both encoders online (features.mode online)"),
         "plan_a": r(OFFICIAL, spatial="cached", vision="cached", description="official + precomputed VGGT and "
@@ -597,6 +603,10 @@ def worker(args: argparse.Namespace) -> None:
                               gradient_checkpointing=setup.gradient_checkpointing, spatial_mode=setup.vggt_mode,
                               vggt_dtype=dtype, spatial_channels=spatial_channels,
                               register_vggt=setup.vggt_registered, lean_activations=setup.lean_activations)
+    if setup.compile_layers:
+        from janus_job.speed import compile_decoder_layers
+
+        compile_decoder_layers(model.model.language_model)
     params = ParamCounts.of(model)
     params.vggt = _count(model.aggregator)  # also when it is kept outside the module tree
     llm_params = _count(model.model.language_model) + _count(model.lm_head)
@@ -653,7 +663,12 @@ def worker(args: argparse.Namespace) -> None:
     ratios = [load_ratios(sampler.plan(0, s), lengths) for s in range(total_steps)]
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=JanusCollator(0),
+    if setup.loader_indices:
+        collate = JanusCollator(0, image_token_id=qwen_config.image_token_id,
+                                spatial_merge_size=qwen_config.vision_config.spatial_merge_size)
+    else:
+        collate = JanusCollator(0)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                         num_workers=setup.workers, prefetch_factor=setup.prefetch if setup.workers else None,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     batches = iter(loader)

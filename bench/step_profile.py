@@ -29,6 +29,7 @@ import argparse
 import bisect
 import contextlib
 import datetime
+import gc
 import gzip
 import json
 import os
@@ -66,7 +67,7 @@ VARIANTS = {
                         "attention is ~8% of the GPU time; cuDNN's Hopper kernel is faster: +1 to +3%"),
     "capped": ("no_syncs with the allocator held to its peak + 7.6 GiB (the headroom the 4-GPU run had under "
                "its 78 GiB cap)",
-               "if the issue's 30% came from allocator pressure: cudaMalloc/cudaFree calls and a slower step; "
+               "if the 4-GPU runs' gap came from allocator pressure: cudaMalloc/cudaFree calls and a slower step; "
                "with expandable segments, little change"),
     "compiled": ("no_syncs with each decoder layer compiled (janus_job.speed.compile_decoder_layers, "
                  "dynamic sequence length)",
@@ -223,7 +224,7 @@ def _kernel_class(name: str) -> str:
 
 
 def summarize_trace(path: Path, steps: int, top: int = 15) -> dict:
-    """The table the issue asks for, from a chrome trace of `steps` micro-steps."""
+    """The profile summary: top kernels, GPU idle gaps, syncs with call sites, allocator calls (per micro-step)."""
     events = [e for e in json.loads(Path(path).read_text()).get("traceEvents", []) if e.get("ph") == "X"]
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
@@ -292,7 +293,8 @@ def summarize_trace(path: Path, steps: int, top: int = 15) -> dict:
         if r["name"] in ALLOC_CALLS:
             alloc[r["name"]][0] += 1
             alloc[r["name"]][1] += r["dur"] / 1e6
-    out["allocator_calls_per_micro_step"] = {n: {"calls": c / steps, "host_s": s / steps} for n, (c, s) in alloc.items()}
+    out["allocator_calls_per_micro_step"] = {n: {"calls": c / steps, "host_s": t / steps}
+                                             for n, (c, t) in alloc.items()}
 
     # the largest GPU idle gaps, and what the host was running when each began
     main_tid = Counter(op.get("tid") for op in cpu_ops).most_common(1)[0][0] if cpu_ops else None
@@ -382,10 +384,7 @@ def run_probe(args, batches, device, clock: Clock, tiny: bool, workdir: Path) ->
             result["profile"] = summarize_trace(trace, min(args.profile_samples, len(data)))
         except Exception as err:  # the timings above stand without the profile
             result["profile_error"] = f"{type(err).__name__}: {str(err)[:600]}"
-    del model, head, params, data
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return result  # the probe's model goes with this frame; main() empties the cache
 
 
 def phases(passes: list[dict], count: int) -> dict:
@@ -622,19 +621,21 @@ def table(result: dict) -> str:
         if not prof:
             continue
         gpu = prof["gpu"]
+        allocs = {k: v["calls"] for k, v in prof["allocator_calls_per_micro_step"].items()}
         lines.append(f"-- profile {name}: GPU busy {gpu['busy_s_per_micro_step']:.4f} s, idle "
                      f"{gpu['idle_s_per_micro_step']:.4f} s ({fmt_pct(gpu['idle_share'])}) per micro-step, "
-                     f"{gpu['kernel_launches_per_micro_step']:.0f} kernels; syncs {json.dumps(prof['syncs_per_micro_step'])}; "
-                     f"alloc {json.dumps({k: v['calls'] for k, v in prof['allocator_calls_per_micro_step'].items()})}")
-        lines.append("   classes: " + ", ".join(f"{k} {v:.4f}" for k, v in prof["kernel_classes_s_per_micro_step"].items()))
+                     f"{gpu['kernel_launches_per_micro_step']:.0f} kernels; "
+                     f"syncs {json.dumps(prof['syncs_per_micro_step'])}; alloc {json.dumps(allocs)}")
+        classes = prof["kernel_classes_s_per_micro_step"]
+        lines.append("   classes: " + ", ".join(f"{k} {v:.4f}" for k, v in classes.items()))
         for k in prof["top_kernels"][:6]:
             lines.append(f"   {k['s_per_micro_step']:.4f} s x{k['calls_per_micro_step']:.0f}  {k['name'][:90]}")
         for s in prof["sync_sites"][:5]:
             lines.append(f"   sync {s['calls_per_micro_step']:.0f}x {s['host_wait_s_per_micro_step'] * 1e3:.2f} ms  "
                          f"{s['site'][:110]}")
         for g in prof["idle_gap_sites"][:4]:
-            lines.append(f"   idle {g['s_per_micro_step'] * 1e3:.2f} ms in {g['gaps_per_micro_step']:.0f} gaps, host at "
-                         f"{g['host_at_gap_start'][:100]}")
+            lines.append(f"   idle {g['s_per_micro_step'] * 1e3:.2f} ms in {g['gaps_per_micro_step']:.0f} gaps, "
+                         f"host at {g['host_at_gap_start'][:100]}")
     return "\n".join(lines)
 
 
@@ -692,6 +693,9 @@ def main() -> int:
           f"tokens {[s['tokens'] for s in shapes]}", flush=True)
     started = time.perf_counter()
     result["probe"] = run_probe(args, batches, device, clock, tiny, workdir)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     print(f"  probe: {json.dumps(result['probe']['s_per_micro_step'])}", flush=True)
     result["probe_s"] = time.perf_counter() - started
     common.write_json_atomic(path, result)

@@ -627,6 +627,10 @@ class Trainer:
             attn_implementation=spec.model.attn_implementation,
             gradient_checkpointing=t.gradient_checkpointing,
         )
+        if t.compile:
+            from janus_job.speed import compile_decoder_layers
+
+            compile_decoder_layers(model.model.language_model)
         self.image_token_id = int(model.config.image_token_id)
         # the loader computes the mRoPE positions (no per-step host synchronisations in the forward)
         self.collator = JanusCollator(processor.tokenizer.pad_token_id, image_token_id=self.image_token_id,
