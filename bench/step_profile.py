@@ -6,7 +6,7 @@
 One process, one rank. The product side is the trainer's own code: the model as `janus_job.train`
 builds it (`model_from_config` with the spec's checkpointing and the lean layers, random weights
 built on the device), the engine from `janus_job.train.build_engine` (the shipped `janus` spec:
-ZeRO-1, fused torch AdamW, bf16) and the micro-step `janus_job.train.micro_step` (forward,
+ZeRO-1, fused torch AdamW, bf16) and the micro-step `janus_job.train.train_micro_step` (forward,
 `engine.backward`, `engine.step`). The spec's global batch is raised so that no optimizer step
 falls inside the profile (one GPU cannot hold the 7B model's Adam state next to the activations;
 the optimizer's own cost is in the multi-GPU results). The probe is `bench/llm_probe.py`'s model
@@ -444,7 +444,7 @@ def run_product(args, batches, device, clock: Clock, tiny: bool, workdir: Path, 
     import torch
 
     from janus_job.speed import compile_decoder_layers
-    from janus_job.train import micro_step
+    from janus_job.train import train_micro_step
 
     spec, engine, config = build_product(args, qwen_config_of(tiny), device, tiny)
     result["spec"] = {"zero_stage": config["zero_optimization"]["stage"], "bf16": config["bf16"]["enabled"],
@@ -480,7 +480,7 @@ def run_product(args, batches, device, clock: Clock, tiny: bool, workdir: Path, 
             data = [prepare(b) for b in batches]
             started = time.perf_counter()
             for batch in data:  # warm (and compile)
-                micro_step(engine, batch, device)
+                train_micro_step(engine, batch, device)
             clock.seconds()
             row["warm_pass_s"] = time.perf_counter() - started
             if device.type == "cuda":
@@ -489,7 +489,7 @@ def run_product(args, batches, device, clock: Clock, tiny: bool, workdir: Path, 
             for _ in range(args.passes):
                 for batch in data:
                     clock.start("micro_step")
-                    micro_step(engine, batch, device)
+                    train_micro_step(engine, batch, device)
                     clock.stop("micro_step")
                 passes.append(clock.seconds())
             row.update(phases(passes, len(data)))
@@ -504,7 +504,7 @@ def run_product(args, batches, device, clock: Clock, tiny: bool, workdir: Path, 
                 trace = workdir / f"trace-{name}.json"
                 with profiled(True, trace):
                     for batch in data[:args.profile_samples]:
-                        micro_step(engine, batch, device)
+                        train_micro_step(engine, batch, device)
                     clock.seconds()
                 row["profile"] = summarize_trace(trace, min(args.profile_samples, len(data)))
                 if name == "no_syncs" and args.out_dir:

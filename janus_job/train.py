@@ -507,7 +507,7 @@ def to_device(batch: dict, device: Any) -> dict:
     return {key: value if key in HOST_KEYS else move(value) for key, value in batch.items()}
 
 
-def micro_step(engine: Any, batch: dict, device: Any) -> Any:
+def train_micro_step(engine: Any, batch: dict, device: Any) -> Any:
     """One micro-step of the training loop: forward, backward, `engine.step()` (the optimizer runs
     at the accumulation boundary). Returns the loss, still on the device (no synchronisation)."""
     loss = engine(**to_device(batch, device)).loss
@@ -749,7 +749,7 @@ class Trainer:
                 trace.write({"step": self.step, "micro_step": micro_step, "rank": self.ranks.rank,
                              "sample_ids": batch["sample_ids"]})
                 interval.work.add_batch(batch, self.image_token_id)
-                loss = micro_step(self.engine, batch, self.device)
+                loss = train_micro_step(self.engine, batch, self.device)
                 interval.loss_sum = interval.loss_sum + loss.detach().float()
                 interval.loss_count += 1
             self.sampler.advance()
