@@ -53,6 +53,28 @@ def build(tiny: bool, device: str):
     return model, head, config, dtype
 
 
+def forward_loss(model, head, x, positions, labels, restricted: bool = True):
+    """The probe's forward: the language model on `x` (micro, tokens, hidden), the LM head and
+    cross-entropy on the last `labels.shape[1]` positions before the end (the answer)."""
+    import torch
+
+    tokens, answer = x.shape[1], labels.shape[1]
+    hidden = model(inputs_embeds=x, position_ids=positions).last_hidden_state
+    span = slice(tokens - answer - 1, tokens - 1)
+    logits = head(hidden[:, span]).float() if restricted else head(hidden).float()[:, span]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def inputs(config, dtype, device, micro: int, tokens: int, answer: int = ANSWER):
+    """Random embeddings, text positions (the probe has no images) and answer labels."""
+    import torch
+
+    x = torch.randn(micro, tokens, config.hidden_size, device=device, dtype=dtype) * 0.02
+    positions = torch.arange(tokens, device=device).view(1, 1, tokens).expand(3, micro, tokens)
+    labels = torch.randint(0, config.vocab_size, (micro, answer), device=device)
+    return x, positions, labels
+
+
 def measure(model, head, config, dtype, device, ckpt: bool, restricted: bool, micro: int,
             tokens: int, iters: int) -> dict:
     import torch
@@ -66,9 +88,7 @@ def measure(model, head, config, dtype, device, ckpt: bool, restricted: bool, mi
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    x = torch.randn(micro, tokens, config.hidden_size, device=device, dtype=dtype) * 0.02
-    positions = torch.arange(tokens, device=device).view(1, 1, tokens).expand(3, micro, tokens)
-    labels = torch.randint(0, config.vocab_size, (micro, ANSWER), device=device)
+    x, positions, labels = inputs(config, dtype, device, micro, tokens)
     params = list(model.parameters()) + [head.weight]
     times = []
     try:
@@ -76,11 +96,7 @@ def measure(model, head, config, dtype, device, ckpt: bool, restricted: bool, mi
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            hidden = model(inputs_embeds=x, position_ids=positions).last_hidden_state
-            answer = slice(tokens - ANSWER - 1, tokens - 1)
-            logits = head(hidden[:, answer]).float() if restricted else head(hidden).float()[:, answer]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-            loss.backward()
+            forward_loss(model, head, x, positions, labels, restricted).backward()
             for p in params:
                 p.grad = None
             if cuda:

@@ -87,6 +87,8 @@ class Setup:
     vggt_registered: bool = False  # online VGGT inside the module tree (ZeRO-3 partitions it)
     # janus_job.models.janusvln.lean MLP/RMSNorm (the product's model); False = transformers' own
     lean_activations: bool = False
+    loader_indices: bool = False  # the collator computes positions and indices (the product's loader; not JanusVLN's)
+    compile_layers: bool = False  # training.compile: each decoder layer compiled
     allocator_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the ranks ("" = torch's default allocator)
     spec_overrides: tuple = ()  # (dotted spec path, value) pairs for the spec-based configs
 
@@ -113,6 +115,8 @@ def janus_setup(world_size: int, tiny: bool = False, overrides: tuple = (), desc
         vggt_mode="batched",  # the model's default, what the trainer runs online
         vggt_registered=spec.deepspeed.zero_stage < 3,  # as janus_job.train.trainer attaches it
         lean_activations=True,  # janus_job.train.trainer builds the model with it
+        loader_indices=True,  # janus_job.train.trainer's collator
+        compile_layers=t.compile,
         allocator_conf=ALLOCATOR_DEFAULT,  # janus-job launch sets it for the trainer
         vision="cached" if spec.features.cache_vision else "online",
         sampler="balanced" if t.balanced_sampler else "length_grouped",
@@ -152,58 +156,31 @@ def setups(world_size: int, tiny: bool = False) -> dict[str, Setup]:
             "janus defaults with gradient checkpointing (the default before this measurement)",
         ),
         "janus_zero3": janus((("deepspeed.zero_stage", 3),), "janus defaults at ZeRO-3"),
-        "janus_zero2": janus(
-            (("deepspeed.zero_stage", 2),),
-            "janus defaults at ZeRO-2 (gradients reduce-scattered at every micro-step; the default before ZeRO-1)",
-        ),
-        "janus_stock_layers": janus_with(
-            "janus defaults with transformers' own MLP and RMSNorm (no janus_job.models.janusvln.lean)",
-            lean_activations=False,
-        ),
-        "janus_default_allocator": janus_with(
-            "janus defaults with torch's default CUDA allocator settings (no expandable segments)", allocator_conf=""
-        ),
-        "janus_torch_adam": janus(
-            (("deepspeed.optimizer", "torch"),), "janus defaults with torch AdamW instead of DeepSpeed's"
-        ),
-        "janus_length_grouped": janus(
-            (("training.balanced_sampler", False),), "janus defaults with JanusVLN's length-grouped sampler"
-        ),
-        "janus_online": janus(
-            (("features.mode", "online"), ("features.cache_vision", False)),
-            "janus defaults with both encoders online (features.mode online)",
-        ),
-        "plan_a": r(
-            OFFICIAL,
-            spatial="cached",
-            vision="cached",
-            description="official + precomputed VGGT and vision features (plan A)",
-        ),
-        "plan_b": r(
-            OFFICIAL,
-            write_through=True,
-            description="official + read-through cache in its first "
-            "epoch: every feature computed online and written (plan B; 1 epoch = no hits)",
-        ),
-        "plan_c": r(
-            OFFICIAL,
-            deepspeed="zero2_offload",
-            optimizer="deepspeed",
-            description="official with ZeRO-2 + CPU optimizer offload (DeepSpeedCPUAdam) (plan C)",
-        ),
-        "plan_d": r(
-            OFFICIAL,
-            target_width=616,
-            description="official at max_pixels 384x28x28: frames 462x616 "
-            "(VGGT) / 448x616 (Qwen) = 352 tokens per image (plan D)",
-        ),
-        "plan_e": r(
-            OFFICIAL,
-            workers=16,
-            prefetch=4,
-            decode="cv2",
-            description="official + 16 loader workers, prefetch 4, cv2 decode (PIL if cv2 is missing) (plan E)",
-        ),
+        "janus_zero2": janus((("deepspeed.zero_stage", 2),), "janus defaults at ZeRO-2 (gradients reduce-scattered "
+                             "at every micro-step; the default before ZeRO-1)"),
+        "janus_stock_layers": janus_with("janus defaults with transformers' own MLP and RMSNorm "
+                                         "(no janus_job.models.janusvln.lean)",
+                                         lean_activations=False),
+        "janus_default_allocator": janus_with("janus defaults with torch's default CUDA allocator settings "
+                                              "(no expandable segments)", allocator_conf=""),
+        "janus_torch_adam": janus((("deepspeed.optimizer", "torch"),),
+                                  "janus defaults with torch AdamW instead of DeepSpeed's"),
+        "janus_length_grouped": janus((("training.balanced_sampler", False),),
+                                      "janus defaults with JanusVLN's length-grouped sampler"),
+        "janus_compiled": janus((("training.compile", True),), "janus defaults with training.compile (each decoder "
+                                "layer compiled)"),
+        "janus_online": janus((("features.mode", "online"), ("features.cache_vision", False)),
+                              "janus defaults with both encoders online (features.mode online)"),
+        "plan_a": r(OFFICIAL, spatial="cached", vision="cached", description="official + precomputed VGGT and "
+                    "vision features (seed plan A)"),
+        "plan_b": r(OFFICIAL, write_through=True, description="official + read-through cache in its first "
+                    "epoch: every feature computed online and written (seed plan B; 1 epoch = no hits)"),
+        "plan_c": r(OFFICIAL, deepspeed="zero2_offload", optimizer="deepspeed", description="official with "
+                    "ZeRO-2 + CPU optimizer offload (DeepSpeedCPUAdam) (seed plan C)"),
+        "plan_d": r(OFFICIAL, target_width=616, description="official at max_pixels 384x28x28: frames 462x616 "
+                    "(VGGT) / 448x616 (Qwen) = 352 tokens per image (seed plan D)"),
+        "plan_e": r(OFFICIAL, workers=16, prefetch=4, decode="cv2", description="official + 16 loader workers, "
+                    "prefetch 4, cv2 decode (PIL if cv2 is missing) (seed plan E)"),
     }
 
 
@@ -648,18 +625,14 @@ def worker(args: argparse.Namespace) -> None:
     online_vggt = setup.spatial != "cached"
     # official: the aggregator is kept outside the module tree (DeepSpeed neither partitions nor
     # gathers it); official_inside: registered under model.vggt, as JanusVLN has it.
-    model = model_from_config(
-        qwen_config,
-        vggt_config if online_vggt else None,
-        dtype=dtype,
-        device=device,
-        gradient_checkpointing=setup.gradient_checkpointing,
-        spatial_mode=setup.vggt_mode,
-        vggt_dtype=dtype,
-        spatial_channels=spatial_channels,
-        register_vggt=setup.vggt_registered,
-        lean_activations=setup.lean_activations,
-    )
+    model = model_from_config(qwen_config, vggt_config if online_vggt else None, dtype=dtype, device=device,
+                              gradient_checkpointing=setup.gradient_checkpointing, spatial_mode=setup.vggt_mode,
+                              vggt_dtype=dtype, spatial_channels=spatial_channels,
+                              register_vggt=setup.vggt_registered, lean_activations=setup.lean_activations)
+    if setup.compile_layers:
+        from janus_job.models.janusvln.compile import compile_decoder_layers
+
+        compile_decoder_layers(model.model.language_model)
     params = ParamCounts.of(model)
     params.vggt = _count(model.aggregator)  # also when it is kept outside the module tree
     llm_params = _count(model.model.language_model) + _count(model.lm_head)
@@ -721,15 +694,14 @@ def worker(args: argparse.Namespace) -> None:
     ratios = [load_ratios(sampler.plan(0, s), lengths) for s in range(total_steps)]
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=JanusCollator(0),
-        num_workers=setup.workers,
-        prefetch_factor=setup.prefetch if setup.workers else None,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
+    if setup.loader_indices:
+        collate = JanusCollator(0, image_token_id=qwen_config.image_token_id,
+                                spatial_merge_size=qwen_config.vision_config.spatial_merge_size)
+    else:
+        collate = JanusCollator(0)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=setup.workers, prefetch_factor=setup.prefetch if setup.workers else None,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
     batches = iter(loader)
 
     # -- measuring --

@@ -287,7 +287,7 @@ def test_detached_aggregator_stays_out_of_the_module_tree(world, tmp_path):
         export.export_janusvln_checkpoint(bare, str(tmp_path / "y"))
     assert not (tmp_path / "y").exists()
     with pytest.raises(TypeError, match="batch contract"):
-        detached(**batch, position_ids=None)
+        detached(**batch, cache_position=None)
 
 
 def test_build_model_loads_qwen_and_vggt_from_paths_and_urls(world, tmp_path):

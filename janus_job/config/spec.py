@@ -195,6 +195,11 @@ class TrainingSpec(Section):
         description="Recompute LLM activations in backward (HF gradient checkpointing): ~25% slower steps, "
         "~20 GiB less per GPU; the fit check asks for it when a GPU cannot hold the activations.",
     )
+    compile: bool = Field(
+        False,
+        description="Compile each language-model decoder layer (torch.compile, dynamic sequence length): "
+        "~17% faster forward+backward measured on one H200 at ZeRO-1, ~30 s more for the first step.",
+    )
     balanced_sampler: bool = Field(True, description="Token-balanced distributed sampler (equal work per rank).")
     seed: int = Field(
         42, ge=0, le=SEED_MAX, description="Seed of data order and initialisation (numpy's range: < 2^32)."

@@ -25,6 +25,9 @@ The batch contract (`JanusCollator` -> `JanusVLNForConditionalGeneration.forward
 | `spatial_features` | `(B, Hp', Wp', C)` | cached; a list of `(Hp', Wp', C)` if shapes differ in the batch |
 | `vggt_frames` | list of `(S_i, 3, H, W)` | only when VGGT runs online |
 | `sample_ids` | list of str | error messages, exact-resume checks |
+| `position_ids` | long `(3, B, L)` | with the collator's `image_token_id`: mRoPE positions, from the host |
+| `image_index` | long `(N_image_tokens,)` | with `image_token_id`: flat positions of the image tokens |
+| `label_index` | long `(N_labels,)` | with `image_token_id`: flat positions whose next token is labelled |
 
 `model(**batch)` accepts exactly these keys (plus `return_logits`, `return_computed_features`) and
 raises `TypeError` on anything else.
@@ -351,13 +354,74 @@ def _with_sample_id(sample, fetch):
 
 # ---- collation ------------------------------------------------------------------------------
 
+def mrope_position_ids(input_ids: "torch.Tensor", attention_mask: "torch.Tensor", image_grid_thw: "torch.Tensor",
+                       image_token_id: int, spatial_merge_size: int = 2,
+                       sample_ids: Sequence[str] | None = None) -> "torch.Tensor":
+    """Qwen2.5-VL's multimodal RoPE positions (3, batch, length) for text and still images, on the host.
+
+    The same values as the model's `get_rope_index` (text positions count up by one; an image's
+    tokens get (start, start + row, start + column) and the next position is start + max(rows,
+    columns); padding stays 0), computed once per batch in the loader instead of per step on the
+    GPU, where it costs a device synchronisation per image. Each run of image tokens is one image
+    of `image_grid_thw`, in order; a run whose length is not that image's merged grid raises.
+    """
+    import torch
+
+    batch, length = input_ids.shape
+    positions = torch.zeros(3, batch, length, dtype=torch.long)
+    grids = image_grid_thw.tolist()
+    m = spatial_merge_size
+    image = 0
+    for b in range(batch):
+        keep = attention_mask[b].bool()
+        ids = input_ids[b][keep]
+        is_image = (ids == image_token_id).tolist()
+        pieces, pos, start = [], 0, 0
+        while start < len(is_image):
+            end = start
+            while end < len(is_image) and is_image[end] == is_image[start]:
+                end += 1
+            run = end - start
+            if not is_image[start]:
+                pieces.append(torch.arange(pos, pos + run).expand(3, run))
+                pos += run
+            else:
+                name = sample_ids[b] if sample_ids else f"#{b}"
+                if image >= len(grids):
+                    raise JobError(f"sample {name}: more runs of image tokens than images ({len(grids)} in the "
+                                   "batch); tokenisation and image grid disagree")
+                t, h, w = grids[image]
+                gh, gw = h // m, w // m
+                if run != t * gh * gw:
+                    raise JobError(f"sample {name}: image {image} has {run} placeholder tokens but its "
+                                   f"{t}x{h}x{w} patch grid merges to {t * gh * gw}; tokenisation and image "
+                                   "grid disagree")
+                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+                pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
+                pos += max(gh, gw)
+                image += 1
+            start = end
+        if pieces:
+            positions[:, b, keep] = torch.cat(pieces, dim=1)
+    if image != len(grids):
+        raise JobError(f"batch {list(sample_ids or [])}: {len(grids)} images but {image} runs of image "
+                       "tokens; tokenisation and image grid disagree")
+    return positions
+
 
 class JanusCollator:
-    """Per-sample dicts -> the batch contract (this module's docstring), right-padded."""
+    """Per-sample dicts -> the batch contract (this module's docstring), right-padded.
 
-    def __init__(self, pad_token_id: int, max_length: int | None = None):
+    With `image_token_id` the batch also carries `position_ids`, `image_index` and `label_index`
+    (`step_indices`): the model then runs its forward and backward without a host synchronisation.
+    """
+
+    def __init__(self, pad_token_id: int, max_length: int | None = None, image_token_id: int | None = None,
+                 spatial_merge_size: int = 2):
         self.pad_token_id = int(pad_token_id)
         self.max_length = max_length
+        self.image_token_id = image_token_id
+        self.spatial_merge_size = spatial_merge_size
 
     def __call__(self, items: Sequence[dict]) -> dict:
         import torch
@@ -401,4 +465,25 @@ class JanusCollator:
             batch["spatial_features"] = torch.stack(maps) if same else maps
         if "vggt_frames" in items[0]:
             batch["vggt_frames"] = [item["vggt_frames"] for item in items]
+        if self.image_token_id is not None:
+            batch.update(step_indices(input_ids, attention_mask, labels, batch["image_grid_thw"],
+                                      self.image_token_id, self.spatial_merge_size, ids))
         return batch
+
+
+def step_indices(input_ids: "torch.Tensor", attention_mask: "torch.Tensor", labels: "torch.Tensor",
+                 image_grid_thw: "torch.Tensor", image_token_id: int, spatial_merge_size: int = 2,
+                 sample_ids: Sequence[str] | None = None) -> dict:
+    """What the forward would otherwise find out on the GPU, each read costing a synchronisation:
+    `position_ids` (mrope_position_ids), `image_index` (flat positions of the image tokens, where the
+    image embeddings go) and `label_index` (flat positions whose next token is labelled: where the LM
+    head and the loss run)."""
+    import torch
+
+    positions = mrope_position_ids(input_ids, attention_mask, image_grid_thw, image_token_id,
+                                   spatial_merge_size, sample_ids)
+    image_index = torch.nonzero((input_ids == image_token_id).flatten()).flatten()
+    predicts_label = torch.zeros_like(labels, dtype=torch.bool)
+    predicts_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    label_index = torch.nonzero(predicts_label.flatten()).flatten()
+    return {"position_ids": positions, "image_index": image_index, "label_index": label_index}

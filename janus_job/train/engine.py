@@ -117,8 +117,13 @@ def build_engine(spec: Any, model: Any, world_size: int, total_steps: int, *,
 # ---------------------------------------------------------------- the step
 
 
+# small per-image metadata the forward reads on the host (sizes, counts): copying it to the GPU would
+# cost a device synchronisation at every read
+HOST_KEYS = frozenset({"image_grid_thw", "images_per_sample"})
+
+
 def to_device(batch: dict, device: Any) -> dict:
-    """The batch's tensors (and lists of tensors) on `device`, copied without blocking."""
+    """The batch's tensors (and lists of tensors) on `device`, copied without blocking; HOST_KEYS stay."""
     import torch
 
     def move(value: Any) -> Any:
@@ -128,7 +133,7 @@ def to_device(batch: dict, device: Any) -> dict:
             return [v.to(device, non_blocking=True) for v in value]
         return value
 
-    return {key: move(value) for key, value in batch.items()}
+    return {key: value if key in HOST_KEYS else move(value) for key, value in batch.items()}
 
 
 class _NoClock:

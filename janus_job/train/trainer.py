@@ -110,7 +110,6 @@ class Trainer:
         processor = load_processor(qwen_dir, spec.data.min_pixels, spec.data.max_pixels)
         self.dataset = JanusDataset(annotations.samples, processor, features.source, spatial=features.spatial,
                                     vision=features.vision, target_width=features.target_width)
-        self.collator = JanusCollator(processor.tokenizer.pad_token_id)
 
         self.global_batch_size = spec.global_batch_size
         sampler_cls = BalancedBatchSampler if t.balanced_sampler else LengthGroupedBatchSampler
@@ -139,7 +138,14 @@ class Trainer:
             gradient_checkpointing=t.gradient_checkpointing,
             endpoint_url=endpoint,
         )
+        if t.compile:
+            from janus_job.models.janusvln.compile import compile_decoder_layers
+
+            compile_decoder_layers(model.model.language_model)
         self.image_token_id = int(model.config.image_token_id)
+        # the loader computes the mRoPE positions and index tensors (no host synchronisations in the forward)
+        self.collator = JanusCollator(processor.tokenizer.pad_token_id, image_token_id=self.image_token_id,
+                                      spatial_merge_size=model.config.vision_config.spatial_merge_size)
         self.params = ParamCounts.of(model)
         self.engine, self.deepspeed_config = build_engine(spec, model, self.ranks.world_size, self.total_steps,
                                                           accumulation=self.accumulation)

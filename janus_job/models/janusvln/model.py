@@ -195,7 +195,8 @@ class JanusVLNForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if pixel_values is None:
             raise JobError("batch has neither `vision_features` nor `pixel_values`")
         visual = self.model.visual
-        out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=image_grid_thw)
+        out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype),
+                     grid_thw=image_grid_thw.to(pixel_values.device))
         hidden = None
         if keep_hidden:
             hidden = _natural_order(visual, out.last_hidden_state.detach(), image_grid_thw)
@@ -262,7 +263,8 @@ class JanusVLNForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     # ---- forward ------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, image_grid_thw=None,
                 images_per_sample=None, pixel_values=None, vision_features=None,
-                spatial_features=None, vggt_frames=None, sample_ids=None,
+                spatial_features=None, vggt_frames=None, sample_ids=None, position_ids=None,
+                image_index=None, label_index=None,
                 return_logits: bool = False, return_computed_features: bool = False, **unexpected):
         if unexpected:
             raise TypeError(f"JanusVLN forward got keys outside the batch contract: {sorted(unexpected)}")
@@ -275,27 +277,34 @@ class JanusVLNForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             image_embeds, computed_spatial, computed_vision = self.image_embeddings(
                 input_ids, image_grid_thw, images_per_sample, pixel_values, vision_features,
                 spatial_features, vggt_frames, sample_ids, return_computed_features)
-            image_mask = input_ids == self.config.image_token_id
-            n_slots = int(image_mask.sum())
-            if n_slots != image_embeds.shape[0]:
-                raise JobError(
-                    f"batch {sample_ids}: {n_slots} image placeholder tokens but "
-                    f"{image_embeds.shape[0]} image embeddings (tokenisation and image grid disagree)"
-                )
-            inputs_embeds = inputs_embeds.masked_scatter(
-                image_mask.unsqueeze(-1), image_embeds.to(inputs_embeds.dtype))
-            mm_token_type_ids = image_mask.int()
-            position_ids, _ = self.model.get_rope_index(
-                input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                attention_mask=attention_mask)
-        else:
-            position_ids = None
+            image_embeds = image_embeds.to(inputs_embeds.dtype)
+            # the loader's indices (janus_job.data.step_indices) need no device synchronisation here or in
+            # backward; without them the image tokens are counted and found on the GPU
+            if image_index is not None:
+                if image_index.numel() != image_embeds.shape[0]:
+                    raise JobError(f"batch {sample_ids}: {image_index.numel()} image placeholder tokens but "
+                                   f"{image_embeds.shape[0]} image embeddings (tokenisation and image grid disagree)")
+                flat = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
+                inputs_embeds = flat.index_copy(0, image_index, image_embeds).view_as(inputs_embeds)
+            else:
+                image_mask = input_ids == self.config.image_token_id
+                n_slots = int(image_mask.sum())
+                if n_slots != image_embeds.shape[0]:
+                    raise JobError(
+                        f"batch {sample_ids}: {n_slots} image placeholder tokens but "
+                        f"{image_embeds.shape[0]} image embeddings (tokenisation and image grid disagree)"
+                    )
+                inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds)
+            if position_ids is None:
+                position_ids, _ = self.model.get_rope_index(
+                    input_ids, (input_ids == self.config.image_token_id).int(), image_grid_thw=image_grid_thw,
+                    attention_mask=attention_mask)
         hidden = self.model.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask,
             position_ids=position_ids, use_cache=False).last_hidden_state
         loss = n_tokens = logits = None
         if labels is not None:
-            loss, n_tokens, logits = restricted_lm_loss(self.lm_head, hidden, labels, return_logits)
+            loss, n_tokens, logits = restricted_lm_loss(self.lm_head, hidden, labels, return_logits, label_index)
         return JanusVLNOutput(
             loss=loss, num_label_tokens=n_tokens, logits=logits,
             computed_spatial=computed_spatial if return_computed_features else None,
@@ -310,21 +319,29 @@ def encoder_autocast(dtype, device):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
-def restricted_lm_loss(lm_head, hidden, labels, return_logits: bool = False):
+def restricted_lm_loss(lm_head, hidden, labels, return_logits: bool = False, label_index=None):
     """Mean next-token cross-entropy, computing logits only where the shifted label is set.
 
     Equal to full-vocabulary cross-entropy over all positions with ignore_index -100 (JanusVLN's
     loss), without materialising (B, L, vocab) logits. Returns (loss, label count, logits or None).
+    label_index: those positions, flat over (batch, length), found by the loader
+    (janus_job.data.step_indices); without it they are found on the GPU (a synchronisation).
     """
-    target = labels[:, 1:]
-    select = target != IGNORE_INDEX
-    n_tokens = select.sum()
-    picked = hidden[:, :-1][select]
+    if label_index is not None:
+        n_tokens = torch.full((), label_index.numel(), dtype=torch.long, device=hidden.device)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, label_index)
+        target = labels.reshape(-1).index_select(0, label_index + 1)
+    else:
+        target = labels[:, 1:]
+        select = target != IGNORE_INDEX
+        n_tokens = select.sum()
+        picked = hidden[:, :-1][select]
+        target = target[select]
     logits = lm_head(picked).float()
     if picked.shape[0] == 0:
         loss = hidden.sum() * 0.0
     else:
-        loss = torch.nn.functional.cross_entropy(logits, target[select])
+        loss = torch.nn.functional.cross_entropy(logits, target)
     return loss, n_tokens, (logits if return_logits else None)
 
 
