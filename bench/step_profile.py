@@ -57,7 +57,8 @@ VARIANTS = {
                          "image grid and counts kept on the host",
                          "-5 to -15 ms per micro-step (about 30 syncs and ~100 small launches while the GPU idles)"),
     "no_syncs": ("loader_positions, and image and label positions from the collator "
-                 "(janus_job.data.dataset.step_indices): index_copy / index_select instead of masked_scatter / boolean indexing, whose forward and "
+                 "(janus_job.data.dataset.step_indices): index_copy / index_select instead of masked_scatter / "
+                 "boolean indexing, whose forward and "
                  "backward synchronise",
                  "-5 to -10 ms more: the backward starts with the CPU ahead, so DeepSpeed's first-hook host work "
                  "(7 ms) and the per-parameter hooks hide behind the GPU"),
