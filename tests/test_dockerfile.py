@@ -146,3 +146,63 @@ def test_the_images_rdma_packages_install_here_and_load_libibverbs():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("devices [")  # a list of HCA names (empty on a machine without HCAs)
+
+
+def test_production_imports_come_from_the_main_dependencies():
+    """Every third-party module janus_job imports (at module level or inside functions) is provided by a
+    distribution in [project.dependencies] (or a dependency of one), not by the [dev] extra: a plain
+    `pip install janus-train` (and the image, which installs without extras) runs every command, e.g.
+    `janus-job render` needs helm-python-sdk. The optional trackers (wandb, mlflow) are the exception:
+    the trainer warns and goes on without them."""
+    import ast
+    import sys
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional_trackers = {"wandb", "mlflow"}
+
+    def closure(names):
+        seen, todo = set(), [Requirement(n).name.lower() for n in names]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for req in metadata.requires(name) or []:
+                parsed = Requirement(req)
+                if parsed.marker is None or parsed.marker.evaluate({"extra": ""}):
+                    todo.append(parsed.name.lower())
+        return {n.replace("_", "-") for n in seen}
+
+    main = closure(project["dependencies"])
+    providers = metadata.packages_distributions()
+    missing = {}
+    def guarded(tree):
+        """Imports inside `try: ... except ImportError` have a fallback: not required."""
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                    isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                    for h in node.handlers):
+                out.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+        return out
+
+    for path in (ROOT / "janus_job").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        skip = guarded(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top == "janus_job" or top in optional_trackers:
+                    continue
+                dists = {d.lower().replace("_", "-") for d in providers.get(top, [])}
+                if not dists & main:
+                    missing.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    assert not missing, f"imported but not installed by the main dependencies: {missing}"
