@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import common  # noqa: E402  (bench/common.py)
-from janus_job.launch import ALLOCATOR_DEFAULT  # noqa: E402
+from janus_job.deploy.launch import ALLOCATOR_DEFAULT  # noqa: E402
 
 # name -> (what changes against the product as it was, prediction written before the run)
 VARIANTS = {
@@ -155,7 +155,7 @@ def make_batches(args, qwen_config, vggt_config, tiny: bool) -> list[dict]:
     positions (`position_ids`); the `before` variant drops them."""
     import step  # bench/step.py
 
-    from janus_job import frames
+    from janus_job.data import frames
     from janus_job.data.dataset import JanusCollator
 
     source = step.TINY_SOURCE_SIZE if tiny else step.SOURCE_SIZE

@@ -25,7 +25,7 @@ RUNS = int(os.environ.get("JANUS_CLEAN_EXIT_RUNS", "10"))
 def cheap_job(tmp_path_factory) -> Path:
     """The demo's tiny job at its cheapest: one optimizer step of one micro-batch per rank, read from
     a filled store."""
-    from janus_job.demo import precompute_features, prepare_job
+    from janus_job.demo.run import precompute_features, prepare_job
 
     root = tmp_path_factory.mktemp("clean-exit")
     spec_path = prepare_job(root, steps=1, gpu=False, micro_batch_size=1, global_batch_size=2)
