@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import common  # noqa: E402  (bench/common.py)
+
 from janus_job.deploy.launch import ALLOCATOR_DEFAULT  # noqa: E402
 
 # name -> (what changes against the product as it was, prediction written before the run)
