@@ -472,6 +472,8 @@ class CheckpointManager:
             )
         if path is None:
             raise JobError(f"DeepSpeed could not load checkpoint {ref.url}")
+        if resharding:
+            _optimizer_steps_on_parameter_devices(engine)
         rng_file = source / f"rng-rank-{self.rank:05d}.pt"
         if rng_file.exists():
             restore_rng_state(torch.load(rng_file, weights_only=False))
@@ -566,6 +568,23 @@ def _deepspeed_version() -> str:
         return deepspeed.__version__
     except ImportError:
         return "unknown"
+
+
+def _optimizer_steps_on_parameter_devices(engine) -> None:
+    """torch's fused (and capturable) AdamW keeps each parameter's `step` count on the parameter's
+    device; DeepSpeed's universal-checkpoint load restores it as a CPU tensor, and the first optimizer
+    step after a resize on GPUs would fail ("state_steps is on cpu"). Non-fused optimizers keep it on
+    the CPU and are left alone."""
+    import torch
+
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    defaults = getattr(optimizer, "defaults", {})
+    if not (defaults.get("fused") or defaults.get("capturable")):
+        return
+    for param, state in optimizer.state.items():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.device != param.device:
+            state["step"] = step.to(device=param.device, dtype=torch.float32)
 
 
 def _convert_to_universal(ds_dir: Path, out_dir: Path, stamp: str) -> None:
