@@ -265,7 +265,9 @@ class JanusDataset:
             try:
                 rgb = frames.load_frame(path)
             except JobError as err:
-                raise JobError(f"sample {sample.id}: frame {ref} ({path}): {err}") from err
+                source = getattr(sample, "source", "")
+                where = f"data.annotations {source}: " if source else ""
+                raise JobError(f"{where}sample {sample.id}: frame {ref} ({path}): {err}") from err
             out.append(frames.preprocess_for_vggt(rgb, self.target_width, self.patch))
         return out
 

@@ -411,8 +411,10 @@ class _Uploads:
 class _FrameReader:
     """Reads each frame once: bytes -> content hash and decoded, preprocessed tensor (LRU-bounded)."""
 
-    def __init__(self, endpoint_url: str | None, target_width: int, patch: int, threads: int, keep: int) -> None:
+    def __init__(self, endpoint_url: str | None, target_width: int, patch: int, threads: int, keep: int,
+                 where: Callable[[str], str] = str) -> None:
         self.endpoint_url = endpoint_url
+        self.where = where  # frame path -> how errors name it (annotation file, record, path)
         self.target_width = target_width
         self.patch = patch
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
@@ -424,9 +426,10 @@ class _FrameReader:
         try:
             return read_bytes(path, self.endpoint_url)
         except FileNotFoundError as err:
-            raise JobError(f"frame {path} does not exist; check data.image_root and the annotation's images") from err
+            raise JobError(f"frame {self.where(path)} does not exist; check data.image_root and the annotation's "
+                           "images") from err
         except OSError as err:
-            raise JobError(f"cannot read frame {path}: {err}") from err
+            raise JobError(f"cannot read frame {self.where(path)}: {err}") from err
 
     def hash_all(self, paths: Sequence[str]) -> dict[str, str]:
         return dict(zip(paths, self.pool.map(lambda p: hashlib.sha256(self.read(p)).hexdigest(), paths)))
@@ -434,7 +437,7 @@ class _FrameReader:
     def _decode(self, path: str) -> torch.Tensor:
         from janus_job import frames as frame_ops
 
-        rgb = frame_ops.load_frame(self.read(path))
+        rgb = frame_ops.load_frame(self.read(path), name=self.where(path))
         return frame_ops.preprocess_for_vggt(rgb, self.target_width, self.patch)
 
     def request(self, path: str) -> Future:
@@ -518,7 +521,8 @@ def run_worker(
     my_frames = [img for img in annotations.unique_images() if frame_owner(img, workers) == worker] if vision_on else []
     needed = sorted({img for s in samples for img in s.images} | set(my_frames))
     reader = _FrameReader(spec.features.endpoint_url, encoders.target_width, encoders.patch,
-                          decode_threads, keep=max(64, 4 * prefetch_batches * spec.precompute.batch_size))
+                          decode_threads, keep=max(64, 4 * prefetch_batches * spec.precompute.batch_size),
+                          where=annotations.describe_frame)
     uploads = _Uploads(store, upload_threads, max_in_flight=4 * upload_threads)
     try:
         print(f"{label}: hashing {len(needed)} frames of {len(samples)} samples", file=stream, flush=True)
@@ -593,6 +597,7 @@ def load_spec_annotations(spec: Any) -> AnnotationSet:
         spec.data.image_root,
         max_images=spec.data.max_history_images + 1,
         endpoint_url=spec.features.endpoint_url,
+        allow_absolute=spec.data.allow_absolute_image_paths,
     )
 
 

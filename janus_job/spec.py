@@ -46,6 +46,17 @@ class ModelSpec(Section):
 class DataSpec(Section):
     annotations: str = Field(..., min_length=1, description="JanusVLN annotation file (JSON/JSONL): path or fsspec URL.")
     image_root: str = Field(..., min_length=1, description="Root the annotation image paths are relative to: path or fsspec URL.")
+    allow_absolute_image_paths: bool = Field(
+        False, description="Read absolute annotation image paths outside image_root as they are (else refused)."
+    )
+    on_bad_sample: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A corrupt stored feature met in training is quarantined in the store; fail: the run stops "
+        "naming it (a restart replaces the quarantined sample); skip: the sample is replaced and counted.",
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="Stop the run when more than this fraction of samples is quarantined."
+    )
     max_history_images: int = Field(8, ge=0, le=64, description="History frames per sample (JanusVLN: 8).")
     max_pixels: int = Field(576 * 28 * 28, ge=28 * 28, description="Upper pixel budget per image (Qwen2.5-VL resize).")
     min_pixels: int = Field(16 * 28 * 28, ge=28 * 28, description="Lower pixel budget per image.")

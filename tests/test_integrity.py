@@ -1,0 +1,106 @@
+"""Nothing wrong is trained on: frame errors name their record, image paths stay under
+data.image_root, the frame index is checksummed and tied to the store, corrupt objects are
+quarantined under the bad-sample policy, credentials never sit in URLs nor reach a log line, and
+`--out` files are written whole with normal permissions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from janus_job.annotations import load_annotations, resolve_image
+from janus_job.errors import JobError
+from janus_job.precompute import run_worker, tiny_encoders
+from janus_job.spec import load_spec
+from test_precompute import write_spec
+
+RECORD = {"id": "ep7/003", "conversations": [{"from": "human", "value": "<image>go"}, {"from": "gpt", "value": "STOP"}]}
+
+
+def annotation_file(tmp_path: Path, image: str) -> Path:
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([dict(RECORD, images=[image])]))
+    return path
+
+
+# ---------------------------------------------------------------- frame errors name their record
+
+
+def test_a_corrupt_frame_in_precompute_names_the_annotation_file_record_and_path(tmp_path):
+    job = load_spec(write_spec(tmp_path, str(tmp_path / "store")))
+    annotations = load_annotations(job.data.annotations, job.data.image_root)
+    sample = annotations.samples[4]
+    victim = Path(sample.frame_paths[-1])
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(JobError) as caught:
+        run_worker(job, tiny_encoders(vision=False), worker=0, workers=1)
+    message = str(caught.value)
+    first_user = next(s for s in annotations.samples if str(victim) in s.frame_paths)
+    assert f"frame {victim} ({job.data.annotations}, record {first_user.id!r}) is not a readable image" in message
+    assert "BytesIO" not in message and " at 0x" not in message
+
+
+def test_a_missing_frame_in_precompute_names_its_record(tmp_path):
+    job = load_spec(write_spec(tmp_path, str(tmp_path / "store")))
+    annotations = load_annotations(job.data.annotations, job.data.image_root)
+    victim = Path(annotations.samples[0].frame_paths[0])
+    victim.unlink()
+    with pytest.raises(JobError, match=rf"frame {victim} \({job.data.annotations}, record '.+'\) does not exist"):
+        run_worker(job, tiny_encoders(vision=False), worker=0, workers=1)
+
+
+# ---------------------------------------------------------------- image paths stay under image_root
+
+
+@pytest.mark.parametrize("image", ["../../../outside.jpg", "a/../../outside.jpg", "/etc/outside.jpg", ".."])
+def test_paths_leaving_image_root_are_refused_with_the_record_named(tmp_path, image):
+    path = annotation_file(tmp_path, image)
+    with pytest.raises(JobError) as caught:
+        load_annotations(path, tmp_path / "images")
+    message = str(caught.value)
+    assert f"{path}: record 0 (id 'ep7/003'): field 'images[0]'" in message
+    assert repr(image) in message and "data.image_root" in message
+
+
+def test_paths_inside_image_root_resolve_there(tmp_path):
+    root = tmp_path / "images"
+    assert load_annotations(annotation_file(tmp_path, "ep7/./x/../003.jpg"), root).samples[0].frame_paths == (
+        str(root / "ep7" / "003.jpg"),)
+    inside = str(root / "ep7" / "003.jpg")
+    assert load_annotations(annotation_file(tmp_path, inside), root).samples[0].frame_paths == (inside,)
+    assert resolve_image("ep/1.jpg", "s3://bucket/frames/") == "s3://bucket/frames/ep/1.jpg"
+    with pytest.raises(ValueError, match="outside data.image_root"):
+        resolve_image("s3://bucket/other/1.jpg", "s3://bucket/frames")
+    with pytest.raises(ValueError, match="outside data.image_root"):
+        resolve_image("s3://bucket/frames/../other/1.jpg", "s3://bucket/frames")
+
+
+def test_absolute_paths_outside_need_the_explicit_opt_in(tmp_path):
+    outside = str(tmp_path / "elsewhere" / "003.jpg")
+    path = annotation_file(tmp_path, outside)
+    with pytest.raises(JobError, match="allow_absolute_image_paths"):
+        load_annotations(path, tmp_path / "images")
+    loaded = load_annotations(path, tmp_path / "images", allow_absolute=True)
+    assert loaded.samples[0].frame_paths == (outside,)
+    with pytest.raises(JobError, match=r"'\.\./x\.jpg' leaves data.image_root"):  # '..' stays refused
+        load_annotations(annotation_file(tmp_path, "../x.jpg"), tmp_path / "images", allow_absolute=True)
+
+
+def test_the_spec_opt_in_reaches_precompute(tmp_path):
+    spec_path = write_spec(tmp_path, str(tmp_path / "store"))
+    annotations = json.loads((tmp_path / "train.json").read_text())
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    first = Path(tmp_path / "images" / annotations[0]["images"][0])
+    (moved / first.name).write_bytes(first.read_bytes())
+    annotations[0]["images"] = [str(moved / first.name)]
+    (tmp_path / "train.json").write_text(json.dumps(annotations))
+    with pytest.raises(JobError, match="record 0 .*allow_absolute_image_paths"):
+        run_worker(load_spec(spec_path), tiny_encoders(vision=False), worker=0, workers=1)
+    spec = json.loads(spec_path.read_text())
+    spec["data"]["allow_absolute_image_paths"] = True
+    spec_path.write_text(json.dumps(spec))
+    report = run_worker(load_spec(spec_path), tiny_encoders(vision=False), worker=0, workers=1)
+    assert report.computed_spatial == 20
