@@ -104,3 +104,67 @@ def test_the_spec_opt_in_reaches_precompute(tmp_path):
     spec_path.write_text(json.dumps(spec))
     report = run_worker(load_spec(spec_path), tiny_encoders(vision=False), worker=0, workers=1)
     assert report.computed_spatial == 20
+
+
+# ---------------------------------------------------------------- --out files
+
+
+def render(spec: Path, out: Path):
+    from typer.testing import CliRunner
+
+    from janus_job.cli import app
+
+    return CliRunner().invoke(app, ["render", str(spec), "--out", str(out)])
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "minimal.yaml"
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_render_output_has_normal_permissions(tmp_path, umask, file_mode, dir_mode):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        result = render(EXAMPLE, tmp_path / "new" / "out")
+        assert result.exit_code == 0, result.output
+        existing = tmp_path / "existing"
+        existing.mkdir(mode=0o755)
+        (existing / "deepspeed.json").write_text("old")
+        result = render(EXAMPLE, existing)
+        assert result.exit_code == 0, result.output
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "new" / "out").stat().st_mode) == dir_mode
+    for folder in (tmp_path / "new" / "out", existing):
+        for name in ("deepspeed.json", "manifests.yaml"):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == file_mode, (folder, name)
+    assert (existing / "deepspeed.json").read_text() != "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "new"]  # no staging left
+
+
+def test_a_failed_render_leaves_the_old_files_and_no_mix(tmp_path):
+    out = tmp_path / "out"
+    assert render(EXAMPLE, out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(EXAMPLE.read_text().replace("name: janus-minimal", "name: janus-changed"))
+
+    (out / "manifests.yaml").unlink()
+    (out / "manifests.yaml").mkdir()  # the second file cannot be replaced: the first must roll back
+    result = render(changed, out)
+    assert result.exit_code != 0 and isinstance(result.exception, JobError), result.output
+    assert "nothing there was changed" in str(result.exception)
+    assert (out / "deepspeed.json").read_bytes() == before["deepspeed.json"]
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "manifests.yaml").rmdir()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXAMPLE.read_text() + "\nunknown_key: 1\n")
+    assert render(bad, out).exit_code != 0  # refused before anything is written
+    assert sorted(p.name for p in out.iterdir()) == ["deepspeed.json", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "changed.yaml", "out"]
+    assert render(changed, out).exit_code == 0
+    assert (out / "manifests.yaml").read_text() != before["manifests.yaml"].decode()
