@@ -302,6 +302,10 @@ class Problem:
         return f"  - {self.path}: {self.message}\n    fix: {self.fix}"
 
 
+# scheme://userinfo@host: credentials written into a URL (https://user:PASS@host, s3://key:secret@bucket)
+URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+URL_FIELDS = ("model.qwen", "model.vggt", "data.annotations", "data.image_root", "features.store",
+              "features.endpoint_url", "training.checkpoint.url")
 PRECOMPUTE_HASH_LEN = 8  # the chart names the precompute Job <name>-precompute-<8 hex>
 OBJECT_STORE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
 
@@ -393,6 +397,18 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
         ))
     if spec.data.num_workers == 0 and spec.data.persistent_workers:
         problems.append(Problem("data.persistent_workers", "requires data.num_workers > 0", "set persistent_workers: false or num_workers >= 1"))
+
+    for path in URL_FIELDS:
+        value: Any = spec
+        for part in path.split("."):
+            value = getattr(value, part)
+        if isinstance(value, str) and URL_CREDENTIALS.match(value):
+            problems.append(Problem(
+                path, "holds credentials inside the URL (the part before '@'); they would be copied into the "
+                "ConfigMap, the pods' environment and log lines (not repeated here)",
+                "remove them from the URL and put them in the Secret named by features.credentials_secret "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, see manifests/s3-credentials-secret.yaml)",
+            ))
 
     remote_store = f.store.startswith(OBJECT_STORE_SCHEMES)
     if remote_store and f.credentials_from == "secret" and not f.credentials_secret:

@@ -299,6 +299,7 @@ class FeatureStore:
     ) -> None:
         if not url:
             raise JobError("features.store is empty: give an s3://bucket/prefix, file:///path or a path")
+        _refuse_url_credentials("features.endpoint_url", endpoint_url)
         self.url = url
         self.endpoint_url = endpoint_url or None
         self.connect_timeout_s = connect_timeout_s
@@ -716,7 +717,24 @@ class StoreFeatureSource:
 # ---------------------------------------------------------------- helpers
 
 
+def has_url_credentials(url: str | None) -> bool:
+    """True when a URL carries credentials before its host (``scheme://user:secret@host``)."""
+    scheme, sep, rest = (url or "").partition("://")
+    return bool(sep and scheme) and "@" in rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+
+
+def _refuse_url_credentials(what: str, url: str | None) -> None:
+    if has_url_credentials(url):
+        scheme = str(url).partition("://")[0]
+        raise JobError(
+            f"{what} ({scheme}://...) holds credentials inside the URL: remove them (they are not repeated "
+            "here) and put them in the Secret named by features.credentials_secret (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY)"
+        )
+
+
 def _split_url(url: str) -> tuple[str, str]:
+    _refuse_url_credentials("features.store", url)
     if url.startswith("s3://"):
         root = url[len("s3://") :].strip("/")
         if not root:

@@ -168,3 +168,61 @@ def test_a_failed_render_leaves_the_old_files_and_no_mix(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "changed.yaml", "out"]
     assert render(changed, out).exit_code == 0
     assert (out / "manifests.yaml").read_text() != before["manifests.yaml"].decode()
+
+
+# ---------------------------------------------------------------- credentials never in URLs, never printed
+
+SENTINEL = "sentinel-Zq7xK2pW"
+CREDENTIAL_URLS = [
+    ("features.store", f"s3://AKIAEXAMPLE:{SENTINEL}@janus-features/r2r"),
+    ("features.endpoint_url", f"https://user:{SENTINEL}@minio.example:9000"),
+    ("model.qwen", f"https://hf-user:{SENTINEL}@models.example/qwen"),
+    ("data.image_root", f"s3://{SENTINEL}@datasets/r2r/images"),
+    ("training.checkpoint.url", f"s3://key:{SENTINEL}@janus-checkpoints/run"),
+]
+
+
+def _with(data: dict, dotted: str, value: str) -> dict:
+    import copy
+
+    data = copy.deepcopy(data)
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return data
+
+
+@pytest.mark.parametrize("field, url", CREDENTIAL_URLS, ids=[c[0] for c in CREDENTIAL_URLS])
+def test_credentials_inside_a_url_are_refused_by_validate_and_helm_without_repeating_them(field, url):
+    import helm_python
+    import yaml
+
+    from janus_job.render import CHART_DIR
+    from janus_job.spec import validate_spec
+
+    data = _with(yaml.safe_load(EXAMPLE.read_text()), field, url)
+    with pytest.raises(JobError) as caught:
+        validate_spec(data)
+    message = str(caught.value)
+    assert f"{field}: holds credentials inside the URL" in message and "credentials_secret" in message
+    assert SENTINEL not in message
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        with pytest.raises(helm_python.HelmError) as refused:
+            chart.render(values=data, name="janus-train", namespace="janus", is_install=True)
+    assert f"{field}: holds credentials inside the URL" in str(refused.value)
+    assert SENTINEL not in str(refused.value)
+
+
+def test_the_store_refuses_credentials_in_its_urls_without_printing_them():
+    from janus_job.store import FeatureStore, has_url_credentials
+
+    for url in (f"s3://AKIA:{SENTINEL}@bucket/x", f"file://u:{SENTINEL}@/tmp/x"):
+        with pytest.raises(JobError, match="holds credentials inside the URL") as caught:
+            FeatureStore(url)
+        assert SENTINEL not in str(caught.value)
+    with pytest.raises(JobError, match="features.endpoint_url") as caught:
+        FeatureStore("s3://bucket/x", endpoint_url=f"http://u:{SENTINEL}@127.0.0.1:9000")
+    assert SENTINEL not in str(caught.value)
+    assert not has_url_credentials("s3://bucket/frames/a@b.jpg") and not has_url_credentials("/data/a@b")

@@ -53,6 +53,14 @@ compares both sides over every bad-spec case and a sweep of generated specs.
 {{- $problems = append $problems (printf "name: '%s' is %d characters; generated names such as '%s%s' would exceed 63\n    fix: use a name of at most %d characters" $v.name (len $v.name) $v.name $suffix (sub 63 (len $suffix))) -}}
 {{- end -}}
 
+{{- /* credentials inside URLs (scheme://userinfo@host); the value itself is never repeated */ -}}
+{{- $urls := dict "model.qwen" $v.model.qwen "model.vggt" $v.model.vggt "data.annotations" $v.data.annotations "data.image_root" $v.data.image_root "features.store" $f.store "features.endpoint_url" ($f.endpoint_url | default "") "training.checkpoint.url" $t.checkpoint.url -}}
+{{- range $field := keys $urls | sortAlpha -}}
+{{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@" (toString (get $urls $field)) -}}
+{{- $problems = append $problems (printf "%s: holds credentials inside the URL (the part before '@'); they would be copied into the ConfigMap, the pods' environment and log lines (not repeated here)\n    fix: remove them from the URL and put them in the Secret named by features.credentials_secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, see manifests/s3-credentials-secret.yaml)" $field) -}}
+{{- end -}}
+{{- end -}}
+
 {{- /* global batch */ -}}
 {{- $batchProblem := false -}}
 {{- if and (hasKey $t "gradient_accumulation_steps") (hasKey $t "global_batch_size") -}}
