@@ -86,6 +86,10 @@ class AnnotationSet:
                 seen.setdefault(image, None)
         return list(seen)
 
+    def image_paths(self) -> dict[str, str]:
+        """Annotation image string -> resolved path, for every distinct frame."""
+        return {image: path for sample in self.samples for image, path in zip(sample.images, sample.frame_paths)}
+
     def describe_frame(self, path: str) -> str:
         """A frame path as errors name it: the path, then the annotation file and first record using it."""
         if self._first_use is None:  # built whole, then published: decode threads may call this at once

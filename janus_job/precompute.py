@@ -528,7 +528,7 @@ def run_worker(
         print(f"{label}: hashing {len(needed)} frames of {len(samples)} samples", file=stream, flush=True)
         hashes = reader.hash_all([paths[img] for img in needed])
         frame_hash = {img: hashes[paths[img]] for img in needed}
-        store.write_json(f"frames/{annotations.digest}/{marker_name(worker, workers)}", frame_hash)
+        store.write_frame_index(annotations.digest, marker_name(worker, workers), frame_hash)
 
         present = set(store.list_keys("spatial"))
         todo: dict[str, Sample] = {}
@@ -586,7 +586,7 @@ def run_worker(
     finally:
         reader.close()
     report.seconds = round(time.monotonic() - started, 3)
-    store.write_json(f"{store.marker_prefix(annotations.digest)}/{marker_name(worker, workers)}", asdict(report))
+    store.write_record(f"{store.marker_prefix(annotations.digest)}/{marker_name(worker, workers)}", asdict(report))
     print(f"{label}: done {json.dumps(asdict(report), sort_keys=True)}", file=stream, flush=True)
     return report
 
@@ -627,7 +627,7 @@ def finalize(spec: Any, encoders_fingerprints: list[Fingerprint], workers: int, 
             f"all {workers} precompute workers finished but {len(missing)} samples lack features "
             f"(first: {missing[:3]}); rerun the precompute Job"
         )
-    reports = [store.read_json(f"{prefix}/{marker_name(w, workers)}") or {} for w in range(workers)]
+    reports = [store.read_record(f"{prefix}/{marker_name(w, workers)}") or {} for w in range(workers)]
     record = {
         "annotations": annotations.path,
         "annotations_digest": annotations.digest,
@@ -636,8 +636,9 @@ def finalize(spec: Any, encoders_fingerprints: list[Fingerprint], workers: int, 
         "fingerprints": {fp.kind: fp.id for fp in encoders_fingerprints},
         "spatial_keys": sum(r.get("spatial_keys", 0) for r in reports),
         "vision_frames": sum(r.get("vision_frames", 0) for r in reports),
+        "frame_index": store.frame_index_checksums(annotations.digest),
     }
-    store.write_json(f"{prefix}/COMPLETE.json", record)
+    store.write_record(f"{prefix}/COMPLETE.json", record)
     print(f"precompute: complete, {len(annotations)} samples covered; wrote {prefix}/COMPLETE.json",
           file=stream, flush=True)
     return record

@@ -9,6 +9,12 @@ Layout under the store root (``s3://bucket/prefix``, ``file:///path`` or a plain
     frames/<annotations>/<shard>.json   annotation image string -> frame content hash
     markers/<annotations>/shard-*.json  one per finished precompute worker
     markers/<annotations>/COMPLETE.json the final marker the trainer waits on
+    quarantine/<object key>.json        a corrupt object met in training (never read again)
+
+Every JSON record (manifests, frame index shards, markers) carries the sha256 of its canonical
+form; an index shard also names the fingerprint ids and annotation digest it was built for, and
+the COMPLETE marker holds the checksum of every index shard, so an index edited after precompute
+(even rewritten consistently) is refused with the object named.
 
 Keys are content-derived (docs/features.md): a frame is identified by the sha256 of its file
 bytes; a spatial key hashes the fingerprint id with the ordered frame hashes, a vision key the
@@ -123,6 +129,22 @@ def vision_key(fingerprint_id: str, frame_hash: str) -> str:
 
 def _object_key(kind: str, digest: str) -> str:
     return f"{kind}/{digest[:2]}/{digest}{OBJECT_SUFFIX}"
+
+
+# ---------------------------------------------------------------- records
+
+RECORD_CHECKSUM = "sha256"
+
+
+def record_checksum(record: Mapping[str, Any]) -> str:
+    """sha256 of a JSON record's canonical form (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(record: Mapping[str, Any]) -> dict:
+    """The record with its checksum added (FeatureStore.read_record verifies it)."""
+    body = {name: value for name, value in record.items() if name != RECORD_CHECKSUM}
+    return {**body, RECORD_CHECKSUM: record_checksum(body)}
 
 
 # ---------------------------------------------------------------- serialisation
@@ -314,6 +336,7 @@ class FeatureStore:
         self._fs = None
         self._fs_pid = None
         self._fingerprints: dict[str, Fingerprint] = {}
+        self._index_shard: dict[str, str] = {}  # frame -> the index shard it was read from
 
     @classmethod
     def from_spec(cls, spec: Any, *, local_cache: bool = True) -> FeatureStore:
@@ -535,7 +558,8 @@ class FeatureStore:
                         f"feature store {self.url} has no {fingerprint.kind} features ({key} missing): "
                         "run `janus-job precompute --spec ...` first, or set features.mode: read_through"
                     )
-                record = {"format": 1, "kind": fingerprint.kind, "id": fingerprint.id, "fields": dict(fingerprint.fields)}
+                record = seal({"format": 1, "kind": fingerprint.kind, "id": fingerprint.id,
+                               "fields": dict(fingerprint.fields)})
                 self.put_bytes(key, json.dumps(record, sort_keys=True, indent=1).encode())
                 found = self.get_bytes(key)  # re-read: a concurrent creator with other settings loses here
             self._check_manifest(fingerprint, found, key)
@@ -547,6 +571,8 @@ class FeatureStore:
             stored = Fingerprint(record["kind"], record["fields"])
         except (ValueError, KeyError, TypeError) as err:
             raise JobError(f"{self.url}/{key} is not a valid manifest: {err}") from err
+        if RECORD_CHECKSUM in record:  # manifests of the first format had none; their id is checked below
+            self._unseal(key, record)
         if stored.id != fingerprint.id:
             diffs = "; ".join(fingerprint.differences(stored)) or "fingerprint ids differ"
             raise JobError(
@@ -584,18 +610,159 @@ class FeatureStore:
         except ValueError as err:
             raise JobError(f"{self.url}/{key} is not valid JSON ({err}); delete it and rerun precompute") from err
 
-    def frame_index(self, annotations_digest: str) -> dict[str, str]:
-        """annotation image string -> frame content hash, as recorded by precompute."""
-        merged: dict[str, str] = {}
+    def write_record(self, key: str, record: Mapping[str, Any]) -> str:
+        """Writes a JSON record sealed with its checksum; returns the checksum."""
+        sealed = seal(record)
+        self.write_json(key, sealed)
+        return sealed[RECORD_CHECKSUM]
+
+    def read_record(self, key: str) -> dict | None:
+        """A record written by write_record, its checksum verified (None when absent)."""
+        record = self.read_json(key)
+        return None if record is None else self._unseal(key, record)
+
+    def _unseal(self, key: str, record: Any) -> dict:
+        if not isinstance(record, dict) or RECORD_CHECKSUM not in record:
+            raise JobError(
+                f"{self.url}/{key} carries no checksum (written by an older janus-train, or by hand): rerun "
+                "`janus-job precompute` (it rewrites the index and markers and recomputes only missing features)"
+            )
+        body = {name: value for name, value in record.items() if name != RECORD_CHECKSUM}
+        if record_checksum(body) != record[RECORD_CHECKSUM]:
+            raise JobError(
+                f"{self.url}/{key} does not match its checksum: it was changed after precompute wrote it. "
+                "Refusing to train on it: delete it and rerun `janus-job precompute`"
+            )
+        return body
+
+    def write_frame_index(self, annotations_digest: str, shard: str, frames: Mapping[str, str]) -> str:
+        """One worker's part of the frame index, tied to the opened fingerprints; returns its checksum."""
+        record = {
+            "format": 2,
+            "annotations_digest": annotations_digest,
+            "fingerprints": {kind: fp.id for kind, fp in sorted(self._fingerprints.items())},
+            "frames": dict(frames),
+        }
+        return self.write_record(f"frames/{annotations_digest}/{shard}", record)
+
+    def frame_index_checksums(self, annotations_digest: str) -> dict[str, str]:
+        """Checksum of every index shard of these annotations (what COMPLETE.json records)."""
+        found = {}
         for key in self.list_keys(f"frames/{annotations_digest}"):
-            merged.update(self.read_json(key) or {})
+            record = self.read_json(key)
+            self._check_index_shard(key, annotations_digest, self._unseal(key, record))
+            found[key] = record[RECORD_CHECKSUM]
+        return found
+
+    def frame_index(self, annotations_digest: str, recorded: Mapping[str, str] | None = None) -> dict[str, str]:
+        """annotation image string -> frame content hash, as recorded by precompute.
+
+        Every shard's checksum, annotation digest and fingerprint ids are checked; with
+        ``recorded`` (COMPLETE.json's ``frame_index``) the shards must be exactly those, unchanged.
+        """
+        keys = self.list_keys(f"frames/{annotations_digest}")
+        if recorded is not None and set(keys) != set(recorded):
+            extra, gone = sorted(set(keys) - set(recorded)), sorted(set(recorded) - set(keys))
+            raise JobError(
+                f"the frame index of {self.url} is not the one precompute completed with "
+                f"(added: {extra[:3]}, removed: {gone[:3]}); rerun `janus-job precompute`"
+            )
+        merged: dict[str, str] = {}
+        self._index_shard = {}
+        for key in keys:
+            raw = self.read_json(key)
+            record = self._unseal(key, raw)
+            self._check_index_shard(key, annotations_digest, record)
+            if recorded is not None and raw[RECORD_CHECKSUM] != recorded[key]:
+                raise JobError(
+                    f"{self.url}/{key} is not the frame index precompute completed with (its checksum differs "
+                    "from COMPLETE.json's): it was rewritten afterwards. Refusing to train on it: rerun "
+                    "`janus-job precompute`"
+                )
+            for image, digest in record["frames"].items():
+                if merged.setdefault(image, digest) != digest:
+                    raise JobError(f"{self.url}/{key} maps frame {image} to another hash than an earlier shard; "
+                                   "rerun `janus-job precompute`")
+                self._index_shard.setdefault(image, key)
         return merged
+
+    def completed_frame_index(self, annotations_digest: str, *, frame_paths: Mapping[str, str] | None = None,
+                              spot_check: int = 0) -> dict[str, str]:
+        """The frame index as COMPLETE.json recorded it (JobError naming what differs).
+
+        With ``frame_paths`` (image -> path), ``spot_check`` frames spread over the index are
+        re-hashed: an index remapped together with its checksums still does not match the frames.
+        """
+        completion = self.completion(annotations_digest)
+        if completion is None:
+            raise JobError(f"{self.url} has no COMPLETE.json for these annotations: run `janus-job precompute`")
+        if not isinstance(completion.get("frame_index"), dict):
+            raise JobError(f"{self.url}/{self.marker_prefix(annotations_digest)}/COMPLETE.json records no frame "
+                           "index checksums (an older precompute): rerun `janus-job precompute`")
+        index = self.frame_index(annotations_digest, recorded=completion["frame_index"])
+        if frame_paths and spot_check:
+            problems, _checked = self.check_frame_hashes(index, frame_paths, limit=spot_check,
+                                                         endpoint_url=self.endpoint_url)
+            if problems:
+                raise JobError(
+                    f"the frame index of {self.url} does not match the frames ({len(problems)} of the frames "
+                    f"checked; first: {problems[0]}). Refusing to train on it: the frames changed after "
+                    "precompute, or the index was rewritten; rerun `janus-job precompute`"
+                )
+        return index
+
+    def _check_index_shard(self, key: str, annotations_digest: str, record: dict) -> None:
+        if record.get("format") != 2 or not isinstance(record.get("frames"), dict):
+            raise JobError(f"{self.url}/{key} is not a frame index shard; delete it and rerun `janus-job precompute`")
+        if record.get("annotations_digest") != annotations_digest:
+            raise JobError(f"{self.url}/{key} belongs to other annotations ({record.get('annotations_digest')}); "
+                           "delete it and rerun `janus-job precompute`")
+        tied = record.get("fingerprints") or {}
+        for kind, fingerprint in self._fingerprints.items():
+            if kind in tied and tied[kind] != fingerprint.id:
+                raise JobError(
+                    f"{self.url}/{key} was written for another {kind} fingerprint ({tied[kind]}, the store's is "
+                    f"{fingerprint.id}); delete it and rerun `janus-job precompute`"
+                )
+
+    def index_shard_of(self, image: str) -> str | None:
+        """The index shard the last frame_index call read ``image`` from."""
+        return self._index_shard.get(image)
+
+    def check_frame_hashes(self, index: Mapping[str, str], paths: Mapping[str, str], *,
+                           limit: int | None = None, endpoint_url: str | None = None) -> tuple[list[str], int]:
+        """Re-hashes frames (all, or ``limit`` spread evenly) and compares them with the index.
+
+        Returns (problems, frames checked); a frame that cannot be read is not counted as checked.
+        """
+        from janus_job.annotations import read_bytes
+
+        images = sorted(index)
+        if limit is not None and len(images) > limit:
+            step = len(images) / limit
+            images = [images[int(k * step)] for k in range(limit)]
+        problems, checked = [], 0
+        for image in images:
+            path = paths.get(image)
+            if path is None:
+                continue
+            try:
+                actual = hashlib.sha256(read_bytes(path, endpoint_url)).hexdigest()
+            except OSError:
+                continue
+            checked += 1
+            if actual != index[image]:
+                shard = self.index_shard_of(image)
+                where = f"{self.url}/{shard}" if shard else f"the frame index of {self.url}"
+                problems.append(f"frame {image} ({path}) has content {actual[:12]}..., {where} says "
+                                f"{index[image][:12]}...")
+        return problems, checked
 
     def marker_prefix(self, annotations_digest: str) -> str:
         return f"markers/{annotations_digest}"
 
     def completion(self, annotations_digest: str) -> dict | None:
-        return self.read_json(f"{self.marker_prefix(annotations_digest)}/COMPLETE.json")
+        return self.read_record(f"{self.marker_prefix(annotations_digest)}/COMPLETE.json")
 
     def wait_complete(self, annotations_digest: str, timeout_s: float, poll_s: float = 10.0) -> dict:
         """Blocks until precompute's final marker for these annotations exists (JobError on timeout)."""

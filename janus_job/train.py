@@ -39,6 +39,7 @@ PEAK_TFLOPS_ENV = "JANUS_PEAK_TFLOPS"  # per-device peak for MFU where the card 
 PRECOMPUTE_WAIT_ENV = "JANUS_PRECOMPUTE_WAIT_S"
 TINY_ENCODERS_ENV = "JANUS_TINY_ENCODERS"  # read_through with the seeded tiny encoders (tests, demo)
 DEFAULT_PRECOMPUTE_WAIT_S = 48 * 3600.0
+FRAME_SPOT_CHECK = 64  # frames re-hashed at start against the store's frame index
 GIB = 1024**3
 
 # Dense bf16 tensor-core peak per device (vendor data sheets), matched against the CUDA name.
@@ -421,7 +422,8 @@ def _feature_source(spec: Any, annotations: Any, ranks: Ranks, device: Any) -> F
             _check_spatial_weights(spec, spatial_fingerprint)
             if "vision" in fingerprints:
                 _check_vision_weights(spec, fingerprints["vision"])
-            frame_hashes = store.frame_index(annotations.digest)
+            frame_hashes = store.completed_frame_index(annotations.digest, frame_paths=annotations.image_paths(),
+                                                       spot_check=FRAME_SPOT_CHECK)
             missing = store.missing(annotations.samples, frame_hashes, vision=spec.features.cache_vision)
         except JobError as err:  # other ranks are already waiting for rank 0's verdict
             missing, problem = [], str(err)

@@ -226,3 +226,135 @@ def test_the_store_refuses_credentials_in_its_urls_without_printing_them():
         FeatureStore("s3://bucket/x", endpoint_url=f"http://u:{SENTINEL}@127.0.0.1:9000")
     assert SENTINEL not in str(caught.value)
     assert not has_url_credentials("s3://bucket/frames/a@b.jpg") and not has_url_credentials("/data/a@b")
+
+
+# ---------------------------------------------------------------- the frame index is checksummed and tied
+
+
+@pytest.fixture(scope="module")
+def demo_job(tmp_path_factory) -> Path:
+    """The demo's tiny job (4 episodes of 6 frames) with a complete store."""
+    from janus_job.demo import precompute_features, prepare_job
+
+    spec_path = prepare_job(tmp_path_factory.mktemp("integrity-job"), steps=2, gpu=False)
+    precompute_features(spec_path)
+    return spec_path
+
+
+def copy_job(job: Path, target: Path, **data) -> Path:
+    """The job with its own copy of the store (and of the frames when they are changed)."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(job.parent / "store", target / "store")
+    spec = yaml.safe_load(job.read_text())
+    spec["features"]["store"] = str(target / "store")
+    spec["training"]["checkpoint"]["url"] = str(target / "checkpoints")
+    spec["data"].update(data)
+    path = target / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def open_store(spec_path: Path):
+    from janus_job.precompute import load_spec_annotations, tiny_encoders
+    from janus_job.store import FeatureStore
+
+    spec = load_spec(spec_path)
+    store = FeatureStore.from_spec(spec, local_cache=False)
+    store.open(tiny_encoders().fingerprints(), create=False)
+    return spec, store, load_spec_annotations(spec)
+
+
+def remap(store_root: Path, digest: str, *, reseal_shard: bool, reseal_marker: bool) -> str:
+    """Swaps the frame hashes of episodes ep000 and ep001 (equal length: every feature key still
+    exists, so the store looks complete); returns the shard's key."""
+    from janus_job.store import seal
+
+    (shard,) = sorted((store_root / "frames" / digest).iterdir())
+    record = json.loads(shard.read_text())
+    frames = record["frames"]
+    for name in [n for n in frames if n.startswith("ep000/")]:
+        other = name.replace("ep000/", "ep001/")
+        frames[name], frames[other] = frames[other], frames[name]
+    shard.write_text(json.dumps(seal(record) if reseal_shard else record))
+    key = f"frames/{digest}/{shard.name}"
+    if reseal_marker:
+        marker = store_root / "markers" / digest / "COMPLETE.json"
+        completion = json.loads(marker.read_text())
+        completion["frame_index"][key] = json.loads(shard.read_text())["sha256"]
+        marker.write_text(json.dumps(seal(completion)))
+    return key
+
+
+@pytest.mark.parametrize("reseal_shard, reseal_marker, refusal", [
+    (False, False, "does not match its checksum"),
+    (True, False, "is not the frame index precompute completed with"),
+    (True, True, "does not match the frames"),
+], ids=["shard-edited", "shard-resealed", "shard-and-marker-resealed"])
+def test_a_consistently_remapped_frame_index_is_refused_with_the_object_named(
+        demo_job, tmp_path, reseal_shard, reseal_marker, refusal):
+    from typer.testing import CliRunner
+
+    from janus_job.cli import app
+
+    spec_path = copy_job(demo_job, tmp_path)
+    spec, store, annotations = open_store(spec_path)
+    original = store.completed_frame_index(annotations.digest)
+    key = remap(tmp_path / "store", annotations.digest, reseal_shard=reseal_shard, reseal_marker=reseal_marker)
+
+    # what the old reader did (merge the shards' mappings): every key present, wrong features served
+    (shard,) = (tmp_path / "store" / "frames" / annotations.digest).iterdir()
+    remapped = json.loads(shard.read_text())["frames"]
+    assert remapped != original and store.missing(annotations.samples, remapped, vision=True) == []
+
+    with pytest.raises(JobError, match=refusal) as caught:  # what the trainer calls
+        store.completed_frame_index(annotations.digest, frame_paths=annotations.image_paths(), spot_check=64)
+    assert key in str(caught.value)
+    result = CliRunner().invoke(app, ["features", "verify", "--spec", str(spec_path), "--tiny-encoders"])
+    assert isinstance(result.exception, JobError), result.output
+    assert key in str(result.exception) and ("differ from the frame index" in str(result.exception)
+                                             or refusal in str(result.exception))
+
+
+def test_index_shards_and_markers_are_tied_to_the_fingerprint_and_annotations(demo_job, tmp_path):
+    from janus_job.precompute import tiny_encoders
+    from janus_job.store import FeatureStore, Fingerprint, seal
+
+    spec_path = copy_job(demo_job, tmp_path)
+    spec, store, annotations = open_store(spec_path)
+    (shard,) = (tmp_path / "store" / "frames" / annotations.digest).iterdir()
+    key = f"frames/{annotations.digest}/{shard.name}"
+    record = json.loads(shard.read_text())
+    assert record["fingerprints"] == {fp.kind: fp.id for fp in tiny_encoders().fingerprints()}
+    assert store.completion(annotations.digest)["frame_index"] == {key: record["sha256"]}
+
+    other = FeatureStore(str(tmp_path / "store"))
+    fields = dict(tiny_encoders().spatial_fingerprint.fields, compute="other")
+    other._fingerprints["spatial"] = Fingerprint("spatial", fields)  # a consumer of another function
+    with pytest.raises(JobError, match=rf"{key} was written for another spatial fingerprint"):
+        other.frame_index(annotations.digest)
+
+    moved = tmp_path / "store" / "frames" / ("0" * 32)
+    moved.mkdir()
+    (moved / shard.name).write_text(shard.read_text())
+    with pytest.raises(JobError, match="belongs to other annotations"):
+        store.frame_index("0" * 32)
+
+    marker = tmp_path / "store" / "markers" / annotations.digest / "COMPLETE.json"
+    completion = json.loads(marker.read_text())
+    completion["samples"] += 1
+    marker.write_text(json.dumps(completion))
+    with pytest.raises(JobError, match="COMPLETE.json does not match its checksum"):
+        store.completion(annotations.digest)
+    marker.write_text(json.dumps({k: v for k, v in completion.items() if k != "sha256"}))
+    with pytest.raises(JobError, match="carries no checksum"):
+        store.completion(annotations.digest)
+    manifest = tmp_path / "store" / "manifest-spatial.json"
+    edited = json.loads(manifest.read_text())
+    edited["format"] = 7
+    manifest.write_text(json.dumps(edited))
+    with pytest.raises(JobError, match="manifest-spatial.json does not match its checksum"):
+        FeatureStore(str(tmp_path / "store")).open(tiny_encoders().fingerprints(), create=False)
+    assert seal(edited)["sha256"] != edited["sha256"]
