@@ -382,6 +382,8 @@ class WorkerReport:
     computed_vision: int = 0
     skipped_vision: int = 0
     bytes_uploaded: int = 0
+    verified_stored: int = 0  # objects of earlier runs read back and checked before being reused
+    repaired: int = 0  # quarantined or corrupt objects recomputed
     seconds: float = 0.0
 
 
@@ -530,10 +532,11 @@ def run_worker(
         frame_hash = {img: hashes[paths[img]] for img in needed}
         store.write_frame_index(annotations.digest, marker_name(worker, workers), frame_hash)
 
-        present = set(store.list_keys("spatial"))
+        quarantined = store.quarantined()
         todo: dict[str, Sample] = {}
         for sample in samples:
             todo.setdefault(store.spatial_key([frame_hash[i] for i in sample.images]), sample)
+        present = _sound(store, set(store.list_keys("spatial")), todo, quarantined, report, upload_threads)
         report.samples, report.spatial_keys = len(samples), len(todo)
         spatial_todo = [(key, s) for key, s in todo.items() if key not in present]
         report.skipped_spatial = len(todo) - len(spatial_todo)
@@ -562,10 +565,10 @@ def run_worker(
             progress.emit()
 
         if vision_on:
-            present = set(store.list_keys("vision"))
             keyed: dict[str, str] = {}
             for img in my_frames:
                 keyed.setdefault(store.vision_key(frame_hash[img]), img)
+            present = _sound(store, set(store.list_keys("vision")), keyed, quarantined, report, upload_threads)
             unique_todo = sorted(((k, img) for k, img in keyed.items() if k not in present), key=lambda p: p[1])
             report.vision_frames = len(keyed)
             report.skipped_vision = len(keyed) - len(unique_todo)
@@ -583,12 +586,26 @@ def run_worker(
             if unique_todo:
                 progress.emit()
         uploads.drain()
+        for key in quarantined & (set(todo) | (set(keyed) if vision_on else set())):
+            store.release(key)  # recomputed above
     finally:
         reader.close()
     report.seconds = round(time.monotonic() - started, 3)
     store.write_record(f"{store.marker_prefix(annotations.digest)}/{marker_name(worker, workers)}", asdict(report))
     print(f"{label}: done {json.dumps(asdict(report), sort_keys=True)}", file=stream, flush=True)
     return report
+
+
+def _sound(store: FeatureStore, listed: set[str], wanted: Any, quarantined: set[str], report: WorkerReport,
+           threads: int) -> set[str]:
+    """The wanted keys already stored and sound. Quarantined objects are left out (recomputed),
+    and every stored object is read back and checked first, so COMPLETE.json vouches for each
+    object it covers: those of this run were written whole from memory, the others were checked."""
+    stored = (set(wanted) & listed) - quarantined
+    corrupt = set(store.check_objects(stored, threads))
+    report.verified_stored += len(stored)
+    report.repaired += len(corrupt) + len(set(wanted) & quarantined)
+    return stored - corrupt
 
 
 def load_spec_annotations(spec: Any) -> AnnotationSet:
@@ -637,6 +654,8 @@ def finalize(spec: Any, encoders_fingerprints: list[Fingerprint], workers: int, 
         "spatial_keys": sum(r.get("spatial_keys", 0) for r in reports),
         "vision_frames": sum(r.get("vision_frames", 0) for r in reports),
         "frame_index": store.frame_index_checksums(annotations.digest),
+        "verified": {"stored_objects_checked": sum(r.get("verified_stored", 0) for r in reports),
+                     "repaired": sum(r.get("repaired", 0) for r in reports)},
     }
     store.write_record(f"{prefix}/COMPLETE.json", record)
     print(f"precompute: complete, {len(annotations)} samples covered; wrote {prefix}/COMPLETE.json",

@@ -79,7 +79,8 @@ def write_outputs(directory: str | os.PathLike, files: Mapping[str, str]) -> Non
         stage = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp"
         stage.mkdir()  # 0777 less the umask, like any new directory
     except OSError as err:
-        raise JobError(f"--out {directory}: cannot create it ({err.strerror or err}); fix: pass a writable path") from None
+        raise JobError(f"--out {directory}: cannot create it ({err.strerror or err}); "
+                       "fix: pass a writable path") from None
     try:
         for name, text in files.items():
             fd = os.open(stage / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

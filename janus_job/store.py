@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 MAGIC = b"JNSF1\n"
 OBJECT_SUFFIX = ".jnsf"
 KINDS = ("spatial", "vision")
+QUARANTINE = "quarantine"
 _TMP_MARK = ".tmp."
 _STALE_TMP_S = 3600.0
 _DTYPES = ("bfloat16", "float16", "float32", "float64", "int64", "int32", "uint8")
@@ -175,14 +176,35 @@ def encode_tensor(tensor: torch.Tensor) -> bytes:
     return MAGIC + len(header).to_bytes(4, "little") + header + payload
 
 
+class CorruptObject(JobError):
+    """A stored object that fails its own checks (magic, header, size, checksum)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class BadSample(JobError):
+    """A sample whose features are corrupt or quarantined (janus_job.data applies data.on_bad_sample).
+
+    ``known``: the object was quarantined before this process met it (a restarted run).
+    """
+
+    def __init__(self, message: str, key: str, *, known: bool) -> None:
+        super().__init__(message)
+        self.key = key
+        self.known = known
+
+
 def decode_tensor(blob: bytes, key: str) -> torch.Tensor:
-    """Parses and verifies an object; any damage raises JobError naming the key."""
+    """Parses and verifies an object; any damage raises CorruptObject (a JobError) naming the key."""
     import torch
 
     def corrupt(why: str) -> JobError:
-        return JobError(
+        return CorruptObject(
             f"feature object {key} is corrupt ({why}); delete it and rerun "
-            "`janus-job precompute` (it recomputes only what is missing)"
+            "`janus-job precompute` (it recomputes only what is missing)",
+            key,
         )
 
     if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
@@ -540,10 +562,45 @@ class FeatureStore:
         blob = self.get_bytes(key)
         if blob is None:
             return None
-        tensor = decode_tensor(blob, f"{self.url}/{key}")
+        try:
+            tensor = decode_tensor(blob, f"{self.url}/{key}")
+        except CorruptObject as err:
+            err.key = key
+            raise
         if self.cache is not None:
             self.cache.put(key, blob)
         return tensor
+
+    def check_objects(self, keys: Iterable[str], threads: int = 8) -> list[str]:
+        """Reads every key and checks it (magic, header, size, checksum); returns the corrupt ones."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def bad(key: str) -> bool:
+            try:
+                decode_tensor(self.get_bytes(key) or b"", key)
+            except CorruptObject:
+                return True
+            return False
+
+        keys = sorted(keys)
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="verify") as pool:
+            return [key for key, corrupt in zip(keys, pool.map(bad, keys)) if corrupt]
+
+    # -- quarantine: corrupt objects met in training, never read again until recomputed
+
+    def quarantine(self, key: str, reason: str) -> None:
+        """Records a corrupt object so that no run reads it again (precompute recomputes it)."""
+        self.write_record(f"{QUARANTINE}/{key}.json", {"key": key, "reason": reason, "time": time.time(),
+                                                       "host": socket.gethostname()})
+
+    def quarantined(self) -> set[str]:
+        """Keys of every quarantined object (one listing)."""
+        prefix, suffix = f"{QUARANTINE}/", ".json"
+        return {key[len(prefix):-len(suffix)] for key in self.list_keys(QUARANTINE) if key.endswith(suffix)}
+
+    def release(self, key: str) -> None:
+        """Ends a quarantine (the object was recomputed)."""
+        self.delete(f"{QUARANTINE}/{key}.json")
 
     # -- manifests (fingerprints)
 
@@ -841,12 +898,37 @@ class StoreFeatureSource:
         image_root: str | os.PathLike | None = None,
         compute_spatial: Callable[[Sample], torch.Tensor] | None = None,
         compute_vision: Callable[[str], torch.Tensor] | None = None,
+        quarantined: Iterable[str] | None = None,
+        vision: bool = True,
     ) -> None:
         self.store = store
         self.frame_hashes = dict(frame_hashes) if frame_hashes is not None else None
         self.image_root = image_root
         self.compute_spatial = compute_spatial
         self.compute_vision = compute_vision
+        self.vision = vision  # vision features come from the store too
+        # quarantined when this run started (a restart must not fail on them again), and since
+        self.known_bad = set(store.quarantined() if quarantined is None else quarantined)
+        self.met_bad: set[str] = set()
+
+    def sample_keys(self, sample: Sample) -> list[str]:
+        """Every store key the sample's features are read from."""
+        hashes = [self.frame_hash(image) for image in sample.images]
+        keys = [self.store.spatial_key(hashes)]
+        if self.vision:
+            keys += [self.store.vision_key(h) for h in hashes]
+        return keys
+
+    def bad_samples(self, samples: Iterable[Sample]) -> dict[str, str]:
+        """sample id -> a quarantined key it reads, for the samples that read one."""
+        if not self.known_bad:
+            return {}
+        found = {}
+        for sample in samples:
+            hit = next((key for key in self.sample_keys(sample) if key in self.known_bad), None)
+            if hit is not None:
+                found[sample.id] = hit
+        return found
 
     def frame_hash(self, image: str) -> str:
         if self.frame_hashes is not None:
@@ -870,14 +952,36 @@ class StoreFeatureSource:
         return self._read_through(key, self.compute_vision, frame_ref, f"vision features of frame {frame_ref}")
 
     def _read_through(self, key: str, compute: Any, item: Any, what: str) -> torch.Tensor:
-        """The stored tensor; on a miss, `compute(item)` written back, or JobError without one."""
-        tensor = self.store.get_tensor(key)
+        """The stored tensor; on a miss, `compute(item)` written back, or JobError without one.
+
+        A corrupt object is quarantined in the store; with `compute` it is recomputed (and the
+        quarantine ended), without it BadSample is raised for the bad-sample policy to handle.
+        """
+        bad = key in self.known_bad or key in self.met_bad
+        tensor = None
+        if not bad:
+            try:
+                tensor = self.store.get_tensor(key)
+            except CorruptObject as err:
+                self.store.quarantine(key, str(err))
+                self.met_bad.add(key)
+                if compute is None:
+                    raise BadSample(f"{what}: {err}; quarantined in {self.store.url}/{QUARANTINE}/", key,
+                                    known=False) from None
+                bad = True
         if tensor is not None:
             return tensor
         if compute is None:
+            if bad:
+                raise BadSample(f"{what} ({key}) are quarantined as corrupt in {self.store.url}; "
+                                "rerun `janus-job precompute` to recompute them", key, known=key in self.known_bad)
             raise JobError(f"{what} are missing from {self.store.url} ({key})")
         tensor = compute(item).to("cpu")
         self.store.put_tensor(key, tensor)
+        if bad:
+            self.store.release(key)
+            self.known_bad.discard(key)
+            self.met_bad.discard(key)
         return tensor
 
 

@@ -99,6 +99,7 @@ class BatchWork:
     spatial_tokens: int = 0  # spatial-merger outputs: one map per sample
     vision_patches: int = 0  # patches through the vision tower when it runs online
     vggt_patches: int = 0  # frame patches through VGGT when it runs online
+    bad_samples: int = 0  # samples replaced because their stored features are corrupt (data.on_bad_sample)
 
     def add_batch(self, batch: dict, image_token_id: int) -> None:
         mask = batch["attention_mask"]
@@ -118,10 +119,11 @@ class BatchWork:
         for frames in batch.get("vggt_frames") or []:
             s, _, h, w = frames.shape
             self.vggt_patches += int(s * (h // 14) * (w // 14))
+        self.bad_samples += len(batch.get("bad_samples") or ())
 
     def as_list(self) -> list[int]:
         return [self.samples, self.tokens, self.label_tokens, self.image_tokens, self.spatial_tokens,
-                self.vision_patches, self.vggt_patches]
+                self.vision_patches, self.vggt_patches, self.bad_samples]
 
     @classmethod
     def from_list(cls, values: list[float]) -> "BatchWork":
@@ -211,7 +213,7 @@ def format_log_line(record: dict) -> str:
         f"mem_peak={_gib(record['mem_peak_gib'])} mem_min={_gib(record['mem_min_gib'])} "
         f"mem_max={_gib(record['mem_max_gib'])} loss={record['loss']:.4f} lr={record['lr']:.2e} "
         f"eta={_duration(record['eta_s'])}"
-    )
+    ) + (f" bad_samples={record['bad_samples']}" if record.get("bad_samples") else "")
 
 
 class MetricsFile:
@@ -436,7 +438,8 @@ def _feature_source(spec: Any, annotations: Any, ranks: Ranks, device: Any) -> F
             )
     _raise_everywhere(problem)
     frame_hashes = _same_on_all_ranks(frame_hashes)
-    source = StoreFeatureSource(store, frame_hashes=frame_hashes, image_root=spec.data.image_root)
+    source = StoreFeatureSource(store, frame_hashes=frame_hashes, image_root=spec.data.image_root,
+                                vision=bool(spec.features.cache_vision))
     return Features(
         source,
         "cached",
@@ -549,7 +552,8 @@ class Trainer:
         qwen_dir = local_copy(spec.model.qwen)
         processor = load_processor(qwen_dir, spec.data.min_pixels, spec.data.max_pixels)
         self.dataset = JanusDataset(annotations.samples, processor, features.source, spatial=features.spatial,
-                                    vision=features.vision, target_width=features.target_width)
+                                    vision=features.vision, target_width=features.target_width,
+                                    on_bad_sample=spec.data.on_bad_sample, max_bad_fraction=spec.data.max_bad_fraction)
         self.collator = JanusCollator(processor.tokenizer.pad_token_id)
 
         self.global_batch_size = spec.global_batch_size
@@ -584,6 +588,7 @@ class Trainer:
                               weight_decay=t.weight_decay)
         self.engine = self._deepspeed_engine(model, groups)
         self.step = 0
+        self.bad_samples = 0
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
 
     def _token_lengths(self, samples: list) -> list[int]:
@@ -723,6 +728,7 @@ class Trainer:
                 trace.write({"step": self.step, "micro_step": micro_step, "rank": self.ranks.rank,
                              "sample_ids": batch["sample_ids"]})
                 interval.work.add_batch(batch, self.image_token_id)
+                batch.pop("bad_samples", None)
                 loss = self.engine(**to_device(batch, self.device)).loss
                 self.engine.backward(loss)
                 self.engine.step()
@@ -822,12 +828,14 @@ class Trainer:
             "loss": loss,
             "lr": interval.lr,
             "eta_s": (self.total_steps - self.step) * s_per_it,
+            "bad_samples": self.bad_samples + work.bad_samples,  # replaced since this run started
             "rank": self.ranks.rank,
             "world_size": self.ranks.world_size,
             "time": time.time(),
         }
         if not math.isfinite(loss):
             raise JobError(f"the loss is {loss} at step {self.step}; lower training.learning_rate or check the data")
+        self.bad_samples = record["bad_samples"]
         if self.ranks.prints:
             print(format_log_line(record), flush=True)
             metrics.write(record)

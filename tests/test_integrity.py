@@ -233,10 +233,11 @@ def test_the_store_refuses_credentials_in_its_urls_without_printing_them():
 
 @pytest.fixture(scope="module")
 def demo_job(tmp_path_factory) -> Path:
-    """The demo's tiny job (4 episodes of 6 frames) with a complete store."""
+    """The demo's tiny job (4 episodes of 6 frames, 24 samples) with a complete store."""
     from janus_job.demo import precompute_features, prepare_job
 
-    spec_path = prepare_job(tmp_path_factory.mktemp("integrity-job"), steps=2, gpu=False)
+    # one optimizer step over a global batch of all 24 samples: every sample is read in step 1
+    spec_path = prepare_job(tmp_path_factory.mktemp("integrity-job"), steps=1, gpu=False, global_batch_size=24)
     precompute_features(spec_path)
     return spec_path
 
@@ -358,3 +359,188 @@ def test_index_shards_and_markers_are_tied_to_the_fingerprint_and_annotations(de
     with pytest.raises(JobError, match="manifest-spatial.json does not match its checksum"):
         FeatureStore(str(tmp_path / "store")).open(tiny_encoders().fingerprints(), create=False)
     assert seal(edited)["sha256"] != edited["sha256"]
+
+
+def run_cli(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    full = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "JANUS_STATS_DIR"):
+        full.pop(name, None)
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "janus_job.cli", *args], capture_output=True, text=True,
+                          env=full, timeout=900)
+
+
+def test_the_trainer_refuses_a_remapped_index_before_building_the_model(demo_job, tmp_path):
+    spec_path = copy_job(demo_job, tmp_path)
+    _spec, _store, annotations = open_store(spec_path)
+    key = remap(tmp_path / "store", annotations.digest, reseal_shard=True, reseal_marker=True)
+    result = run_cli("train", "--spec", str(spec_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "does not match the frames" in result.stderr and key in result.stderr
+    assert "train start" not in result.stdout
+
+
+# ---------------------------------------------------------------- corrupt objects: quarantine and policy
+
+
+def corrupt_one_spatial_object(spec_path: Path) -> tuple[str, str]:
+    """Flips a payload byte of one spatial object; returns (its key, the sample that reads it)."""
+    from janus_job.store import StoreFeatureSource
+
+    _spec, store, annotations = open_store(spec_path)
+    source = StoreFeatureSource(store, frame_hashes=store.completed_frame_index(annotations.digest))
+    sample = annotations.samples[7]
+    key = source.sample_keys(sample)[0]
+    path = Path(store.root) / key
+    blob = bytearray(path.read_bytes())
+    blob[-5] ^= 0x10
+    path.write_bytes(bytes(blob))
+    return key, sample.id
+
+
+def with_policy(spec_path: Path, policy: str) -> Path:
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["data"].update(on_bad_sample=policy, max_bad_fraction=0.1)  # 1 of these 24 samples is 4%
+    spec_path.write_text(yaml.safe_dump(spec))
+    return spec_path
+
+
+def train_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("train step=")]
+
+
+def test_a_corrupt_object_fails_the_run_once_and_the_restart_replaces_it(demo_job, tmp_path):
+    """OnFailure semantics: the same spec runs again after a failure."""
+    spec_path = with_policy(copy_job(demo_job, tmp_path), "fail")
+    key, sample_id = corrupt_one_spatial_object(spec_path)
+
+    first = run_cli("train", "--spec", str(spec_path))
+    assert first.returncode == 2, first.stdout + first.stderr
+    error = first.stderr.strip().splitlines()[-1]
+    assert f"sample {sample_id}" in error and key in error and "quarantined" in error
+    assert "checksum mismatch" in error and "Traceback" not in error
+    assert (tmp_path / "store" / "quarantine" / f"{key}.json").is_file()
+
+    restarted = run_cli("train", "--spec", str(spec_path))
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert "train data: 1 of 24 samples read quarantined (corrupt) features" in restarted.stdout
+    assert train_lines(restarted.stdout)[-1].endswith(" bad_samples=1"), restarted.stdout
+
+
+def test_skip_finishes_the_run_with_the_count_and_precompute_repairs_the_object(demo_job, tmp_path):
+    from janus_job.demo import precompute_features
+
+    spec_path = with_policy(copy_job(demo_job, tmp_path), "skip")
+    key, sample_id = corrupt_one_spatial_object(spec_path)
+    result = run_cli("train", "--spec", str(spec_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"train bad_sample sample={sample_id} key={key} action=replaced" in result.stdout
+    assert train_lines(result.stdout)[-1].endswith(" bad_samples=1"), result.stdout
+    assert (tmp_path / "store" / "quarantine" / f"{key}.json").is_file()
+
+    precompute_features(spec_path)  # recomputes the quarantined object and ends its quarantine
+    _spec, store, annotations = open_store(spec_path)
+    assert not (tmp_path / "store" / "quarantine" / f"{key}.json").exists()
+    assert store.check_objects([key]) == []
+    assert store.completion(annotations.digest)["verified"]["repaired"] == 1
+    clean = run_cli("train", "--spec", str(spec_path))
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "bad_samples=" not in clean.stdout and "train data:" not in clean.stdout
+
+
+def test_too_many_bad_samples_stop_the_run_before_training(demo_job, tmp_path):
+    from janus_job.store import FeatureStore, StoreFeatureSource
+
+    spec_path = with_policy(copy_job(demo_job, tmp_path), "skip")
+    _spec, store, annotations = open_store(spec_path)
+    source = StoreFeatureSource(store, frame_hashes=store.completed_frame_index(annotations.digest))
+    for sample in annotations.samples[:3]:  # 3 of 24 > 0.1
+        store.quarantine(source.sample_keys(sample)[0], "test")
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["data"]["max_bad_fraction"] = 0.1
+    spec_path.write_text(yaml.safe_dump(spec))
+    result = run_cli("train", "--spec", str(spec_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "3 of 24 samples have corrupt (quarantined) features, more than data.max_bad_fraction 0.1" in result.stderr
+    assert "train start" not in result.stdout
+    assert FeatureStore(str(tmp_path / "store")).quarantined() == {source.sample_keys(s)[0]
+                                                                  for s in annotations.samples[:3]}
+
+
+def test_precompute_checks_what_it_reuses_and_recomputes_a_corrupt_object(tmp_path):
+    from janus_job.precompute import finalize
+    from janus_job.store import FeatureStore
+
+    job = load_spec(write_spec(tmp_path, str(tmp_path / "store")))
+    encoders = tiny_encoders()
+    run_worker(job, encoders, worker=0, workers=1)
+    store = FeatureStore(str(tmp_path / "store"))
+    victim = store.list_keys("vision")[2]
+    path = tmp_path / "store" / victim
+    path.write_bytes(path.read_bytes()[:-7])  # truncated
+    report = run_worker(job, encoders, worker=0, workers=1)
+    assert (report.verified_stored, report.repaired, report.computed_vision) == (40, 1, 1)
+    assert store.check_objects(store.list_keys("vision") + store.list_keys("spatial")) == []
+    record = finalize(job, encoders.fingerprints(), 1)
+    assert record["verified"] == {"stored_objects_checked": 40, "repaired": 1}
+
+
+def test_no_log_line_or_error_of_a_run_shows_the_secret(tmp_path, s3_server, s3_bucket):
+    """precompute, verify and train on a moto S3 store with a sentinel secret in the environment,
+    then failures (a corrupt object under on_bad_sample: fail, a missing bucket): the secret
+    appears in no output."""
+    import yaml
+
+    from janus_job.demo import prepare_job
+
+    secret = f"{SENTINEL}-secret-key"
+    env = {"AWS_ACCESS_KEY_ID": "AKIASENTINELKEYID", "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    spec_path = prepare_job(tmp_path, steps=1, gpu=False)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["features"].update(store=f"s3://{s3_bucket}/features", endpoint_url=s3_server)
+    spec_path.write_text(yaml.safe_dump(spec))
+
+    outputs = []
+
+    def run(*args: str, expect: int = 0):
+        result = run_cli(*args, env=env)
+        outputs.append(result.stdout + result.stderr)
+        assert result.returncode == expect, result.stdout + result.stderr
+        return result
+
+    run("validate", str(spec_path))
+    run("precompute", "--spec", str(spec_path), "--tiny-encoders", "--progress-interval", "0")
+    run("features", "verify", "--spec", str(spec_path), "--tiny-encoders")
+    assert train_lines(run("train", "--spec", str(spec_path)).stdout)
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=secret)
+    key = min(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="features/spatial/")["Contents"])
+    blob = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    blob[-3] ^= 1
+    client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(blob))
+    spec["data"]["on_bad_sample"] = "fail"
+    spec["training"]["global_batch_size"] = 24  # reads every sample: meets the corrupt object
+    spec["training"]["checkpoint"]["url"] = str(tmp_path / "checkpoints-2")
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert "corrupt" in run("train", "--spec", str(spec_path), expect=2).stderr
+    assert "corrupt" in run("features", "verify", "--spec", str(spec_path), "--tiny-encoders", expect=2).stderr
+
+    spec["features"]["store"] = f"s3://{s3_bucket}-missing/features"
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert "does not exist" in run("precompute", "--spec", str(spec_path), "--tiny-encoders", expect=2).stderr
+
+    assert len(outputs) == 7 and all(outputs)
+    leaked = [text for text in outputs if secret in text or SENTINEL in text]
+    assert not leaked, leaked[0][-2000:]

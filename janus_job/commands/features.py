@@ -55,7 +55,7 @@ def verify(
     spec: str = typer.Option(..., "--spec", help="Job spec YAML."),
     checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="Read every object and check its checksum."),
     weights: bool = typer.Option(True, "--weights/--skip-weights", help="Hash the spec's encoder weights and compare the fingerprint."),
-    frames: bool = typer.Option(True, "--frames/--no-frames", help="Re-hash every frame and compare it with the frame index."),
+    frames: bool = typer.Option(True, "--frames/--no-frames", help="Re-hash every frame against the frame index."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     tiny_encoders: bool = typer.Option(False, "--tiny-encoders", hidden=True),
 ) -> None:
