@@ -374,6 +374,7 @@ def run_cli(*args: str, env: dict | None = None):
                           env=full, timeout=900)
 
 
+@pytest.mark.slow
 def test_the_trainer_refuses_a_remapped_index_before_building_the_model(demo_job, tmp_path):
     spec_path = copy_job(demo_job, tmp_path)
     _spec, _store, annotations = open_store(spec_path)
@@ -415,6 +416,7 @@ def train_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("train step=")]
 
 
+@pytest.mark.slow
 def test_a_corrupt_object_fails_the_run_once_and_the_restart_replaces_it(demo_job, tmp_path):
     """OnFailure semantics: the same spec runs again after a failure."""
     spec_path = with_policy(copy_job(demo_job, tmp_path), "fail")
@@ -433,6 +435,7 @@ def test_a_corrupt_object_fails_the_run_once_and_the_restart_replaces_it(demo_jo
     assert train_lines(restarted.stdout)[-1].endswith(" bad_samples=1"), restarted.stdout
 
 
+@pytest.mark.slow
 def test_skip_finishes_the_run_with_the_count_and_precompute_repairs_the_object(demo_job, tmp_path):
     from janus_job.demo import precompute_features
 
@@ -454,6 +457,7 @@ def test_skip_finishes_the_run_with_the_count_and_precompute_repairs_the_object(
     assert "bad_samples=" not in clean.stdout and "train data:" not in clean.stdout
 
 
+@pytest.mark.slow
 def test_too_many_bad_samples_stop_the_run_before_training(demo_job, tmp_path):
     from janus_job.store import FeatureStore, StoreFeatureSource
 
@@ -493,6 +497,7 @@ def test_precompute_checks_what_it_reuses_and_recomputes_a_corrupt_object(tmp_pa
     assert record["verified"] == {"stored_objects_checked": 40, "repaired": 1}
 
 
+@pytest.mark.slow
 def test_no_log_line_or_error_of_a_run_shows_the_secret(tmp_path, s3_server, s3_bucket):
     """precompute, verify and train on a moto S3 store with a sentinel secret in the environment,
     then failures (a corrupt object under on_bad_sample: fail, a missing bucket): the secret
