@@ -371,7 +371,7 @@ def run_cli(*args: str, env: dict | None = None):
         full.pop(name, None)
     full.update(env or {})
     return subprocess.run([sys.executable, "-m", "janus_job.cli", *args], capture_output=True, text=True,
-                          env=full, timeout=900)
+                          env=full, timeout=3600)  # a hang guard only: busy machines are slow
 
 
 @pytest.mark.slow
