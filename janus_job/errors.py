@@ -24,3 +24,15 @@ class Problem:
 
     def __str__(self) -> str:
         return _one_line(f"  - {self.path}: {self.message}; fix: {self.fix}")
+
+
+class BadSample(JobError):
+    """A sample whose features are corrupt or quarantined (the dataset applies data.on_bad_sample).
+
+    ``known``: the object was quarantined before this process met it (a restarted run).
+    """
+
+    def __init__(self, message: str, key: str, *, known: bool) -> None:
+        super().__init__(message)
+        self.key = key
+        self.known = known

@@ -238,7 +238,7 @@ def test_wait_complete(tmp_path):
     with pytest.raises(JobError, match="did not finish within 0s"):
         store.wait_complete("abc", timeout_s=0.2, poll_s=0.05)
     assert time.monotonic() - start < load_scaled(5)
-    store.write_json("markers/abc/COMPLETE.json", {"samples": 3})
+    store.write_record("markers/abc/COMPLETE.json", {"samples": 3})
     assert store.wait_complete("abc", timeout_s=1)["samples"] == 3
 
 

@@ -67,6 +67,7 @@ def verify(
     weights: bool = typer.Option(
         True, "--weights/--skip-weights", help="Hash the spec's encoder weights and compare the fingerprint."
     ),
+    frames: bool = typer.Option(True, "--frames/--no-frames", help="Re-hash every frame against the frame index."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check a store: fingerprint, coverage of the spec's samples, checksums, completion marker."""
@@ -89,10 +90,17 @@ def verify(
     compute = manifests["spatial"]["fields"].get("compute", "bf16-autocast")
     expected = expected_fingerprints(job, compute=compute, hash_weights=weights, stored=store)
     store.open(expected, create=False)
-    index = store.frame_index(annotations.digest)
+    completion = store.completion(annotations.digest)
+    recorded = completion.get("frame_index") if completion is not None else None
+    if completion is not None and not isinstance(recorded, dict):
+        raise JobError(f"{store.url}: COMPLETE.json records no frame index checksums (an older precompute): "
+                       "rerun `janus-job precompute`")
+    index = store.frame_index(annotations.digest, recorded=recorded)
+    mismatched, frames_checked = (store.check_frame_hashes(index, annotations.image_paths(),
+                                                          endpoint_url=job.features.endpoint_url)
+                                  if frames else ([], 0))
     missing = store.missing(annotations.samples, index, vision=job.features.cache_vision)
     found = store.verify(check_checksums=checksums)
-    completion = store.completion(annotations.digest)
     report = {
         "store": store.url,
         "samples": len(annotations),
@@ -103,6 +111,8 @@ def verify(
         "corrupt": found.corrupt,
         "stale_temp_files": len(found.stale_temp),
         "complete_marker": completion is not None,
+        "frames_checked": frames_checked,
+        "frame_index_mismatches": mismatched[:5],
         "fingerprint_checked": "full" if weights else "manifest only (weights not hashed)",
         "fingerprints": {fp.kind: fp.id for fp in expected},
     }
@@ -118,6 +128,9 @@ def verify(
         problems.append(f"{len(found.corrupt)} corrupt objects (delete them and rerun precompute)")
     if completion is None:
         problems.append("no COMPLETE.json marker for these annotations")
+    if mismatched:
+        problems.append(f"{len(mismatched)} frames differ from the frame index (first: {mismatched[0]}); "
+                        "rerun `janus-job precompute`")
     if problems:
         raise JobError(f"feature store {store.url}: " + "; ".join(problems))
 

@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import typer
-
-from janus_job.errors import JobError
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def validate(spec_path: Path = typer.Argument(..., help="Job spec YAML (the chart's values file).")) -> None:
@@ -52,15 +34,12 @@ def render(
     from janus_job.config.deepspeed import render_deepspeed_config
     from janus_job.config.load import load_spec
     from janus_job.config.schema import spec_to_values
-    from janus_job.deploy.render import render_chart
+    from janus_job.deploy.render import render_chart, write_outputs
 
     spec = load_spec(spec_path)
     deepspeed_json = json.dumps(render_deepspeed_config(spec, spec.world_size), indent=2) + "\n"
     manifests = render_chart(spec_to_values(spec), namespace=namespace)
-    if out.exists() and not out.is_dir():
-        raise JobError(f"--out {out}: exists and is not a directory; fix: pass a directory path")
-    _write_atomically(out / "deepspeed.json", deepspeed_json)
-    _write_atomically(out / "manifests.yaml", manifests)
+    write_outputs(out, {"deepspeed.json": deepspeed_json, "manifests.yaml": manifests})
     typer.echo(f"wrote {out / 'deepspeed.json'} and {out / 'manifests.yaml'}")
 
 

@@ -307,10 +307,25 @@ PrintableText = grammar("printable text", "remove control characters (newlines, 
 Token = grammar("a token without whitespace", "remove spaces and control characters", TOKEN, 256)
 
 
+# scheme://userinfo@host: credentials written into a URL (https://user:PASS@host, s3://key:secret@bucket)
+URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+CREDENTIALS_REASON = (
+    "holds credentials inside the URL (the part before '@'); they would be copied into the ConfigMap, the pods' "
+    "environment and log lines (not repeated here): remove them and put them in the Secret named by "
+    "features.credentials_secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, see manifests/s3-credentials-secret.yaml)"
+)
+
+
+def _no_credentials(value: str) -> str | None:
+    return CREDENTIALS_REASON if URL_CREDENTIALS.match(value) else None
+
+
 def _location(schemes: tuple[str, ...]) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         if "://" not in value:
             return None
+        if URL_CREDENTIALS.match(value):
+            return CREDENTIALS_REASON
         scheme, _, rest = value.partition("://")
         if scheme not in schemes:
             return f"the pods cannot open {scheme}:// (the image has {', '.join(s + '://' for s in schemes)})"
@@ -327,8 +342,9 @@ _TEXT = r"[^\x00-\x1f\x7f]"
 _URL_PATTERNS = {
     "s3": rf"s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](/{_TEXT}*)?",
     "file": rf"file:///{_TEXT}*",
-    "https": rf"https://{_TEXT}+",
-    "http": rf"http://{_TEXT}+",
+    # no '@' before the path: credentials never sit in a URL (the schema refuses them too)
+    "https": rf"https://[^/?#@\x00-\x1f\x7f]+([/?#]{_TEXT}*)?",
+    "http": rf"http://[^/?#@\x00-\x1f\x7f]+([/?#]{_TEXT}*)?",
 }
 # text without "://" (a path), written without lookahead so Helm's RE2 engine takes it
 _NO_SCHEME = r"([^:\x00-\x1f\x7f]|:+[^:/\x00-\x1f\x7f]|:+/[^/\x00-\x1f\x7f])*(:+/?)?"
@@ -346,7 +362,7 @@ def location(what: str, schemes: tuple[str, ...]) -> Any:
 StorageLocation = location("a storage location", STORAGE_SCHEMES)
 WeightsLocation = location("a file location", WEIGHTS_SCHEMES)
 HttpUrl = grammar("an http(s) URL", "write it like https://minio.example:9000",
-                  r"^https?://[^\x00-\x20\x7f/?#]+[^\x00-\x20\x7f]*$", 2048)
+                  r"^https?://[^\x00-\x20\x7f/?#@]+([/?#][^\x00-\x20\x7f]*)?$", 2048, check=_no_credentials)
 
 
 # -- free data ----------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from janus_job.config import k8s
 from janus_job.config.deepspeed import deepspeed_problems
 from janus_job.config.rules import spec_problems
 from janus_job.config.spec import JobSpec
@@ -255,6 +256,8 @@ def _structural_problems(err: ValidationError) -> list[Problem]:
         got = e.get("input")
         shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:76] + "...'"
         got_text = "" if isinstance(got, (dict, list)) else f" (got {shown})"
+        if isinstance(got, str) and k8s.URL_CREDENTIALS.match(got):
+            got_text = ""  # never repeat credentials written into a URL
         if len(loc) >= 2 and loc[-1] == "[key]":  # a map key outside its grammar: name the map and the key
             path, got_text, loc = ".".join(str(p) for p in loc[:-2]), "", loc[:-1]
             e = {**e, "msg": f"key {loc[-1]!r}: {e['msg']}"}

@@ -76,6 +76,17 @@ class DataSpec(Section):
     image_root: k8s.WeightsLocation = Field(
         ..., min_length=1, description="Root the annotation image paths are relative to: path or fsspec URL."
     )
+    allow_absolute_image_paths: bool = Field(
+        False, description="Read absolute annotation image paths outside image_root as they are (else refused)."
+    )
+    on_bad_sample: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A corrupt stored feature met in training is quarantined in the store; fail: the run stops "
+        "naming it (a restart replaces the quarantined sample); skip: the sample is replaced and counted.",
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="Stop the run when more than this fraction of samples is quarantined."
+    )
     frame_width: int = Field(
         644,
         ge=28,

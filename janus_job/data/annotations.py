@@ -3,7 +3,8 @@
 The annotation format is JanusVLN's: a JSON list (or JSON lines) of records
 ``{"id": str, "conversations": [{"from": "human"|"gpt", "value": str}, ...], "images": [str, ...]}``
 where ``images`` are the sample's frames in order, history first and the current frame last,
-relative to ``data.image_root`` (absolute paths are kept as they are), and the human turns hold one
+relative to ``data.image_root`` (paths leaving it are refused unless
+``data.allow_absolute_image_paths`` lets absolute ones through), and the human turns hold one
 ``<image>`` tag per image.
 
 The builder turns trajectory folders into such records with JanusVLN's history rule: for step
@@ -18,6 +19,7 @@ import gzip
 import hashlib
 import json
 import os
+import posixpath
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,7 @@ class Sample:
     conversations: tuple[Mapping[str, str], ...] = ()
     frame_paths: tuple[str, ...] = ()
     index: int = -1
+    source: str = ""  # the annotation file the record came from (for error messages)
 
     @property
     def num_frames(self) -> int:
@@ -68,6 +71,7 @@ class AnnotationSet:
     path: str
     digest: str
     samples: list[Sample] = field(default_factory=list)
+    _first_use: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -82,6 +86,21 @@ class AnnotationSet:
             for image in sample.images:
                 seen.setdefault(image, None)
         return list(seen)
+
+    def image_paths(self) -> dict[str, str]:
+        """Annotation image string -> resolved path, for every distinct frame."""
+        return {image: path for sample in self.samples for image, path in zip(sample.images, sample.frame_paths)}
+
+    def describe_frame(self, path: str) -> str:
+        """A frame path as errors name it: the path, then the annotation file and first record using it."""
+        if self._first_use is None:  # built whole, then published: decode threads may call this at once
+            first_use: dict[str, str] = {}
+            for sample in self.samples:
+                for frame_path in sample.frame_paths:
+                    first_use.setdefault(frame_path, sample.id)
+            self._first_use = first_use
+        record = self._first_use.get(path)
+        return f"{path} ({self.path}, record {record!r})" if record is not None else str(path)
 
     def image_path(self, image: str) -> str:
         for sample in self.samples:
@@ -99,8 +118,14 @@ def load_annotations(
     *,
     max_images: int | None = None,
     endpoint_url: str | None = None,
+    allow_absolute: bool = False,
 ) -> AnnotationSet:
-    """Reads and validates a JanusVLN annotation file (.json list or .jsonl, optionally .gz)."""
+    """Reads and validates a JanusVLN annotation file (.json list or .jsonl, optionally .gz).
+
+    Image paths resolve under ``image_root``: a path that leaves it (``..`` segments, or an
+    absolute path elsewhere) is refused with its record named, unless ``allow_absolute`` lets
+    absolute paths through as they are.
+    """
     try:
         raw = read_bytes(path, endpoint_url)
     except OSError as err:
@@ -111,7 +136,8 @@ def load_annotations(
     records = _parse_records(raw, source)
     root = str(image_root) if image_root else ""
     samples = [
-        _validate_record(record, position, source, root, max_images) for position, record in enumerate(records)
+        _validate_record(record, position, source, root, max_images, allow_absolute)
+        for position, record in enumerate(records)
     ]
     if not samples:
         raise JobError(f"data.annotations: {source} holds no samples")
@@ -125,6 +151,7 @@ def load_spec_annotations(spec: Any) -> AnnotationSet:
         spec.data.image_root,
         max_images=spec.data.max_history_images + 1,
         endpoint_url=spec.features.endpoint_url,
+        allow_absolute=spec.data.allow_absolute_image_paths,
     )
 
 
@@ -148,7 +175,41 @@ def _parse_records(raw: bytes, path: str) -> list[Any]:
     return records
 
 
-def _validate_record(record: Any, position: int, path: str, root: str, max_images: int | None) -> Sample:
+def resolve_image(image: str, root: str, *, allow_absolute: bool = False) -> str:
+    """The path of an annotation image under ``root`` (a directory or an fsspec URL).
+
+    Raises ValueError saying why when the image would be read from outside ``root``.
+    """
+    if "://" in image or image.startswith("/") or os.path.isabs(image):
+        if allow_absolute or not root:
+            return image
+        inside = _normalized(image)
+        base = _normalized(root).rstrip("/")
+        if inside.startswith(base + "/"):
+            return inside
+        raise ValueError(f"{image!r} is an absolute path outside data.image_root {root}; write it relative "
+                         "to image_root, or set data.allow_absolute_image_paths: true to read it from there")
+    relative = posixpath.normpath(image.replace(os.sep, "/"))
+    if relative == ".." or relative.startswith("../"):
+        if not root:
+            return image
+        raise ValueError(f"{image!r} leaves data.image_root through '..'; write the path relative to "
+                         "image_root without '..' (or move image_root up to a folder that holds every frame)")
+    if not root:
+        return relative
+    return f"{root.rstrip('/')}/{relative}" if "://" in root else os.path.join(root, relative)
+
+
+def _normalized(path: str) -> str:
+    """A path or URL with '.' and '..' segments resolved (the scheme and bucket kept)."""
+    scheme, sep, rest = path.partition("://")
+    if not sep:
+        return posixpath.normpath(path.replace(os.sep, "/"))
+    return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
+def _validate_record(record: Any, position: int, path: str, root: str, max_images: int | None,
+                     allow_absolute: bool = False) -> Sample:
     def bad(field_name: str, problem: str) -> JobError:
         name = record.get("id") if isinstance(record, dict) else None
         which = f"record {position}" + (f" (id {name!r})" if isinstance(name, str) and name else "")
@@ -179,12 +240,19 @@ def _validate_record(record: Any, position: int, path: str, root: str, max_image
         raise bad("conversations[0]", "must come from 'human'")
     if tags != len(images):
         raise bad("conversations", f"hold {tags} {IMAGE_TAG} tags but 'images' lists {len(images)} frames")
+    frame_paths = []
+    for number, image in enumerate(images):
+        try:
+            frame_paths.append(resolve_image(image, root, allow_absolute=allow_absolute))
+        except ValueError as err:
+            raise bad(f"images[{number}]", str(err)) from None
     return Sample(
         id=sample_id,
         images=tuple(images),
         conversations=tuple(dict(turn) for turn in conversations),
-        frame_paths=tuple(os.path.join(root, image) for image in images),
+        frame_paths=tuple(frame_paths),
         index=position,
+        source=path,
     )
 
 

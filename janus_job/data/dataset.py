@@ -35,6 +35,7 @@ raises `TypeError` on anything else.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
 
@@ -203,6 +204,8 @@ class JanusDataset:
         vision: Source = "cached",
         target_width: int | None = None,
         frame_size: tuple[int, int] | None = None,
+        on_bad_sample: str = "fail",
+        max_bad_fraction: float = 1.0,
     ):
         from janus_job.data import frames
 
@@ -220,6 +223,27 @@ class JanusDataset:
         self.frame_size = frame_size
         self.merge = int(getattr(processor.image_processor, "merge_size", 2))
         self.patch = int(getattr(processor.image_processor, "patch_size", 14))
+        if on_bad_sample not in ("fail", "skip"):
+            raise JobError(f"data.on_bad_sample must be 'fail' or 'skip', not {on_bad_sample!r}")
+        self.on_bad_sample = on_bad_sample
+        self.max_bad_fraction = max_bad_fraction
+        # samples whose stored features were quarantined before this run: replaced, never read
+        finder = getattr(features, "bad_samples", None)
+        self.bad: dict[str, str] = dict(finder(self.samples)) if finder and spatial == "cached" else {}
+        self._check_bad_fraction()
+        if self.bad and os.environ.get("RANK", "0") == "0":
+            print(f"train data: {len(self.bad)} of {len(self.samples)} samples read quarantined (corrupt) features "
+                  f"and are replaced by the next good sample (first: {next(iter(self.bad))}); rerun `janus-job "
+                  "precompute` to recompute them", flush=True)
+
+    def _check_bad_fraction(self) -> None:
+        if self.samples and len(self.bad) > self.max_bad_fraction * len(self.samples):
+            first = ", ".join(f"{sid} ({key})" for sid, key in list(self.bad.items())[:3])
+            raise JobError(
+                f"{len(self.bad)} of {len(self.samples)} samples have corrupt (quarantined) features, more than "
+                f"data.max_bad_fraction {self.max_bad_fraction} allows (first: {first}); rerun `janus-job "
+                "precompute` (it recomputes quarantined objects), or raise data.max_bad_fraction"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -248,6 +272,40 @@ class JanusDataset:
 
     # -- items
     def __getitem__(self, index: int) -> dict:
+        """The sample's item; one with corrupt features is replaced by the next good sample
+        (counted in ``bad_samples``), or, under on_bad_sample 'fail', ends the run the first time
+        its object is met (it is quarantined then, so a restarted run replaces it)."""
+        from janus_job.errors import BadSample
+
+        replaced: list[str] = []
+        for offset in range(len(self.samples)):
+            position = (index + offset) % len(self.samples)
+            sample = self.samples[position]
+            if sample.id in self.bad:
+                replaced.append(sample.id)
+                continue
+            try:
+                item = self._item(position)
+            except BadSample as err:
+                if self.on_bad_sample == "fail" and not err.known:
+                    where = f"data.annotations {sample.source}: " if getattr(sample, "source", "") else ""
+                    raise JobError(
+                        f"{where}sample {sample.id}: {err} (data.on_bad_sample: fail; a restarted run replaces "
+                        "this sample, or set on_bad_sample: skip)"
+                    ) from None
+                self.bad[sample.id] = err.key
+                replaced.append(sample.id)
+                print(f"train bad_sample sample={sample.id} key={err.key} action=replaced "
+                      f"(data.on_bad_sample: {self.on_bad_sample})", flush=True)
+                self._check_bad_fraction()
+                continue
+            if replaced:
+                item["bad_samples"] = replaced
+            return item
+        raise JobError(f"every one of the {len(self.samples)} samples has corrupt features; "
+                       "rerun `janus-job precompute`")
+
+    def _item(self, index: int) -> dict:
         import torch
 
         sample = self.samples[index]
@@ -295,7 +353,9 @@ class JanusDataset:
             try:
                 rgb = frames.load_frame(path)
             except JobError as err:
-                raise JobError(f"sample {sample.id}: frame {ref} ({path}): {err}") from err
+                source = getattr(sample, "source", "")
+                where = f"data.annotations {source}: " if source else ""
+                raise JobError(f"{where}sample {sample.id}: frame {ref} ({path}): {err}") from err
             out.append(frames.preprocess_for_vggt(rgb, self.target_width, self.patch))
         return out
 
@@ -344,10 +404,12 @@ def _image_size(sample, k: int) -> tuple[int, int]:
 
 
 def _with_sample_id(sample, fetch):
+    from janus_job.errors import BadSample
+
     try:
         return fetch()
     except JobError as err:
-        if str(sample.id) in str(err):
+        if str(sample.id) in str(err) or isinstance(err, BadSample):
             raise
         raise JobError(f"sample {sample.id}: {err}") from err
 
@@ -465,6 +527,9 @@ class JanusCollator:
             batch["spatial_features"] = torch.stack(maps) if same else maps
         if "vggt_frames" in items[0]:
             batch["vggt_frames"] = [item["vggt_frames"] for item in items]
+        replaced = [sid for item in items for sid in item.get("bad_samples", ())]
+        if replaced:
+            batch["bad_samples"] = replaced  # not a model input: the trainer counts and removes it
         if self.image_token_id is not None:
             batch.update(step_indices(input_ids, attention_mask, labels, batch["image_grid_thw"],
                                       self.image_token_id, self.spatial_merge_size, ids))

@@ -33,14 +33,16 @@ MERGE_SIZE = 2
 FrameSource = Union[str, os.PathLike, bytes, IO[bytes], Image.Image]
 
 
-def load_frame(source: FrameSource) -> np.ndarray:
+def load_frame(source: FrameSource, name: str | None = None) -> np.ndarray:
     """Decode an image to ``uint8 (H, W, 3)`` RGB exactly as the reference does.
 
     RGBA is composited onto white first; every other mode goes through PIL's ``convert("RGB")``
-    (so, like the reference, no EXIF rotation and no blending for LA/P transparency).
+    (so, like the reference, no EXIF rotation and no blending for LA/P transparency). ``name``
+    is what errors call the frame (its path); a path source names itself.
     """
     if isinstance(source, Image.Image):
         return _to_rgb_array(source)
+    label = name or frame_label(source)
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
@@ -48,9 +50,20 @@ def load_frame(source: FrameSource) -> np.ndarray:
             img.load()
             return _to_rgb_array(img)
     except FileNotFoundError as err:
-        raise JobError(f"frame {source!s} does not exist; check the annotation's image paths") from err
+        raise JobError(f"frame {label} does not exist; check the annotation's image paths") from err
     except (Image.UnidentifiedImageError, OSError) as err:
-        raise JobError(f"frame {source!s} is not a readable image ({err}); re-extract or drop it") from err
+        reason = str(err).replace(repr(source), "the data") if not isinstance(source, (str, os.PathLike)) else err
+        raise JobError(f"frame {label} is not a readable image ({reason}); re-extract or drop it") from err
+
+
+def frame_label(source: FrameSource) -> str:
+    """How an error names a frame source: its path, else what it is (never an object's repr)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    found = getattr(source, "name", None)
+    return found if isinstance(found, str) else f"<{type(source).__name__}>"
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +64,64 @@ def render_objects(
     values: dict[str, Any], release: str = RELEASE_NAME, namespace: str = "default"
 ) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(render_chart(values, release, namespace)) if d]
+
+
+def write_outputs(directory: str | os.PathLike, files: Mapping[str, str]) -> None:
+    """Writes every file of ``files`` (name -> text) into ``directory``, or none of them.
+
+    The files are written in full to a staging directory beside the target first, with the
+    permissions a plain ``open`` gives (0666 less the umask). A new directory then appears by one
+    rename; into an existing one each file is swapped in, and if any swap fails the files already
+    swapped are put back, so a failure leaves the old files as they were and never a mix.
+    Nothing else in the directory is touched.
+    """
+    directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise JobError(f"--out {directory}: exists and is not a directory; fix: pass a directory path")
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        stage = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp"
+        stage.mkdir()  # 0777 less the umask, like any new directory
+    except OSError as err:
+        raise JobError(f"--out {directory}: cannot create it ({err.strerror or err}); "
+                       "fix: pass a writable path") from None
+    try:
+        for name, text in files.items():
+            fd = os.open(stage / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        if not directory.exists():
+            os.rename(stage, directory)
+            return
+        _swap_in(stage, directory, list(files))
+    except OSError as err:
+        raise JobError(f"--out {directory}: writing failed ({err}); nothing there was changed") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _swap_in(stage: Path, directory: Path, names: list[str]) -> None:
+    """Replaces ``directory/name`` by ``stage/name`` for every name; all or none."""
+    backups: dict[str, Path] = {}
+    done: list[str] = []
+    try:
+        for name in names:
+            target = directory / name
+            if target.is_file():
+                backup = stage / f".{name}.previous"
+                try:
+                    os.link(target, backup)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(target, backup)
+                backups[name] = backup
+            os.replace(stage / name, target)
+            done.append(name)
+    except OSError:
+        for name in reversed(done):
+            if name in backups:
+                os.replace(backups[name], directory / name)
+            else:
+                (directory / name).unlink(missing_ok=True)
+        raise

@@ -109,6 +109,8 @@ class WorkerReport:
     computed_vision: int = 0
     skipped_vision: int = 0
     bytes_uploaded: int = 0
+    verified_stored: int = 0  # objects of earlier runs read back and checked before being reused
+    repaired: int = 0  # quarantined or corrupt objects recomputed
     seconds: float = 0.0
 
 
@@ -138,8 +140,10 @@ class _Uploads:
 class _FrameReader:
     """Reads each frame once: bytes -> content hash and decoded, preprocessed tensor (LRU-bounded)."""
 
-    def __init__(self, endpoint_url: str | None, target_width: int, patch: int, threads: int, keep: int) -> None:
+    def __init__(self, endpoint_url: str | None, target_width: int, patch: int, threads: int, keep: int,
+                 where: Callable[[str], str] = str) -> None:
         self.endpoint_url = endpoint_url
+        self.where = where  # frame path -> how errors name it (annotation file, record, path)
         self.target_width = target_width
         self.patch = patch
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
@@ -151,9 +155,10 @@ class _FrameReader:
         try:
             return read_bytes(path, self.endpoint_url)
         except FileNotFoundError as err:
-            raise JobError(f"frame {path} does not exist; check data.image_root and the annotation's images") from err
+            raise JobError(f"frame {self.where(path)} does not exist; check data.image_root and the annotation's "
+                           "images") from err
         except OSError as err:
-            raise JobError(f"cannot read frame {path}: {err}") from err
+            raise JobError(f"cannot read frame {self.where(path)}: {err}") from err
 
     def hash_all(self, paths: Sequence[str]) -> dict[str, str]:
         return dict(zip(paths, self.pool.map(lambda p: hashlib.sha256(self.read(p)).hexdigest(), paths)))
@@ -161,7 +166,7 @@ class _FrameReader:
     def _decode(self, path: str) -> torch.Tensor:
         from janus_job.data import frames as frame_ops
 
-        rgb = frame_ops.load_frame(self.read(path))
+        rgb = frame_ops.load_frame(self.read(path), name=self.where(path))
         return frame_ops.preprocess_for_vggt(rgb, self.target_width, self.patch)
 
     def request(self, path: str) -> Future:
@@ -245,18 +250,20 @@ def run_worker(
     my_frames = [img for img in annotations.unique_images() if frame_owner(img, workers) == worker] if vision_on else []
     needed = sorted({img for s in samples for img in s.images} | set(my_frames))
     reader = _FrameReader(spec.features.endpoint_url, encoders.target_width, encoders.patch,
-                          decode_threads, keep=max(64, 4 * prefetch_batches * spec.precompute.batch_size))
+                          decode_threads, keep=max(64, 4 * prefetch_batches * spec.precompute.batch_size),
+                          where=annotations.describe_frame)
     uploads = _Uploads(store, upload_threads, max_in_flight=4 * upload_threads)
     try:
         print(f"{label}: hashing {len(needed)} frames of {len(samples)} samples", file=stream, flush=True)
         hashes = reader.hash_all([paths[img] for img in needed])
         frame_hash = {img: hashes[paths[img]] for img in needed}
-        store.write_json(f"frames/{annotations.digest}/{marker_name(worker, workers)}", frame_hash)
+        store.write_frame_index(annotations.digest, marker_name(worker, workers), frame_hash)
 
-        present = set(store.list_keys("spatial"))
+        quarantined = store.quarantined()
         todo: dict[str, Sample] = {}
         for sample in samples:
             todo.setdefault(store.spatial_key([frame_hash[i] for i in sample.images]), sample)
+        present = _sound(store, set(store.list_keys("spatial")), todo, quarantined, report, upload_threads)
         report.samples, report.spatial_keys = len(samples), len(todo)
         spatial_todo = [(key, s) for key, s in todo.items() if key not in present]
         report.skipped_spatial = len(todo) - len(spatial_todo)
@@ -285,10 +292,10 @@ def run_worker(
             progress.emit()
 
         if vision_on:
-            present = set(store.list_keys("vision"))
             keyed: dict[str, str] = {}
             for img in my_frames:
                 keyed.setdefault(store.vision_key(frame_hash[img]), img)
+            present = _sound(store, set(store.list_keys("vision")), keyed, quarantined, report, upload_threads)
             unique_todo = sorted(((k, img) for k, img in keyed.items() if k not in present), key=lambda p: p[1])
             report.vision_frames = len(keyed)
             report.skipped_vision = len(keyed) - len(unique_todo)
@@ -306,12 +313,27 @@ def run_worker(
             if unique_todo:
                 progress.emit()
         uploads.drain()
+        for key in quarantined & (set(todo) | (set(keyed) if vision_on else set())):
+            store.release(key)  # recomputed above
     finally:
         reader.close()
     report.seconds = round(time.monotonic() - started, 3)
-    store.write_json(f"{store.marker_prefix(annotations.digest)}/{marker_name(worker, workers)}", asdict(report))
+    store.write_record(f"{store.marker_prefix(annotations.digest)}/{marker_name(worker, workers)}", asdict(report))
     print(f"{label}: done {json.dumps(asdict(report), sort_keys=True)}", file=stream, flush=True)
     return report
+
+
+def _sound(store: FeatureStore, listed: set[str], wanted: Any, quarantined: set[str], report: WorkerReport,
+           threads: int) -> set[str]:
+    """The wanted keys already stored and sound. Quarantined objects are left out (recomputed),
+    and every stored object is read back and checked first, so COMPLETE.json vouches for each
+    object it covers: those of this run were written whole from memory, the others were checked."""
+    stored = (set(wanted) & listed) - quarantined
+    corrupt = set(store.check_objects(stored, threads))
+    report.verified_stored += len(stored)
+    report.repaired += len(corrupt) + len(set(wanted) & quarantined)
+    return stored - corrupt
+
 
 
 # ---------------------------------------------------------------- completion
@@ -340,7 +362,7 @@ def finalize(spec: Any, encoders_fingerprints: list[Fingerprint], workers: int, 
             f"all {workers} precompute workers finished but {len(missing)} samples lack features "
             f"(first: {missing[:3]}); rerun the precompute Job"
         )
-    reports = [store.read_json(f"{prefix}/{marker_name(w, workers)}") or {} for w in range(workers)]
+    reports = [store.read_record(f"{prefix}/{marker_name(w, workers)}") or {} for w in range(workers)]
     record = {
         "annotations": annotations.path,
         "annotations_digest": annotations.digest,
@@ -349,8 +371,11 @@ def finalize(spec: Any, encoders_fingerprints: list[Fingerprint], workers: int, 
         "fingerprints": {fp.kind: fp.id for fp in encoders_fingerprints},
         "spatial_keys": sum(r.get("spatial_keys", 0) for r in reports),
         "vision_frames": sum(r.get("vision_frames", 0) for r in reports),
+        "frame_index": store.frame_index_checksums(annotations.digest),
+        "verified": {"stored_objects_checked": sum(r.get("verified_stored", 0) for r in reports),
+                     "repaired": sum(r.get("repaired", 0) for r in reports)},
     }
-    store.write_json(f"{prefix}/COMPLETE.json", record)
+    store.write_record(f"{prefix}/COMPLETE.json", record)
     print(f"precompute: complete, {len(annotations)} samples covered; wrote {prefix}/COMPLETE.json",
           file=stream, flush=True)
     return record

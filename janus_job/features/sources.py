@@ -18,6 +18,7 @@ from janus_job.errors import JobError
 
 PRECOMPUTE_WAIT_ENV = "JANUS_PRECOMPUTE_WAIT_S"
 DEFAULT_PRECOMPUTE_WAIT_S = 48 * 3600.0
+FRAME_SPOT_CHECK = 64  # frames re-hashed at start against the store's frame index
 
 
 def _same_on_all_ranks(value: Any) -> Any:
@@ -142,7 +143,8 @@ def resolve_features(spec: Any, annotations: Any, ranks: Any, device: Any) -> Fe
             _check_spatial_weights(spec, spatial_fingerprint)
             if "vision" in fingerprints:
                 _check_vision_weights(spec, fingerprints["vision"])
-            frame_hashes = store.frame_index(annotations.digest)
+            frame_hashes = store.completed_frame_index(annotations.digest, frame_paths=annotations.image_paths(),
+                                                       spot_check=FRAME_SPOT_CHECK)
             missing = store.missing(annotations.samples, frame_hashes, vision=spec.features.cache_vision)
         except JobError as err:  # other ranks are already waiting for rank 0's verdict
             missing, problem = [], str(err)
@@ -155,7 +157,8 @@ def resolve_features(spec: Any, annotations: Any, ranks: Any, device: Any) -> Fe
             )
     _raise_everywhere(problem)
     frame_hashes = _same_on_all_ranks(frame_hashes)
-    source = StoreFeatureSource(store, frame_hashes=frame_hashes, image_root=spec.data.image_root)
+    source = StoreFeatureSource(store, frame_hashes=frame_hashes, image_root=spec.data.image_root,
+                                vision=bool(spec.features.cache_vision))
     return Features(
         source,
         "cached",

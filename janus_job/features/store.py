@@ -9,6 +9,12 @@ Layout under the store root (``s3://bucket/prefix``, ``file:///path`` or a plain
     frames/<annotations>/<shard>.json   annotation image string -> frame content hash
     markers/<annotations>/shard-*.json  one per finished precompute worker
     markers/<annotations>/COMPLETE.json the final marker the trainer waits on
+    quarantine/<object key>.json        a corrupt object met in training (never read again)
+
+Every JSON record (manifests, frame index shards, markers) carries the sha256 of its canonical
+form; an index shard also names the fingerprint ids and annotation digest it was built for, and
+the COMPLETE marker holds the checksum of every index shard, so an index edited after precompute
+(even rewritten consistently) is refused with the object named.
 
 Keys are content-derived (docs/features.md): a frame is identified by the sha256 of its file
 bytes; a spatial key hashes the fingerprint id with the ordered frame hashes, a vision key the
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from janus_job.errors import JobError
+from janus_job.errors import BadSample, JobError
 from janus_job.io import require_s3_credentials, s3_filesystem
 
 if TYPE_CHECKING:
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
 MAGIC = b"JNSF1\n"
 OBJECT_SUFFIX = ".jnsf"
 KINDS = ("spatial", "vision")
+QUARANTINE = "quarantine"
 _TMP_MARK = ".tmp."
 _STALE_TMP_S = 3600.0
 _DTYPES = ("bfloat16", "float16", "float32", "float64", "int64", "int32", "uint8")
@@ -126,6 +133,22 @@ def _object_key(kind: str, digest: str) -> str:
     return f"{kind}/{digest[:2]}/{digest}{OBJECT_SUFFIX}"
 
 
+# ---------------------------------------------------------------- records
+
+RECORD_CHECKSUM = "sha256"
+
+
+def record_checksum(record: Mapping[str, Any]) -> str:
+    """sha256 of a JSON record's canonical form (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(record: Mapping[str, Any]) -> dict:
+    """The record with its checksum added (FeatureStore.read_record verifies it)."""
+    body = {name: value for name, value in record.items() if name != RECORD_CHECKSUM}
+    return {**body, RECORD_CHECKSUM: record_checksum(body)}
+
+
 # ---------------------------------------------------------------- serialisation
 
 
@@ -154,14 +177,23 @@ def encode_tensor(tensor: torch.Tensor) -> bytes:
     return MAGIC + len(header).to_bytes(4, "little") + header + payload
 
 
+class CorruptObject(JobError):
+    """A stored object that fails its own checks (magic, header, size, checksum)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def decode_tensor(blob: bytes, key: str) -> torch.Tensor:
-    """Parses and verifies an object; any damage raises JobError naming the key."""
+    """Parses and verifies an object; any damage raises CorruptObject (a JobError) naming the key."""
     import torch
 
     def corrupt(why: str) -> JobError:
-        return JobError(
+        return CorruptObject(
             f"feature object {key} is corrupt ({why}); delete it and rerun "
-            "`janus-job precompute` (it recomputes only what is missing)"
+            "`janus-job precompute` (it recomputes only what is missing)",
+            key,
         )
 
     if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
@@ -300,6 +332,7 @@ class FeatureStore:
     ) -> None:
         if not url:
             raise JobError("features.store is empty: give an s3://bucket/prefix, file:///path or a path")
+        _refuse_url_credentials("features.endpoint_url", endpoint_url)
         self.url = url
         self.endpoint_url = endpoint_url or None
         self.connect_timeout_s = connect_timeout_s
@@ -314,6 +347,7 @@ class FeatureStore:
         self._fs = None
         self._fs_pid = None
         self._fingerprints: dict[str, Fingerprint] = {}
+        self._index_shard: dict[str, str] = {}  # frame -> the index shard it was read from
 
     @classmethod
     def from_spec(cls, spec: Any, *, local_cache: bool = True) -> FeatureStore:
@@ -505,10 +539,45 @@ class FeatureStore:
         blob = self.get_bytes(key)
         if blob is None:
             return None
-        tensor = decode_tensor(blob, f"{self.url}/{key}")
+        try:
+            tensor = decode_tensor(blob, f"{self.url}/{key}")
+        except CorruptObject as err:
+            err.key = key
+            raise
         if self.cache is not None:
             self.cache.put(key, blob)
         return tensor
+
+    def check_objects(self, keys: Iterable[str], threads: int = 8) -> list[str]:
+        """Reads every key and checks it (magic, header, size, checksum); returns the corrupt ones."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def bad(key: str) -> bool:
+            try:
+                decode_tensor(self.get_bytes(key) or b"", key)
+            except CorruptObject:
+                return True
+            return False
+
+        keys = sorted(keys)
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="verify") as pool:
+            return [key for key, corrupt in zip(keys, pool.map(bad, keys)) if corrupt]
+
+    # -- quarantine: corrupt objects met in training, never read again until recomputed
+
+    def quarantine(self, key: str, reason: str) -> None:
+        """Records a corrupt object so that no run reads it again (precompute recomputes it)."""
+        self.write_record(f"{QUARANTINE}/{key}.json", {"key": key, "reason": reason, "time": time.time(),
+                                                       "host": socket.gethostname()})
+
+    def quarantined(self) -> set[str]:
+        """Keys of every quarantined object (one listing)."""
+        prefix, suffix = f"{QUARANTINE}/", ".json"
+        return {key[len(prefix):-len(suffix)] for key in self.list_keys(QUARANTINE) if key.endswith(suffix)}
+
+    def release(self, key: str) -> None:
+        """Ends a quarantine (the object was recomputed)."""
+        self.delete(f"{QUARANTINE}/{key}.json")
 
     # -- manifests (fingerprints)
 
@@ -523,8 +592,8 @@ class FeatureStore:
                         f"feature store {self.url} has no {fingerprint.kind} features ({key} missing): "
                         "run `janus-job precompute --spec ...` first, or set features.mode: read_through"
                     )
-                record = {"format": 1, "kind": fingerprint.kind, "id": fingerprint.id,
-                          "fields": dict(fingerprint.fields)}
+                record = seal({"format": 1, "kind": fingerprint.kind, "id": fingerprint.id,
+                               "fields": dict(fingerprint.fields)})
                 self.put_bytes(key, json.dumps(record, sort_keys=True, indent=1).encode())
                 found = self.get_bytes(key)  # re-read: a concurrent creator with other settings loses here
             self._check_manifest(fingerprint, found, key)
@@ -536,6 +605,8 @@ class FeatureStore:
             stored = Fingerprint(record["kind"], record["fields"])
         except (ValueError, KeyError, TypeError) as err:
             raise JobError(f"{self.url}/{key} is not a valid manifest: {err}") from err
+        if RECORD_CHECKSUM in record:  # manifests of the first format had none; their id is checked below
+            self._unseal(key, record)
         if stored.id != fingerprint.id:
             diffs = "; ".join(fingerprint.differences(stored)) or "fingerprint ids differ"
             raise JobError(
@@ -573,18 +644,159 @@ class FeatureStore:
         except ValueError as err:
             raise JobError(f"{self.url}/{key} is not valid JSON ({err}); delete it and rerun precompute") from err
 
-    def frame_index(self, annotations_digest: str) -> dict[str, str]:
-        """annotation image string -> frame content hash, as recorded by precompute."""
-        merged: dict[str, str] = {}
+    def write_record(self, key: str, record: Mapping[str, Any]) -> str:
+        """Writes a JSON record sealed with its checksum; returns the checksum."""
+        sealed = seal(record)
+        self.write_json(key, sealed)
+        return sealed[RECORD_CHECKSUM]
+
+    def read_record(self, key: str) -> dict | None:
+        """A record written by write_record, its checksum verified (None when absent)."""
+        record = self.read_json(key)
+        return None if record is None else self._unseal(key, record)
+
+    def _unseal(self, key: str, record: Any) -> dict:
+        if not isinstance(record, dict) or RECORD_CHECKSUM not in record:
+            raise JobError(
+                f"{self.url}/{key} carries no checksum (written by an older janus-train, or by hand): rerun "
+                "`janus-job precompute` (it rewrites the index and markers and recomputes only missing features)"
+            )
+        body = {name: value for name, value in record.items() if name != RECORD_CHECKSUM}
+        if record_checksum(body) != record[RECORD_CHECKSUM]:
+            raise JobError(
+                f"{self.url}/{key} does not match its checksum: it was changed after precompute wrote it. "
+                "Refusing to train on it: delete it and rerun `janus-job precompute`"
+            )
+        return body
+
+    def write_frame_index(self, annotations_digest: str, shard: str, frames: Mapping[str, str]) -> str:
+        """One worker's part of the frame index, tied to the opened fingerprints; returns its checksum."""
+        record = {
+            "format": 2,
+            "annotations_digest": annotations_digest,
+            "fingerprints": {kind: fp.id for kind, fp in sorted(self._fingerprints.items())},
+            "frames": dict(frames),
+        }
+        return self.write_record(f"frames/{annotations_digest}/{shard}", record)
+
+    def frame_index_checksums(self, annotations_digest: str) -> dict[str, str]:
+        """Checksum of every index shard of these annotations (what COMPLETE.json records)."""
+        found = {}
         for key in self.list_keys(f"frames/{annotations_digest}"):
-            merged.update(self.read_json(key) or {})
+            record = self.read_json(key)
+            self._check_index_shard(key, annotations_digest, self._unseal(key, record))
+            found[key] = record[RECORD_CHECKSUM]
+        return found
+
+    def frame_index(self, annotations_digest: str, recorded: Mapping[str, str] | None = None) -> dict[str, str]:
+        """annotation image string -> frame content hash, as recorded by precompute.
+
+        Every shard's checksum, annotation digest and fingerprint ids are checked; with
+        ``recorded`` (COMPLETE.json's ``frame_index``) the shards must be exactly those, unchanged.
+        """
+        keys = self.list_keys(f"frames/{annotations_digest}")
+        if recorded is not None and set(keys) != set(recorded):
+            extra, gone = sorted(set(keys) - set(recorded)), sorted(set(recorded) - set(keys))
+            raise JobError(
+                f"the frame index of {self.url} is not the one precompute completed with "
+                f"(added: {extra[:3]}, removed: {gone[:3]}); rerun `janus-job precompute`"
+            )
+        merged: dict[str, str] = {}
+        self._index_shard = {}
+        for key in keys:
+            raw = self.read_json(key)
+            record = self._unseal(key, raw)
+            self._check_index_shard(key, annotations_digest, record)
+            if recorded is not None and raw[RECORD_CHECKSUM] != recorded[key]:
+                raise JobError(
+                    f"{self.url}/{key} is not the frame index precompute completed with (its checksum differs "
+                    "from COMPLETE.json's): it was rewritten afterwards. Refusing to train on it: rerun "
+                    "`janus-job precompute`"
+                )
+            for image, digest in record["frames"].items():
+                if merged.setdefault(image, digest) != digest:
+                    raise JobError(f"{self.url}/{key} maps frame {image} to another hash than an earlier shard; "
+                                   "rerun `janus-job precompute`")
+                self._index_shard.setdefault(image, key)
         return merged
+
+    def completed_frame_index(self, annotations_digest: str, *, frame_paths: Mapping[str, str] | None = None,
+                              spot_check: int = 0) -> dict[str, str]:
+        """The frame index as COMPLETE.json recorded it (JobError naming what differs).
+
+        With ``frame_paths`` (image -> path), ``spot_check`` frames spread over the index are
+        re-hashed: an index remapped together with its checksums still does not match the frames.
+        """
+        completion = self.completion(annotations_digest)
+        if completion is None:
+            raise JobError(f"{self.url} has no COMPLETE.json for these annotations: run `janus-job precompute`")
+        if not isinstance(completion.get("frame_index"), dict):
+            raise JobError(f"{self.url}/{self.marker_prefix(annotations_digest)}/COMPLETE.json records no frame "
+                           "index checksums (an older precompute): rerun `janus-job precompute`")
+        index = self.frame_index(annotations_digest, recorded=completion["frame_index"])
+        if frame_paths and spot_check:
+            problems, _checked = self.check_frame_hashes(index, frame_paths, limit=spot_check,
+                                                         endpoint_url=self.endpoint_url)
+            if problems:
+                raise JobError(
+                    f"the frame index of {self.url} does not match the frames ({len(problems)} of the frames "
+                    f"checked; first: {problems[0]}). Refusing to train on it: the frames changed after "
+                    "precompute, or the index was rewritten; rerun `janus-job precompute`"
+                )
+        return index
+
+    def _check_index_shard(self, key: str, annotations_digest: str, record: dict) -> None:
+        if record.get("format") != 2 or not isinstance(record.get("frames"), dict):
+            raise JobError(f"{self.url}/{key} is not a frame index shard; delete it and rerun `janus-job precompute`")
+        if record.get("annotations_digest") != annotations_digest:
+            raise JobError(f"{self.url}/{key} belongs to other annotations ({record.get('annotations_digest')}); "
+                           "delete it and rerun `janus-job precompute`")
+        tied = record.get("fingerprints") or {}
+        for kind, fingerprint in self._fingerprints.items():
+            if kind in tied and tied[kind] != fingerprint.id:
+                raise JobError(
+                    f"{self.url}/{key} was written for another {kind} fingerprint ({tied[kind]}, the store's is "
+                    f"{fingerprint.id}); delete it and rerun `janus-job precompute`"
+                )
+
+    def index_shard_of(self, image: str) -> str | None:
+        """The index shard the last frame_index call read ``image`` from."""
+        return self._index_shard.get(image)
+
+    def check_frame_hashes(self, index: Mapping[str, str], paths: Mapping[str, str], *,
+                           limit: int | None = None, endpoint_url: str | None = None) -> tuple[list[str], int]:
+        """Re-hashes frames (all, or ``limit`` spread evenly) and compares them with the index.
+
+        Returns (problems, frames checked); a frame that cannot be read is not counted as checked.
+        """
+        from janus_job.io import read_bytes
+
+        images = sorted(index)
+        if limit is not None and len(images) > limit:
+            step = len(images) / limit
+            images = [images[int(k * step)] for k in range(limit)]
+        problems, checked = [], 0
+        for image in images:
+            path = paths.get(image)
+            if path is None:
+                continue
+            try:
+                actual = hashlib.sha256(read_bytes(path, endpoint_url)).hexdigest()
+            except OSError:
+                continue
+            checked += 1
+            if actual != index[image]:
+                shard = self.index_shard_of(image)
+                where = f"{self.url}/{shard}" if shard else f"the frame index of {self.url}"
+                problems.append(f"frame {image} ({path}) has content {actual[:12]}..., {where} says "
+                                f"{index[image][:12]}...")
+        return problems, checked
 
     def marker_prefix(self, annotations_digest: str) -> str:
         return f"markers/{annotations_digest}"
 
     def completion(self, annotations_digest: str) -> dict | None:
-        return self.read_json(f"{self.marker_prefix(annotations_digest)}/COMPLETE.json")
+        return self.read_record(f"{self.marker_prefix(annotations_digest)}/COMPLETE.json")
 
     def wait_complete(self, annotations_digest: str, timeout_s: float, poll_s: float = 10.0) -> dict:
         """Blocks until precompute's final marker for these annotations exists (JobError on timeout)."""
@@ -663,12 +875,37 @@ class StoreFeatureSource:
         image_root: str | os.PathLike | None = None,
         compute_spatial: Callable[[Sample], torch.Tensor] | None = None,
         compute_vision: Callable[[str], torch.Tensor] | None = None,
+        quarantined: Iterable[str] | None = None,
+        vision: bool = True,
     ) -> None:
         self.store = store
         self.frame_hashes = dict(frame_hashes) if frame_hashes is not None else None
         self.image_root = image_root
         self.compute_spatial = compute_spatial
         self.compute_vision = compute_vision
+        self.vision = vision  # vision features come from the store too
+        # quarantined when this run started (a restart must not fail on them again), and since
+        self.known_bad = set(store.quarantined() if quarantined is None else quarantined)
+        self.met_bad: set[str] = set()
+
+    def sample_keys(self, sample: Sample) -> list[str]:
+        """Every store key the sample's features are read from."""
+        hashes = [self.frame_hash(image) for image in sample.images]
+        keys = [self.store.spatial_key(hashes)]
+        if self.vision:
+            keys += [self.store.vision_key(h) for h in hashes]
+        return keys
+
+    def bad_samples(self, samples: Iterable[Sample]) -> dict[str, str]:
+        """sample id -> a quarantined key it reads, for the samples that read one."""
+        if not self.known_bad:
+            return {}
+        found = {}
+        for sample in samples:
+            hit = next((key for key in self.sample_keys(sample) if key in self.known_bad), None)
+            if hit is not None:
+                found[sample.id] = hit
+        return found
 
     def frame_hash(self, image: str) -> str:
         if self.frame_hashes is not None:
@@ -692,21 +929,60 @@ class StoreFeatureSource:
         return self._read_through(key, self.compute_vision, frame_ref, f"vision features of frame {frame_ref}")
 
     def _read_through(self, key: str, compute: Any, item: Any, what: str) -> torch.Tensor:
-        """The stored tensor; on a miss, `compute(item)` written back, or JobError without one."""
-        tensor = self.store.get_tensor(key)
+        """The stored tensor; on a miss, `compute(item)` written back, or JobError without one.
+
+        A corrupt object is quarantined in the store; with `compute` it is recomputed (and the
+        quarantine ended), without it BadSample is raised for the bad-sample policy to handle.
+        """
+        bad = key in self.known_bad or key in self.met_bad
+        tensor = None
+        if not bad:
+            try:
+                tensor = self.store.get_tensor(key)
+            except CorruptObject as err:
+                self.store.quarantine(key, str(err))
+                self.met_bad.add(key)
+                if compute is None:
+                    raise BadSample(f"{what}: {err}; quarantined in {self.store.url}/{QUARANTINE}/", key,
+                                    known=False) from None
+                bad = True
         if tensor is not None:
             return tensor
         if compute is None:
+            if bad:
+                raise BadSample(f"{what} ({key}) are quarantined as corrupt in {self.store.url}; "
+                                "rerun `janus-job precompute` to recompute them", key, known=key in self.known_bad)
             raise JobError(f"{what} are missing from {self.store.url} ({key})")
         tensor = compute(item).to("cpu")
         self.store.put_tensor(key, tensor)
+        if bad:
+            self.store.release(key)
+            self.known_bad.discard(key)
+            self.met_bad.discard(key)
         return tensor
 
 
 # ---------------------------------------------------------------- helpers
 
 
+def has_url_credentials(url: str | None) -> bool:
+    """True when a URL carries credentials before its host (``scheme://user:secret@host``)."""
+    scheme, sep, rest = (url or "").partition("://")
+    return bool(sep and scheme) and "@" in rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+
+
+def _refuse_url_credentials(what: str, url: str | None) -> None:
+    if has_url_credentials(url):
+        scheme = str(url).partition("://")[0]
+        raise JobError(
+            f"{what} ({scheme}://...) holds credentials inside the URL: remove them (they are not repeated "
+            "here) and put them in the Secret named by features.credentials_secret (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY)"
+        )
+
+
 def _split_url(url: str) -> tuple[str, str]:
+    _refuse_url_credentials("features.store", url)
     if url.startswith("s3://"):
         root = url[len("s3://") :].strip("/")
         if not root:

@@ -72,6 +72,7 @@ class BatchWork:
     spatial_tokens: int = 0  # spatial-merger outputs: one map per sample
     vision_patches: int = 0  # patches through the vision tower when it runs online
     vggt_patches: int = 0  # frame patches through VGGT when it runs online
+    bad_samples: int = 0  # samples replaced because their stored features are corrupt (data.on_bad_sample)
 
     def add_batch(self, batch: dict, image_token_id: int) -> None:
         mask = batch["attention_mask"]
@@ -91,10 +92,11 @@ class BatchWork:
         for frames in batch.get("vggt_frames") or []:
             s, _, h, w = frames.shape
             self.vggt_patches += int(s * (h // 14) * (w // 14))
+        self.bad_samples += len(batch.get("bad_samples") or ())
 
     def as_list(self) -> list[int]:
         return [self.samples, self.tokens, self.label_tokens, self.image_tokens, self.spatial_tokens,
-                self.vision_patches, self.vggt_patches]
+                self.vision_patches, self.vggt_patches, self.bad_samples]
 
     @classmethod
     def from_list(cls, values: list[float]) -> "BatchWork":
@@ -166,7 +168,7 @@ def format_log_line(record: dict) -> str:
         f"mem_peak={_gib(record['mem_peak_gib'])} mem_min={_gib(record['mem_min_gib'])} "
         f"mem_max={_gib(record['mem_max_gib'])} loss={record['loss']:.4f} lr={record['lr']:.2e} "
         f"eta={_duration(record['eta_s'])}"
-    )
+    ) + (f" bad_samples={record['bad_samples']}" if record.get("bad_samples") else "")
 
 
 class MetricsFile:

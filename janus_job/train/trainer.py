@@ -109,7 +109,9 @@ class Trainer:
         qwen_dir = local_copy(spec.model.qwen, endpoint_url=endpoint)
         processor = load_processor(qwen_dir, spec.data.min_pixels, spec.data.max_pixels)
         self.dataset = JanusDataset(annotations.samples, processor, features.source, spatial=features.spatial,
-                                    vision=features.vision, target_width=features.target_width)
+                                    vision=features.vision, target_width=features.target_width,
+                                    on_bad_sample=spec.data.on_bad_sample,
+                                    max_bad_fraction=spec.data.max_bad_fraction)
 
         self.global_batch_size = spec.global_batch_size
         sampler_cls = BalancedBatchSampler if t.balanced_sampler else LengthGroupedBatchSampler
@@ -150,6 +152,7 @@ class Trainer:
         self.engine, self.deepspeed_config = build_engine(spec, model, self.ranks.world_size, self.total_steps,
                                                           accumulation=self.accumulation)
         self.step = 0
+        self.bad_samples = 0
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
 
     def _token_lengths(self, samples: list) -> list[int]:
@@ -260,6 +263,7 @@ class Trainer:
                 trace.write({"step": self.step, "micro_step": micro, "rank": self.ranks.rank,
                              "sample_ids": batch["sample_ids"]})
                 interval.work.add_batch(batch, self.image_token_id)
+                batch.pop("bad_samples", None)
                 loss = micro_step(self.engine, batch, self.device).loss.detach()
                 interval.loss_sum = interval.loss_sum + loss.float()
                 interval.loss_count += 1
@@ -378,12 +382,15 @@ class Trainer:
             "lr": interval.lr,
             "eta_s": (self.total_steps - self.step) * s_per_it,
             "grad_norm": self._grad_norm(),
+            "bad_samples": self.bad_samples + work.bad_samples,  # replaced since this run started
             "rank": self.ranks.rank,
             "world_size": self.ranks.world_size,
             "time": time.time(),
         }
         if not math.isfinite(loss):
             raise JobError(f"the loss is {loss} at step {self.step}; lower training.learning_rate or check the data")
+        self.bad_samples = record["bad_samples"]
+        self.figures["bad_samples"] = self.bad_samples
         self.figures.update(loss=loss, learning_rate=interval.lr, grad_norm=record["grad_norm"],
                             tokens_per_s=record["tokens_per_s"], mfu=mfu, data_wait_ratio=record["data_wait"],
                             eta_s=record["eta_s"])
