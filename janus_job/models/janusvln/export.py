@@ -126,6 +126,8 @@ def janusvln_config_dict(config, dtype=None) -> dict:
         lam=float(config.lam),
         reference_frame=getattr(config, "reference_frame", "first"),
         vggt_merger_hidden_dim=int(config.vggt_merger_hidden_dim),
+        # janus-train's key (JanusVLN hard-codes 2048, VGGT-1B's): lets build_model reload other widths
+        spatial_channels=int(getattr(config, "spatial_channels", 2048)),
         torch_dtype=str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16",
         transformers_version="4.50.0",
     )
