@@ -1,4 +1,4 @@
-"""CLI commands of the train area: launch (the PyTorchJob entrypoint), train (one rank), demo."""
+"""CLI commands of the train area: launch (the PyTorchJob entrypoint), train (one rank), export, demo."""
 
 import typer
 
@@ -19,6 +19,21 @@ def register(app: typer.Typer) -> None:
         from janus_job.train.trainer import run
 
         run(spec)
+
+    @app.command()
+    def export(
+        spec: str = typer.Argument(..., help="Job spec YAML of the job whose checkpoint is exported."),
+        step: int = typer.Option(None, "--step", min=1, help="Checkpoint step (default: the newest complete one)."),
+        out: str = typer.Option(None, "--out", help="Target directory or URL (default: "
+                                "<training.checkpoint.url>/export/step-XXXXXXXX)."),
+    ) -> None:
+        """Write a JanusVLN checkpoint directory from a complete checkpoint (any ZeRO stage and world size),
+        on this machine's CPU."""
+        from janus_job.config.load import load_spec
+        from janus_job.models.janusvln.export import export_from_checkpoint
+
+        export_from_checkpoint(load_spec(spec), step=step, out=out,
+                               progress=lambda line: typer.echo(line))
 
     @app.command()
     def demo(

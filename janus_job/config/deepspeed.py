@@ -16,8 +16,6 @@ STAGE3_DEFAULTS = {
     "stage3_max_reuse_distance": 1_000_000_000,
     "stage3_gather_16bit_weights_on_model_save": False,
 }
-ADAMW_BETAS = [0.9, 0.999]
-ADAMW_EPS = 1e-8
 STEPS_PER_PRINT = 1_000_000_000  # the trainer prints its own log line; keep DeepSpeed's quiet
 
 # keys of the rendered config owned by a spec field: extra_config may not change them
@@ -84,7 +82,7 @@ def _base_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
     if ds.optimizer == "deepspeed":
         config["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": t.learning_rate, "betas": ADAMW_BETAS, "eps": ADAMW_EPS, "weight_decay": t.weight_decay},
+            "params": {"lr": t.learning_rate, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_epsilon, "weight_decay": t.weight_decay},
         }
     return config
 

@@ -199,8 +199,23 @@ class TrainingSpec(Section):
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps with linear warmup.")
     scheduler: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Learning-rate schedule after warmup."
-    )
+        "cosine",
+        description="Learning-rate schedule after warmup; the warmup is linear from 0 at optimizer step 0 "
+        "(transformers' get_scheduler, as JanusVLN trains).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, le=1, description="AdamW epsilon.")
+    clip_mode: Literal["sum", "mean"] = Field(
+        "sum",
+        description="What deepspeed.gradient_clipping bounds. sum (JanusVLN's effective behaviour: HF Trainer + "
+        "DeepSpeed backward with scale_wrt_gas=False): the sum of the micro-batch mean gradients of an optimizer "
+        "step, so clipping starts at 1/accumulation of the mean-gradient norm; mean: the mean over micro-batches "
+        "(DeepSpeed's default), a threshold accumulation times looser.")
+    export: bool = Field(
+        True,
+        description="At the end of training write a JanusVLN checkpoint directory (safetensors, config, VGGT, the base "
+        "model's tokenizer/processor files) to <checkpoint.url>/export/step-XXXXXXXX/.")
+    export_every_checkpoint: bool = Field(False, description="Also export with every checkpoint (training.export).")
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute LLM activations in backward (HF gradient checkpointing): ~25% slower steps, "

@@ -47,10 +47,11 @@ def param_groups(model, lr: float, merger_lr: float | None = None, vision_lr: fl
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """Multiplier of every group's base lr at optimizer step `step` (0-based): linear warmup from
-    1/(warmup+1), then cosine to 0, linear to 0, or constant."""
+    """Multiplier of every group's base lr at optimizer step `step` (0-based), as transformers'
+    get_scheduler computes it (what JanusVLN trains with): linear warmup from 0 at step 0, then
+    cosine to 0, linear to 0, or constant."""
     if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
+        return step / warmup_steps
     if kind == "constant":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -82,7 +83,7 @@ def build_engine(spec: Any, model: Any, world_size: int, total_steps: int, *,
     import deepspeed
     import torch
 
-    from janus_job.config.deepspeed import ADAMW_BETAS, ADAMW_EPS, render_deepspeed_config
+    from janus_job.config.deepspeed import render_deepspeed_config
 
     t = spec.training
     config = config if config is not None else render_deepspeed_config(spec, world_size)
@@ -95,8 +96,8 @@ def build_engine(spec: Any, model: Any, world_size: int, total_steps: int, *,
                           weight_decay=t.weight_decay)
     optimizer = None
     if "optimizer" not in config:
-        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(ADAMW_BETAS),
-                                      eps=ADAMW_EPS, weight_decay=t.weight_decay,
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      eps=t.adam_epsilon, weight_decay=t.weight_decay,
                                       fused=torch.cuda.is_available())
     schedule = dict(total_steps=total_steps, warmup_steps=warmup_steps_for(spec, total_steps), kind=t.scheduler)
 
@@ -144,8 +145,15 @@ class _NoClock:
         pass
 
 
-def micro_step(engine: Any, batch: dict, device: Any, *, clock: Any = None, **forward_options: Any) -> Any:
+def micro_step(engine: Any, batch: dict, device: Any, *, clip_mode: str = "sum", clock: Any = None,
+               **forward_options: Any) -> Any:
     """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch.
+
+    clip_mode "sum" (training.clip_mode) backpropagates the micro-batch loss unscaled
+    (`scale_wrt_gas=False`), as HF Trainer does with DeepSpeed for JanusVLN: the optimizer step sees
+    the sum of the micro-batch gradients, which DeepSpeed clips at gradient_clipping, and AdamW
+    gets exactly the reference's clipped gradient (eps included). "mean" divides by the
+    accumulation first (DeepSpeed's default).
 
     Returns the model's output; its `loss` is what was backpropagated (a device tensor: no host
     sync here). `clock`, when given, is told where each phase starts and stops
@@ -158,7 +166,7 @@ def micro_step(engine: Any, batch: dict, device: Any, *, clock: Any = None, **fo
     output = engine(**batch, **forward_options)
     clock.stop("forward")
     clock.start("backward")
-    engine.backward(output.loss)
+    engine.backward(output.loss, scale_wrt_gas=clip_mode != "sum")
     clock.stop("backward")
     clock.start("optimizer_step")
     engine.step()

@@ -148,6 +148,7 @@ class Trainer:
         # the loader computes the mRoPE positions and index tensors (no host synchronisations in the forward)
         self.collator = JanusCollator(processor.tokenizer.pad_token_id, image_token_id=self.image_token_id,
                                       spatial_merge_size=model.config.vision_config.spatial_merge_size)
+        self.merger_source = getattr(model, "merger_source", "fresh")
         self.params = ParamCounts.of(model)
         self.engine, self.deepspeed_config = build_engine(spec, model, self.ranks.world_size, self.total_steps,
                                                           accumulation=self.accumulation)
@@ -264,7 +265,8 @@ class Trainer:
                              "sample_ids": batch["sample_ids"]})
                 interval.work.add_batch(batch, self.image_token_id)
                 batch.pop("bad_samples", None)
-                loss = micro_step(self.engine, batch, self.device).loss.detach()
+                loss = micro_step(self.engine, batch, self.device,
+                                  clip_mode=self.spec.training.clip_mode).loss.detach()
                 interval.loss_sum = interval.loss_sum + loss.float()
                 interval.loss_count += 1
             self.sampler.advance()
@@ -276,16 +278,60 @@ class Trainer:
             if self.step % self.spec.training.log_interval == 0 or self.step == self.total_steps:
                 self._log(interval, metrics)
                 interval = Interval()
-            saved = checkpoints.should_save(self.step)
+            saved = checkpoints.should_save(self.step) or (self.step == self.total_steps and self.spec.training.export)
             if saved:
                 self._save(checkpoints)
+                if self.spec.training.export_every_checkpoint and self.step < self.total_steps:
+                    self._export(checkpoints, self.step, background=True)
             if self.step < self.total_steps and stop.agreed(self.device):
                 self._stop(checkpoints, saved)
         checkpoints.wait()
         if stats is not None and step_time:  # the sidecar shows the last step, not one the interval let through
             stats.write(self.step, step_time, self.global_batch_size / step_time, self.figures)
         self._finish(metrics)
+        if self.spec.training.export:
+            self._export(checkpoints, self.step, background=False)
+        if self._export_thread is not None:
+            self._export_thread.join()
         finish_rank(self, checkpoints=checkpoints, batches=batches)
+
+    _export_thread: Any = None
+
+    def _export(self, checkpoints: Any, step: int, background: bool) -> None:
+        """Rank 0 exports the checkpoint of `step` as a JanusVLN directory (janus_job.models.janusvln.export)
+        once it is complete; `background` runs it beside training (one export at a time)."""
+        import threading
+
+        from janus_job.models.janusvln.export import export_from_checkpoint
+
+        if self.ranks.rank != 0:
+            return
+        if self._export_thread is not None:
+            self._export_thread.join()
+            self._export_thread = None
+
+        upload = checkpoints._upload  # this checkpoint's upload thread; rank 0's writes COMPLETE last
+
+        def run() -> None:
+            if background:
+                if upload is not None:
+                    upload.join()
+            else:
+                checkpoints.wait()
+            export_from_checkpoint(self.spec, step=step, progress=lambda line: print(line, flush=True))
+
+        if not background:
+            run()
+            return
+
+        def guarded() -> None:
+            try:
+                run()
+            except Exception as err:  # an export failing beside training must not stop it
+                print(f"export of step {step} failed: {err}", file=sys.stderr, flush=True)
+
+        self._export_thread = threading.Thread(target=guarded, name=f"export-{step}", daemon=True)
+        self._export_thread.start()
 
     def _save(self, checkpoints: Any) -> None:
         checkpoints.save(self.engine, self.step, self.client_state(), lr_scheduler=self.engine.lr_scheduler)
@@ -338,7 +384,7 @@ class Trainer:
             f"global_batch={self.global_batch_size} steps={self.total_steps} warmup={self.warmup_steps} "
             f"samples={len(self.dataset)} zero={ds['zero_optimization']['stage']} "
             f"optimizer={'deepspeed' if 'optimizer' in ds else 'torch'} bf16={ds['bf16']['enabled']} "
-            f"sampler={type(self.sampler).__name__}{where}",
+            f"sampler={type(self.sampler).__name__} spatial_merger={self.merger_source}{where}",
             flush=True,
         )
 

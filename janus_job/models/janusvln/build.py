@@ -142,16 +142,39 @@ def build_model(
         config = janus_config(config, lam=lam, spatial_channels=channels)
         JanusVLNForConditionalGeneration.register_checkpoint_layout()
         model = JanusVLNForConditionalGeneration.from_pretrained(
-            local, config=config, dtype=dtype, attn_implementation=attn_implementation
-        ).to(device)
-        model.merger.reset_parameters(config.text_config.initializer_range)  # not in the checkpoint
+            local, config=config, dtype=dtype, attn_implementation=attn_implementation).to(device)
+        if _checkpoint_holds(local, "merger."):  # a JanusVLN checkpoint: continue with its trained merger
+            model.merger_source = "checkpoint"
+        else:  # a base Qwen2.5-VL checkpoint: JanusVLN's fresh merger
+            model.merger.reset_parameters(config.text_config.initializer_range)
+            model.merger_source = "fresh"
     else:
-        model = model_from_config(
-            qwen, None, dtype, device, attn_implementation, lam=lam, spatial_channels=spatial_channels
-        )
+        model = model_from_config(qwen, None, dtype, device, attn_implementation, lam=lam,
+                                  spatial_channels=spatial_channels)
+        model.merger_source = "fresh"
     if aggregator is not None:
         model.attach_aggregator(aggregator, mode=spatial_mode, register=register_vggt)
     return _finish(model, gradient_checkpointing, lean_activations)
+
+
+def _checkpoint_holds(directory: str, prefix: str) -> bool:
+    """Whether the safetensors checkpoint in `directory` has a tensor whose name starts with `prefix`
+    (read from the shard index or the single file's header; no tensor is loaded)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = json.load(f).get("weight_map", {})
+    else:
+        single = os.path.join(directory, "model.safetensors")
+        if not os.path.exists(single):
+            return False
+        with safe_open(single, framework="pt") as f:
+            names = list(f.keys())
+    return any(name.startswith(prefix) for name in names)
 
 
 # ---- optimisation ---------------------------------------------------------------------------
