@@ -82,7 +82,12 @@ def _base_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
     if ds.optimizer == "deepspeed":
         config["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": t.learning_rate, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_epsilon, "weight_decay": t.weight_decay},
+            "params": {
+                "lr": t.learning_rate,
+                "betas": [t.adam_beta1, t.adam_beta2],
+                "eps": t.adam_epsilon,
+                "weight_decay": t.weight_decay,
+            },
         }
     return config
 
