@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         """Write a JanusVLN checkpoint directory from a complete checkpoint (any ZeRO stage and world size),
         on this machine's CPU."""
         from janus_job.config.load import load_spec
-        from janus_job.models.janusvln.export import export_from_checkpoint
+        from janus_job.train.export import export_from_checkpoint
 
         export_from_checkpoint(load_spec(spec), step=step, out=out,
                                progress=lambda line: typer.echo(line))

@@ -302,7 +302,7 @@ class Trainer:
         once it is complete; `background` runs it beside training (one export at a time)."""
         import threading
 
-        from janus_job.models.janusvln.export import export_from_checkpoint
+        from janus_job.train.export import export_from_checkpoint
 
         if self.ranks.rank != 0:
             return
