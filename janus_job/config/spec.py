@@ -414,12 +414,12 @@ class NetworkSpec(Section):
         description="tcp: sockets only; infiniband/roce: NCCL's IB transport over the RDMA device plugin's "
         "HCAs; hostnetwork: the node's network namespace (RDMA devices of the host).",
     )
-    ib_hca: str | None = Field(
+    ib_hca: k8s.Token | None = Field(
         None,
         description="NCCL_IB_HCA in NCCL's syntax, exact or excluding: '=mlx5_0,mlx5_1', '=mlx5_0:1', "
         "'^=mlx5_bond_0' (unset: NCCL uses every ACTIVE HCA port).",
     )
-    socket_ifname: str | None = Field(
+    socket_ifname: k8s.Token | None = Field(
         None,
         description="NCCL_SOCKET_IFNAME in NCCL's syntax ('eth0', '=eth0,eth1', '^docker,lo'); a list "
         "without '^' also becomes GLOO_SOCKET_IFNAME.",
