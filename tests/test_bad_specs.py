@@ -112,9 +112,9 @@ CASES: list[Case] = [
     _case("model-path-injection", {"model.qwen": "/models/qwen\nhostPID: true"}, "model.qwen", "schema",
           "control character"),
     _case("nccl-hca-injection", {"network.ib_hca": "mlx5_0\nhostPID: true", "network.preset": "infiniband"},
-          "network.ib_hca", "schema", "is not a name or name:port"),
+          "network.ib_hca", "schema", "a token without whitespace"),
     _case("socket-ifname-space", {"network.socket_ifname": "eth0 eth1"}, "network.socket_ifname",
-          "schema", "is not an interface name"),
+          "schema", "a token without whitespace"),
     _case("endpoint-url-space", {"features.endpoint_url": "https://minio example:9000"}, "features.endpoint_url",
           "schema", "http(s) URL"),
     # -- object names ----------------------------------------------------------------------------------
