@@ -89,10 +89,15 @@ def baseline() -> dict:
         "gang_scheduler": "volcano", "queue": "default",
         "resources": {"cpu": "96", "memory": "1000Gi", "gpu_resource_name": "nvidia.com/gpu"},
         "shm_size": "64Gi", "restart_policy": "OnFailure", "clean_pod_policy": "None",
-        "rdma_resource": "rdma/hca_shared_devices_a", "network": "infiniband", "nccl_ib_hca": "mlx5_0",
-        "nccl_socket_ifname": "eth0",
+        "rdma_resource": "rdma/hca_shared_devices_a",
         "pod_annotations": {"example.com/note": "plain"},
+        "pod_security": "restricted", "kueue_queue": "team-a", "checkpoint_staging_storage_class": "local-nvme",
     }
+    spec["network"] = {"preset": "infiniband", "ib_hca": "=mlx5_0", "socket_ifname": "eth0", "check": "error",
+                       "gdr_level": "PHB", "env": {"NCCL_IB_TIMEOUT": "22"}}
+    spec["data"]["on_bad_sample"] = "fail"
+    spec["training"].update({"clip_mode": "sum", "report_to": ["tensorboard"], "tracker_secret": "janus-trackers"})
+    spec["monitor"] = {"scraper_namespace": "monitoring"}
     return json.loads(json.dumps(spec))  # no shared objects, so the YAML has no anchors
 
 
