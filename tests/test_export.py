@@ -95,7 +95,7 @@ def test_training_ends_with_a_janusvln_export(job):
 def test_cli_exports_a_zero3_checkpoint_of_two_ranks(job, tmp_path):
     spec = yaml.safe_load(job.read_text())
     spec["training"].update(gpus_per_node=2, global_batch_size=4, export=False)
-    spec["training"]["checkpoint"]["url"] = str(tmp_path / "checkpoints")
+    spec["training"]["checkpoint"].update(url=str(tmp_path / "checkpoints"), interval_steps=3)  # no export: save step 3
     spec["deepspeed"]["zero_stage"] = 3
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
