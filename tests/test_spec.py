@@ -226,7 +226,7 @@ BAD = [
      "network.ib_hca"),
     ("env-per-process", with_changes({"network": {"env": {"MASTER_ADDR": "x"}}}), "network.env.MASTER_ADDR",
      "remove it"),
-    ("env-bad-name", with_changes({"network": {"env": {"NCCL-X": "1"}}}), "network.env.NCCL-X", "letters, digits"),
+    ("env-bad-name", with_changes({"network": {"env": {"NCCL-X": "1"}}}), "network.env", "letters, digits"),
     ("env-newline", with_changes({"network": {"env": {"NCCL_X": "1\nhostPID: true"}}}), "network.env.NCCL_X",
      "one line"),
     ("tcp-with-ib-field", with_changes({"network": {"ib_tc": 106}}), "network.ib_tc", "choose preset"),

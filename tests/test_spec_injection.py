@@ -288,7 +288,8 @@ def test_payload_in_every_string_is_refused_or_one_scalar(tmp_path, capsys, char
                        sorted(map(str, before.get(k, set()) - now.get(k, set())))[:3])
                    for k in now.keys() | before.keys() if now.get(k) != before.get(k)}
         assert not changes, f"{where}: rendered objects gained/lost fields: {changes}"
-        (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
+        (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"
+                        and o["metadata"]["labels"].get("app.kubernetes.io/component") == "spec"]
         in_pod = tmp_path / "in-pod.yaml"
         in_pod.write_text(configmap["data"]["job.yaml"])
         assert load_spec(in_pod) == spec, f"{where}: the pod would read a different spec"

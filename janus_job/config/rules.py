@@ -275,7 +275,9 @@ def network_problems(n: Any) -> list[Problem]:
     if n.socket_ifname is not None and (why := network.check_ifname_filter(n.socket_ifname)):
         problems.append(Problem("network.socket_ifname", why, "write interface names like 'eth0' or '=eth0,eth1'"))
     for name, what, fix in network.check_env(n.env):
-        problems.append(Problem(f"network.env.{name}", what, fix))
+        # a key that is no variable name is named by its map: the key itself may hold anything
+        field = f"network.env.{name}" if network.ENV_NAME.fullmatch(name) else "network.env"
+        problems.append(Problem(field, what, fix))
     if n.preset == "tcp":
         for name in ("ib_hca", "ib_gid_index", "ib_tc", "ib_sl", "gdr_level"):
             if getattr(n, name) is not None:
