@@ -84,7 +84,7 @@ def spec_with(network_section: dict):
     ({"preset": "roce", "env": {"NCCL_DEBUG": "TRACE"}}, "network.env.NCCL_DEBUG", "network.check"),
     ({"env": {"MASTER_ADDR": "10.0.0.1"}}, "network.env.MASTER_ADDR", "remove it"),
     ({"env": {"PET_NNODES": "4"}}, "network.env.PET_NNODES", "remove it"),
-    ({"env": {"1BAD": "x"}}, "network.env.1BAD", "letters, digits"),
+    ({"env": {"1BAD": "x"}}, "network.env", "letters, digits"),
     ({"env": {"NCCL_IB_TIMEOUT": "22\nhostPID: true"}}, "network.env.NCCL_IB_TIMEOUT", "one line"),
     ({"preset": "tcp", "ib_gid_index": 3}, "network.ib_gid_index", "choose preset infiniband"),
     ({"preset": "tcp", "gdr_level": "PHB"}, "network.gdr_level", "choose preset"),
