@@ -101,10 +101,13 @@ def worker(args) -> None:
     from janus_job.models.flavors import qwen25_vl_7b_config
     from janus_job.models.janusvln.build import model_from_config
     from janus_job.train.checkpoint import CheckpointManager
+    from janus_job.train.distributed import skip_cpu_shm_collectives
     from janus_job.train.engine import build_engine
 
     cuda = torch.cuda.is_available() and not args.tiny
     dist.init_process_group("nccl" if cuda else "gloo")
+    if not cuda:
+        skip_cpu_shm_collectives()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -164,12 +164,14 @@ def main() -> None:
 
     from janus_job.data.sampler import BalancedBatchSampler
     from janus_job.train.checkpoint import CheckpointManager
+    from janus_job.train.distributed import skip_cpu_shm_collectives
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = parse_args()
     # torch first: after a torchrun restart, deepspeed.init_distributed alone fails to form the gloo
     # mesh of the new attempt (0.19.8); an initialised default group is simply adopted by DeepSpeed
     dist.init_process_group("gloo")
+    skip_cpu_shm_collectives()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

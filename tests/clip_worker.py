@@ -41,6 +41,7 @@ class Net(nn.Module):
 def main() -> None:
     import deepspeed
 
+    from janus_job.train.distributed import skip_cpu_shm_collectives
     from janus_job.train.engine import micro_step
 
     parser = argparse.ArgumentParser()
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
+    skip_cpu_shm_collectives()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 

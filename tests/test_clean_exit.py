@@ -72,6 +72,8 @@ def test_the_end_of_run_releases_the_distributed_state(cheap_job, tmp_path):
         "import torch, deepspeed, torch.distributed as dist\n"
         "import deepspeed.utils.groups as groups\n"
         "from janus_job.train.shutdown import finish_rank\n"
+        "from janus_job.train.distributed import skip_cpu_shm_collectives\n"
+        "skip_cpu_shm_collectives()\n"
         "deepspeed.init_distributed(dist_backend='gloo')\n"
         "class Owner: pass\n"
         "owner = Owner()\n"

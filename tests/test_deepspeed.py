@@ -206,6 +206,8 @@ DEEPSPEED_LOADER = textwrap.dedent("""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     import deepspeed
     from deepspeed.runtime.config import DeepSpeedConfig
+    from janus_job.train.distributed import skip_cpu_shm_collectives
+    skip_cpu_shm_collectives()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
     class DataParallelOf:  # the mpu interface: DeepSpeedConfig takes the data-parallel size from it

@@ -59,6 +59,8 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     from torch import nn
 
+    from janus_job.train.distributed import skip_cpu_shm_collectives
+
     rank = int(os.environ["RANK"])
     heartbeat = common.Heartbeat(Path(args.run_dir) / f"heartbeat-rank{rank}.json").start()
     heartbeat("init")
@@ -68,6 +70,8 @@ def _worker(args: argparse.Namespace) -> None:
     if args.backend == "nccl":  # the same on GPUs: NCCL does not check sizes, so this hangs
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+    if args.backend == "gloo":
+        skip_cpu_shm_collectives()
     deepspeed.init_distributed(dist_backend=args.backend, timeout=datetime.timedelta(seconds=args.gloo_timeout))
 
     class Toy(nn.Module):

@@ -31,6 +31,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def skip_cpu_shm_collectives() -> None:
+    """Keeps DeepSpeed's CPU shared-memory collective op out of a CPU process group.
+
+    DeepSpeed builds that op on every CPU `init_distributed`, through torch's extension loader, which
+    takes a lock file on each load even when the op is built; a rank killed while holding it (a crash,
+    a preemption, a test's kill) leaves the lock behind and every later CPU run waits on it forever.
+    The op only serves DeepSpeed's inference all-reduce; training's collectives are gloo's either way.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> tuple[Ranks, Any]:
     """Joins the process group torchrun describes (or makes a one-rank group); returns the device."""
     import torch
@@ -51,6 +64,7 @@ def init_distributed() -> tuple[Ranks, Any]:
         device, backend = torch.device("cpu"), "gloo"
         cores = os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // max(1, ranks.local_world_size)))
+        skip_cpu_shm_collectives()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend)
