@@ -258,7 +258,8 @@ def job_spec(workdir: Path, annotations: Path, models: dict, args: argparse.Name
     # the spec refuses cache_vision in online mode (nothing is read from the store)
     spec["features"].update(mode=mode, cache_vision=mode != "online")
     spec["training"].update(gpus_per_node=args.gpus, learning_rate=2e-5, merger_learning_rate=1e-5,
-                            warmup_ratio=0.0, gradient_checkpointing=args.gradient_checkpointing, seed=42)
+                            warmup_ratio=0.0, gradient_checkpointing=args.gradient_checkpointing, seed=42,
+                            export=False)  # an export saves the last step; every run starts from the same weights
     spec["deepspeed"] = {"zero_stage": args.zero_stage, "optimizer": "torch", "bf16": gpu}
     # The fit check judges the full-size model: give it this card's memory. Tiny models fit anywhere.
     spec["cluster"]["resources"]["gpu_memory_gib"] = 100_000 if args.tiny else round(models["gpu_memory_gib"], 2)

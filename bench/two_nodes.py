@@ -104,6 +104,7 @@ def run_spec(base: Path, target: Path, *, checkpoints: Path, interval: int, node
     t = spec["training"]
     t["nodes"] = nodes
     t["checkpoint"].update(url=str(checkpoints), interval_steps=interval, keep=3)
+    t["export"] = False  # the runs compare checkpoints and losses; an export would add a last save
     t["resize"] = {"policy": "elastic", "min_nodes": nodes, "max_nodes": nodes} if elastic else {"policy": "fixed"}
     target.write_text(yaml.safe_dump(spec, sort_keys=False))
     return target

@@ -151,7 +151,7 @@ def test_the_bench_runs_the_trainers_step(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
                STEP_HOOK_LOG=str(log), STEP_HOOK_SCALE="1000")
     report, _ = run_bench(tmp_path, "--configs", "official,janus", "--steps", "1", "--warmup", "0",
-                          "--profile-steps", "0", env=env, timeout=600)
+                          "--profile-steps", "0", env=env)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     start = 0
     for name in ("official", "janus"):  # the configs run one after the other
