@@ -191,6 +191,7 @@ def test_real_trainer_metrics_reach_the_sidecar_tensorboard_and_status(tmp_path)
         for steps in (2, 4):  # the second run resumes from the first's step-2 checkpoint
             spec["training"]["max_steps"] = steps
             spec["training"]["checkpoint"]["url"] = str(checkpoints)
+            spec["training"]["export"] = False
             spec_path.write_text(yaml.safe_dump(spec))
             result = subprocess.run(worker.trainer_command(2, spec_path), cwd=worker.REPO, capture_output=True,
                                     text=True, env=env, timeout=600)
