@@ -45,7 +45,7 @@ def _run_job(spec_path: Path) -> subprocess.CompletedProcess:
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "janus_job.train", "--spec", str(spec_path)]
+               "-m", "janus_job.cli", "train", "--spec", str(spec_path)]
     return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
