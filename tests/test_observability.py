@@ -179,7 +179,7 @@ def test_real_trainer_metrics_reach_the_sidecar_tensorboard_and_status(tmp_path)
     base = worker.trainer_job(tmp_path / "job", steps=2, interval=2)
     checkpoints = tmp_path / "checkpoints"
     spec = yaml.safe_load(base.read_text())
-    spec["training"].update(log_interval=1, report_to=["tensorboard"])
+    spec["training"].update(log_interval=1, report_to=["tensorboard"], export=False)
     spec["monitor"]["interval_seconds"] = 1
     spec_path = worker.trainer_spec(base, tmp_path / "job.yaml", checkpoints)
     stats_dir = tmp_path / "stats"
@@ -191,7 +191,6 @@ def test_real_trainer_metrics_reach_the_sidecar_tensorboard_and_status(tmp_path)
         for steps in (2, 4):  # the second run resumes from the first's step-2 checkpoint
             spec["training"]["max_steps"] = steps
             spec["training"]["checkpoint"]["url"] = str(checkpoints)
-            spec["training"]["export"] = False
             spec_path.write_text(yaml.safe_dump(spec))
             result = subprocess.run(worker.trainer_command(2, spec_path), cwd=worker.REPO, capture_output=True,
                                     text=True, env=env, timeout=600)
