@@ -49,7 +49,9 @@ def test_two_cpu_nodes_stop_and_resume_at_two_and_one(tmp_path):
     b = report["scenarios"]["b"]
     stop = b["stop_step"]
     assert b["signalled_at_step"] <= stop < steps and b["complete_checkpoints"][-1] == stop
-    assert runs["b_stop"]["exit_codes"] == [143, 143] and len(runs["b_stop"]["stopped_lines"]) == 2
+    # the ranks exit 143 after the stop's checkpoint; each node's process is torchrun, which then exits 1
+    # (docs/operations.md; the same codes on 2 x H200: bench/results/2026-11-30-nvidia-h200-2-two_nodes.json)
+    assert runs["b_stop"]["exit_codes"] == [1, 1] and len(runs["b_stop"]["stopped_lines"]) == 2
     assert {r["step"]: r for r in b["records"]} == a
     c = {r["step"]: r for r in report["scenarios"]["c"]["records"] if r["step"] > stop}
     assert sorted(c) == list(range(stop + 1, steps + 1))
