@@ -66,6 +66,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO_ROOT, print_table, results_path, write_json_atomic  # noqa: E402
+from janus_job.monitor.trackers import STATUS_FILE  # noqa: E402
 
 SEED = 0
 FRAME_SIZE = (640, 480)  # JanusVLN's camera: 644 px VGGT width, 46x34 patches, 391 tokens per image
@@ -425,7 +426,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
             report["runs"][mode] = run
             if not run["log_lines"] or run["step1_loss"] is None:
                 raise StageFailed(stage, "the trainer printed no `train step=` line / metrics record for step 1")
-            saved = list((workdir / "checkpoints").glob("*")) if (workdir / "checkpoints").exists() else []
+            saved = [path for path in (workdir / "checkpoints").glob("*") if path.name != STATUS_FILE]
             if saved:  # the next run would resume from it instead of starting from the same weights
                 raise StageFailed(stage, f"the run wrote checkpoints ({saved[:2]}); training.checkpoint.interval_steps")
     except StageFailed as err:
