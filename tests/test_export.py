@@ -17,6 +17,8 @@ import torch
 import yaml
 from test_train import janus_job
 
+from janus_job.errors import JobError
+
 STEP = "step-00000003"
 
 
@@ -48,7 +50,14 @@ def check_export(export: Path, checkpoint_root: Path, spec: dict) -> None:
         tensors.update(load_file(export / shard))
     assert any(key.startswith("vggt.aggregator.") for key in tensors)
     config = json.loads((export / "config.json").read_text())
-    assert config["model_type"] == "qwen2_5_vl" and "lam" in config and "vggt_merger_hidden_dim" in config
+    assert config["model_type"] == "qwen2_5_vl" and config["lam"] == 0.2 and config["reference_frame"] == "first"
+    # JanusVLN's key layout (transformers 4.50): the LLM under model.*, the vision tower under visual.*
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    assert {"merger.ln_q.weight", "merger.mlp.0.weight", "merger.mlp.2.bias", "visual.merger.ln_q.weight",
+            "visual.blocks.0.attn.qkv.weight", "model.embed_tokens.weight", "model.norm.weight",
+            "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"} <= set(tensors)
+    assert any(key.startswith("vggt.aggregator.frame_blocks.0.") for key in tensors)
+    assert not any(key.startswith(("model.language_model.", "model.visual.")) for key in tensors)
 
     trained = consolidated(checkpoint_root)
     assert any(name.startswith("merger.") for name in trained)
@@ -68,6 +77,16 @@ def check_export(export: Path, checkpoint_root: Path, spec: dict) -> None:
         ours = reloaded.lm_head(reloaded.model.language_model(input_ids=ids).last_hidden_state)
         theirs = base.lm_head(base.model.language_model(input_ids=ids).last_hidden_state)
     torch.testing.assert_close(ours, theirs, rtol=1.6e-2, atol=1e-2)  # bf16 rounding; fp32 here: equal
+    assert config["hidden_size"] == reloaded.config.text_config.hidden_size
+    assert config["vggt_merger_hidden_dim"] == reloaded.merger.mlp[0].out_features
+
+    # transformers' own Qwen2.5-VL class reads the exported (4.x-style) layout back bit-exactly
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(export), dtype=torch.float32).state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        if not name.startswith(("merger.", "vggt.")):
+            torch.testing.assert_close(plain[name], tensor, rtol=0, atol=0, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +108,26 @@ def test_training_ends_with_a_janusvln_export(job):
     assert f"export done step=3 url={root}/export/{STEP}" in result.stdout
     assert "spatial_merger=fresh" in result.stdout
     check_export(root / "export" / STEP, root, spec)
+    assert not [p.name for p in (root / "export").iterdir() if p.name != STEP]  # no temporary left
+
+
+@pytest.mark.slow
+def test_export_needs_the_vggt_aggregator(job, tmp_path):
+    """JanusVLN's loader has no other source for VGGT: a model.vggt without aggregator.* is refused."""
+    from safetensors.torch import save_file
+
+    from janus_job.models.janusvln.export import write_export
+
+    spec = yaml.safe_load(job.read_text())
+    root = Path(spec["training"]["checkpoint"]["url"])
+    if not (root / STEP / "COMPLETE").exists():
+        result = janus_job("train", "--spec", str(job))
+        assert result.returncode == 0, result.stdout + result.stderr
+    headless = tmp_path / "heads.safetensors"
+    save_file({"camera_head.weight": torch.zeros(2)}, headless)
+    with pytest.raises(JobError, match=r"model.vggt .*heads.safetensors has no aggregator\.\* tensors"):
+        write_export(str(root / STEP), spec["model"]["qwen"], str(headless), str(tmp_path),
+                     progress=lambda line: None)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""JanusVLN model on tiny random encoders: cached == online, per-sample blend, loss, export."""
+"""JanusVLN model on tiny random encoders: cached == online, per-sample blend, loss."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from janus_job.data import dataset as data
 from janus_job.data.annotations import Sample
 from janus_job.demo import tiny
 from janus_job.errors import JobError
-from janus_job.models.janusvln import build, export
+from janus_job.models.janusvln import build
 from janus_job.models.janusvln import model as janus_model
 from janus_job.train import engine
 
@@ -220,38 +220,6 @@ def test_online_spatial_needs_an_aggregator(world):
         bare(**_batch(world, "online", "cached", [0]))
 
 
-def test_export_has_janusvln_key_layout(world, tmp_path):
-    from safetensors import safe_open
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    model = world["model"]
-    out = tmp_path / "export"
-    keys = export.export_janusvln_checkpoint(model, str(out), tokenizer=world["processor"].tokenizer)
-    assert "merger.ln_q.weight" in keys and "merger.mlp.0.weight" in keys and "merger.mlp.2.bias" in keys
-    assert "visual.merger.ln_q.weight" in keys and "visual.blocks.0.attn.qkv.weight" in keys
-    assert "model.embed_tokens.weight" in keys and "model.layers.0.self_attn.q_proj.weight" in keys
-    assert "model.norm.weight" in keys and "lm_head.weight" in keys
-    assert any(k.startswith("vggt.aggregator.frame_blocks.0.") for k in keys)
-    assert not any(k.startswith(("model.language_model.", "model.visual.")) for k in keys)
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert sorted(index["weight_map"]) == keys
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "qwen2_5_vl" and config["lam"] == 0.2
-    assert config["hidden_size"] == model.config.text_config.hidden_size
-    assert config["vision_config"]["depth"] == 2 and config["vggt_merger_hidden_dim"] == 4096
-    shard = out / index["weight_map"]["merger.mlp.2.weight"]
-    with safe_open(str(shard), "pt") as f:
-        torch.testing.assert_close(f.get_tensor("merger.mlp.2.weight"), model.merger.mlp[2].weight)
-    # transformers reads the exported (4.x-style) layout back into its own Qwen2.5-VL classes
-    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32)
-    theirs = loaded.state_dict()
-    for name, tensor in model.state_dict().items():
-        if name.startswith(("merger.", "vggt.")):
-            continue
-        torch.testing.assert_close(theirs[name], tensor, msg=name)
-    assert not any(os.path.basename(p).startswith("export.tmp") for p in os.listdir(tmp_path))
-
-
 def test_equivalence_bench_tiny_mode(tmp_path):
     import subprocess
     import sys
@@ -267,7 +235,7 @@ def test_equivalence_bench_tiny_mode(tmp_path):
     assert result["visual_tokens"] == 4 * 48
 
 
-def test_detached_aggregator_stays_out_of_the_module_tree(world, tmp_path):
+def test_detached_aggregator_stays_out_of_the_module_tree(world):
     processor = world["processor"]
     registered = world["model"]
     detached = build.model_from_config(tiny.tiny_qwen_config(processor.tokenizer),
@@ -280,12 +248,6 @@ def test_detached_aggregator_stays_out_of_the_module_tree(world, tmp_path):
     batch = _batch(world, "online", "online", [0, 2])
     with torch.no_grad():
         assert _rel(detached(**batch).loss, registered(**batch).loss) <= 1e-6
-    keys = export.export_janusvln_checkpoint(detached, str(tmp_path / "x"))
-    assert "vggt.aggregator.camera_token" in keys
-    bare = build.model_from_config(tiny.tiny_qwen_config(processor.tokenizer), spatial_channels=64)
-    with pytest.raises(JobError, match="VGGT aggregator weights"):
-        export.export_janusvln_checkpoint(bare, str(tmp_path / "y"))
-    assert not (tmp_path / "y").exists()
     with pytest.raises(TypeError, match="batch contract"):
         detached(**batch, cache_position=None)
 

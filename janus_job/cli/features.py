@@ -185,14 +185,34 @@ def build_annotations(
     ),
     out: str = typer.Option(..., "--out", help="Annotation JSON to write."),
     max_history: int = typer.Option(8, "--max-history", help="History frames per sample (JanusVLN: 8)."),
+    prompt_file: str | None = typer.Option(
+        None, "--prompt-file",
+        help="Text file with the human turn's template: {history} (one <image> tag per history frame), "
+        "{instruction}, and one literal <image> for the current frame after {history}; one trailing newline "
+        "is dropped. Default: janus-train's own wording (docs/features.md).",
+    ),
 ) -> None:
     """Build JanusVLN annotations from trajectory folders (JanusVLN's history-frame rule)."""
-    from janus_job.data.annotations import build_scalevln, build_vlnce, write_annotations
+    from janus_job.data.annotations import (
+        NAVIGATION_PROMPT,
+        build_scalevln,
+        build_vlnce,
+        check_prompt_template,
+        write_annotations,
+    )
 
+    prompt = NAVIGATION_PROMPT
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise JobError(f"--prompt-file {prompt_file}: cannot read it ({err}); give a UTF-8 text file") from None
+        prompt = check_prompt_template(text.removesuffix("\n"), f"--prompt-file {prompt_file}")
     if layout == "vlnce":
-        records = build_vlnce(episodes, trajectories, image_root, max_history=max_history)
+        records = build_vlnce(episodes, trajectories, image_root, max_history=max_history, prompt=prompt)
     elif layout == "scalevln":
-        records = build_scalevln(episodes, trajectories, image_root, max_history=max_history)
+        records = build_scalevln(episodes, trajectories, image_root, max_history=max_history, prompt=prompt)
     else:
         raise JobError(f"--layout must be vlnce or scalevln, not {layout!r}")
     typer.echo(f"wrote {write_annotations(records, out)} samples to {out}")

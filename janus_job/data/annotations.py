@@ -33,15 +33,59 @@ ROLES = ("human", "gpt")
 DEFAULT_MAX_HISTORY = 8
 ACTIONS = ("STOP", "MOVE_FORWARD", "TURN_LEFT", "TURN_RIGHT")
 
-# The instruction prompt of built annotations (our wording). A dataset that must tokenise exactly
-# like an existing JanusVLN annotation file should use that file, or pass its prompt to the builder.
-# {history} is one <image> tag per history frame.
+# The instruction prompt of built annotations: janus-train's own wording, not JanusVLN's. A dataset that must
+# tokenise like JanusVLN's released annotations should use those files, or give the builder its own template.
+# Placeholders: {history} (one <image> tag per history frame, empty at step 0) and {instruction}; the current
+# frame is the one literal <image> tag, after {history} (tags follow the order of `images`).
 NAVIGATION_PROMPT = (
     "You navigate by vision and language. Earlier views along the route:{history}\n"
     "Current view:<image>\n"
     "Instruction: {instruction}\n"
     "Choose the next action: MOVE_FORWARD, TURN_LEFT, TURN_RIGHT or STOP."
 )
+PROMPT_PLACEHOLDERS = ("history", "instruction")
+
+
+def check_prompt_template(template: str, where: str = "prompt template") -> str:
+    """Returns `template` when it is a valid builder prompt, else raises a JobError naming `where`.
+
+    Valid: `str.format` syntax (a literal brace doubled: `{{`, `}}`) with `{history}` and
+    `{instruction}` once each, no other placeholder, and exactly one literal `<image>` tag (the
+    current frame) after `{history}`, so a record's tags match its frames, history first.
+    """
+    import string
+
+    fix = ("use {history} (one <image> tag per history frame) and {instruction} once each, plus one literal "
+           "<image> tag after {history} for the current frame; write literal braces as {{ and }}")
+    if not isinstance(template, str) or not template.strip():
+        raise JobError(f"{where}: the prompt template is empty; {fix}")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise JobError(f"{where}: not a valid template ({err}); {fix}") from None
+    seen: dict[str, int] = dict.fromkeys(PROMPT_PLACEHOLDERS, 0)
+    current_tags = tags_before_history = 0
+    for literal, name, spec, conversion in parts:
+        current_tags += literal.count(IMAGE_TAG)
+        if not seen["history"]:
+            tags_before_history += literal.count(IMAGE_TAG)
+        if name is None:
+            continue
+        if name not in PROMPT_PLACEHOLDERS:
+            raise JobError(f"{where}: unknown placeholder {{{name}}}; {fix}")
+        if spec or conversion:
+            raise JobError(f"{where}: placeholder {{{name}}} takes no conversion or format spec; {fix}")
+        seen[name] += 1
+    for name, count in seen.items():
+        if count != 1:
+            raise JobError(f"{where}: holds {{{name}}} {count} times, it must hold it once; {fix}")
+    if current_tags != 1:
+        raise JobError(f"{where}: holds {current_tags} literal {IMAGE_TAG} tags, it must hold exactly one "
+                       f"(the current frame); {fix}")
+    if tags_before_history:
+        raise JobError(f"{where}: the literal {IMAGE_TAG} tag comes before {{history}}; the current frame's tag "
+                       f"must follow the history frames' ({fix})")
+    return template
 
 
 @dataclass(frozen=True)
@@ -220,6 +264,10 @@ def _validate_record(record: Any, position: int, path: str, root: str, max_image
     sample_id = record.get("id")
     if not isinstance(sample_id, str) or not sample_id:
         raise bad("id", "must be a non-empty string")
+    if "video" in record:
+        raise bad("video", "is not supported (janus-train trains on frames): extract the video's frames to image files "
+                  "and list them in 'images', history first and current last, with one <image> tag each in the "
+                  "human turn")
     images = record.get("images", record.get("image"))
     if images is None:
         raise bad("images", "is missing (a list of frame paths, history first, current last)")
@@ -232,6 +280,12 @@ def _validate_record(record: Any, position: int, path: str, root: str, max_image
         raise bad("conversations", "must be a list of at least two turns (human, then gpt)")
     tags = 0
     for turn_no, turn in enumerate(conversations):
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        if isinstance(role, str) and role not in ROLES:
+            raise bad(f"conversations[{turn_no}]", _role_fix(role))
+        if isinstance(turn, dict) and "from" not in turn and "role" in turn:
+            raise bad(f"conversations[{turn_no}]", "uses 'role'/'content': write the turn as "
+                      '{"from": "human"|"gpt", "value": str}')
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
             raise bad(f"conversations[{turn_no}]", 'must be {"from": "human"|"gpt", "value": str}')
         if turn["from"] == "human":
@@ -254,6 +308,18 @@ def _validate_record(record: Any, position: int, path: str, root: str, max_image
         index=position,
         source=path,
     )
+
+
+def _role_fix(role: str) -> str:
+    """How to convert a turn of an unsupported role (one clause of a record's error)."""
+    renames = {"user": "human", "assistant": "gpt"}
+    if role in renames:
+        return f"has role {role!r}: write it as 'from': {renames[role]!r} (only human and gpt turns are read)"
+    if role == "system":
+        return ("has role 'system', which is not read: put its text at the start of the first human turn "
+                "(only human and gpt turns are read)")
+    return (f"has role {role!r}: convert the conversation to alternating 'human' (question, with the <image> tags) "
+            "and 'gpt' (answer) turns")
 
 
 # ---------------------------------------------------------------- the builder
@@ -281,7 +347,9 @@ def trajectory_records(
     max_history: int = DEFAULT_MAX_HISTORY,
     prompt: str = NAVIGATION_PROMPT,
 ) -> list[dict]:
-    """One record per step; ``frames`` are annotation image strings, ``actions[i]`` the answer at step i."""
+    """One record per step; ``frames`` are annotation image strings, ``actions[i]`` the answer at step i;
+    ``prompt`` is the human turn's template (`check_prompt_template`)."""
+    check_prompt_template(prompt)
     if len(actions) != len(frames):
         raise JobError(f"episode {episode_id}: {len(frames)} frames but {len(actions)} actions")
     records = []
@@ -310,10 +378,12 @@ def build_vlnce(
     image_root: str | os.PathLike,
     *,
     max_history: int = DEFAULT_MAX_HISTORY,
+    prompt: str = NAVIGATION_PROMPT,
 ) -> list[dict]:
     """R2R/RxR VLN-CE layout: ``<trajectory_root>/<episode_id>/*.png``, actions in the frame names,
     instructions in the VLN-CE episodes file (``{"episodes": [{"episode_id", "instruction":
-    {"instruction_text"}}]}``, optionally gzipped)."""
+    {"instruction_text"}}]}``, optionally gzipped). ``prompt``: see `check_prompt_template`."""
+    check_prompt_template(prompt)
     data = _read_json(episodes_file)
     episodes = data.get("episodes") if isinstance(data, dict) else None
     if not isinstance(episodes, list):
@@ -328,7 +398,8 @@ def build_vlnce(
         frames = sorted(str(p) for p in Path(trajectory_root, episode_id).glob("*.png"))
         relative = [os.path.relpath(frame, image_root) for frame in frames]
         actions = [action_from_frame_name(frame) for frame in frames]
-        records += trajectory_records(episode_id, relative, instruction, actions, max_history=max_history)
+        records += trajectory_records(episode_id, relative, instruction, actions, max_history=max_history,
+                                      prompt=prompt)
     return records
 
 
@@ -339,10 +410,12 @@ def build_scalevln(
     *,
     max_history: int = DEFAULT_MAX_HISTORY,
     action_names: Sequence[str] = ACTIONS,
+    prompt: str = NAVIGATION_PROMPT,
 ) -> list[dict]:
     """ScaleVLN / DAgger layout: ``<trajectory_root>/<name>/rgb/*.jpg`` with an episode list
     ``[{"id", "instructions": [...], "video": ".../<name>", "actions": [int, ...]}]``; the answer
-    at step i is ``actions[i + 1]`` and STOP at the last frame."""
+    at step i is ``actions[i + 1]`` and STOP at the last frame. ``prompt``: see `check_prompt_template`."""
+    check_prompt_template(prompt)
     episodes = _read_json(annotations_file)
     if not isinstance(episodes, list):
         raise JobError(f"{annotations_file}: expected a list of episodes")
@@ -361,7 +434,7 @@ def build_scalevln(
         actions = [action_names[codes[i + 1]] for i in range(len(frames) - 1)] + ["STOP"]
         relative = [os.path.relpath(frame, image_root) for frame in frames]
         records += trajectory_records(episode_id, relative, instruction, actions[: len(frames)],
-                                      max_history=max_history)
+                                      max_history=max_history, prompt=prompt)
     return records
 
 

@@ -1,7 +1,7 @@
 """`janus-job demo`: the whole pipeline on one machine, on embedded defaults, in about a minute.
 
 1. synthesise a small JanusVLN-format dataset: a few trajectories of generated frames, annotated
-   with JanusVLN's prompt and history rule (janus_job.data.annotations);
+   with the builder's default prompt and JanusVLN's history rule (janus_job.data.annotations);
 2. write tiny random encoders and LLM as real checkpoints: a Qwen2.5-VL directory (config,
    weights, tokenizer, image processor) and a VGGT aggregator checkpoint (janus_job.demo.tiny);
 3. precompute the frozen features into a local feature store (janus_job.features.precompute);

@@ -104,6 +104,10 @@ class JanusVLNOutput(ModelOutput):
 class JanusVLNForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL + JanusVLN's spatial branch. Trainable: LLM, vision merger, spatial merger."""
 
+    # a JanusVLN checkpoint (an export) carries VGGT's weights; the aggregator is attached after loading
+    # (from model.vggt, as JanusVLN's training reloads VGGT), so they are not reported as unexpected
+    _keys_to_ignore_on_load_unexpected = [r"^vggt\."]
+
     @classmethod
     def register_checkpoint_layout(cls) -> None:
         """Lets from_pretrained read Qwen's published (4.x) key layout into this subclass.
