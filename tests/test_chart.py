@@ -148,8 +148,8 @@ def test_two_node_infiniband_job(rendered):
     spec = job["spec"]
     assert job["apiVersion"] == "kubeflow.org/v1" and job["metadata"]["namespace"] == "janus"
     assert spec["nprocPerNode"] == "8"
-    replicas = spec["pytorchReplicaSpecs"]
-    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
+    # elastic: every node is a Worker (no Master), so Worker.replicas is the node count
+    assert {role: r["replicas"] for role, r in spec["pytorchReplicaSpecs"].items()} == {"Worker": 2}
     assert spec["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 4, "maxRestarts": 10}
     assert spec["runPolicy"]["schedulingPolicy"] == {
         "minAvailable": 2,
@@ -228,9 +228,9 @@ def test_all_features_job(rendered):
         "suspend": True,
         "schedulingPolicy": {"minAvailable": 2, "queue": "research", "priorityClass": "janus-train"},
     }
-    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+    assert {role: r["replicas"] for role, r in job["spec"]["pytorchReplicaSpecs"].items()} == {"Worker": 4}
     assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
-    master = pod_templates(job)["Master"]
+    master = pod_templates(job)["Worker"]
     assert master["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce-net"
     assert master["spec"]["containers"][0]["resources"]["limits"]["rdma/hca_shared_devices_a"] == 1  # roce
     assert master["spec"]["containers"][0]["image"].startswith("registry.example.com/janus-train@sha256:")
@@ -322,7 +322,7 @@ def test_pytorchjob_matches_the_crd(rendered, pytorchjob_validator, path):
 def test_crd_check_rejects_unknown_fields(rendered, pytorchjob_validator):
     (job,) = by_kind(rendered["r2r-2node-ib"], "PyTorchJob")
     bad = copy.deepcopy(job)
-    bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["gpus"] = 8
+    bad["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["gpus"] = 8
     bad["spec"]["elasticPolicy"]["minNodes"] = 1
     messages = " ".join(e.message for e in pytorchjob_validator.iter_errors(bad))
     assert "'gpus' was unexpected" in messages and "'minNodes' was unexpected" in messages
@@ -384,34 +384,75 @@ def test_notes_tell_how_to_follow_and_scale():
     assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
     assert "janus-job upgrade job.yaml --release r2r --namespace janus" in notes
     assert "janus-job scale job.yaml --nodes <nodes> --release r2r --namespace janus" in notes
+    assert "kubectl -n janus scale pytorchjob/r2r-2node-ib --replicas <nodes>" in notes
+    assert "logs -f r2r-2node-ib-worker-0 -c gpu-balance" in notes
     assert "logs -f job/r2r-2node-ib-start-1" in notes and "describe pytorchjob r2r-2node-ib" in notes
     with helm_python.Chart.load(CHART) as chart:
         fixed = chart.render(values=user_values(ROOT / "examples" / "r2r-1node.yaml"), name="r", namespace="janus")
     assert "kubectl -n janus logs -f r2r-1node-master-0 -c pytorch" in fixed["janus-train/templates/NOTES.txt"]
+    assert "--replicas" not in fixed["janus-train/templates/NOTES.txt"]  # one node: nothing to scale
 
 
-def test_kubectl_scale_target_is_the_worker_count_the_elastic_job_follows():
-    """`kubectl scale` writes the CRD's scale path; the chart renders nodes - 1 Workers there and the
-    elastic range the trainer's rendezvous accepts (docs/operations.md, "Scaling a run")."""
+def _at(obj: dict, path: str):
+    """The value at a CRD JSON path such as .spec.pytorchReplicaSpecs.Worker.replicas (None when absent)."""
+    for key in path.lstrip(".").split("."):
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
+def _set(obj: dict, path: str, value) -> None:
+    *parents, last = path.lstrip(".").split(".")
+    for key in parents:
+        obj = obj[key]
+    obj[last] = value
+
+
+def test_kubectl_scale_replicas_is_the_node_count_of_an_elastic_job():
+    """`kubectl scale pytorchjob/<name> --replicas N` writes N at the CRD's scale path (Worker replicas): an
+    elastic job is Workers only, so N is the number of training pods, down to one node
+    (docs/operations.md, "Scaling a run")."""
     if not CRD.exists():
         pytest.skip(f"PyTorchJob CRD not found at {CRD} (../shared/crds from the repo root)")
     crd = yaml.safe_load(CRD.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.pytorchReplicaSpecs.Worker.replicas"
+    scale = version["subresources"]["scale"]
+    assert scale["specReplicasPath"] == ".spec.pytorchReplicaSpecs.Worker.replicas"
+    assert scale["statusReplicasPath"] == ".status.replicaStatuses.Worker.active"
     values = user_values(ROOT / "examples" / "r2r-2node-ib.yaml")
-    for nodes in (2, 3, 4):  # helm upgrade --set training.nodes=N
+    values["training"]["resize"]["min_nodes"] = 1
+    for nodes in (1, 2, 4):  # helm upgrade --set training.nodes=N renders what kubectl scale reads back
         values["training"]["nodes"] = nodes
         (job,) = by_kind(render_objects(values), "PyTorchJob")
-        assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == nodes - 1
-        assert job["spec"]["elasticPolicy"]["minReplicas"] <= nodes <= job["spec"]["elasticPolicy"]["maxReplicas"]
+        assert "Master" not in job["spec"]["pytorchReplicaSpecs"]
+        assert _at(job, scale["specReplicasPath"]) == nodes
+        assert job["spec"]["elasticPolicy"]["minReplicas"] == 1 and job["spec"]["elasticPolicy"]["maxReplicas"] == 4
+    for replicas in (1, 3, 4):  # kubectl scale --replicas N on the running job
+        scaled = copy.deepcopy(job)
+        _set(scaled, scale["specReplicasPath"], replicas)
+        pods = sum(r["replicas"] for r in scaled["spec"]["pytorchReplicaSpecs"].values())
+        assert pods == replicas  # one pod per node: exactly the number asked
+        policy = scaled["spec"]["elasticPolicy"]
+        assert policy["minReplicas"] <= replicas <= policy["maxReplicas"]  # PET_NNODES=min:max admits it
+    # the operator's rendezvous (no elasticPolicy.rdzvHost): <name>-worker-0 at the Worker's pytorchjob-port
+    (port,) = [p["containerPort"] for p in _trainer([job])["spec"]["containers"][0]["ports"]
+               if p["name"] == "pytorchjob-port"]
+    assert "rdzvHost" not in job["spec"]["elasticPolicy"] and port == 23456
+    # a fixed job keeps Master + Workers: there Worker.replicas is nodes - 1, and janus-job scale is the command
+    (fixed,) = by_kind(render_objects(user_values(ALL_FEATURES) | {"training": {
+        **user_values(ALL_FEATURES)["training"], "resize": {"policy": "fixed"}}}), "PyTorchJob")
+    assert "elasticPolicy" not in fixed["spec"]
+    assert fixed["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
+    assert _at(fixed, scale["specReplicasPath"]) == 3
 
 
 # -- pods that stay --------------------------------------------------------------------------------
 
 
-def _trainer(objects: list[dict], role: str = "Master") -> dict:
+def _trainer(objects: list[dict]) -> dict:
+    """The training pod template: the Master's of a fixed job, the Workers' of an elastic one."""
     (job,) = by_kind(objects, "PyTorchJob")
-    return pod_templates(job)[role]
+    templates = pod_templates(job)
+    return templates.get("Master") or templates["Worker"]
 
 
 def test_checkpoint_staging_volume_and_disk_requests(rendered):

@@ -216,7 +216,7 @@ def test_every_training_pod_is_guaranteed(rendered, path):
 def test_writable_paths_are_volumes(rendered):
     """A read-only root filesystem: each path the code writes is a volume of the trainer."""
     _, templates = rendered["all-features-values"]
-    _, spec = templates["PyTorchJob/all-features/Master"]
+    _, spec = templates["PyTorchJob/all-features/Worker"]  # elastic: Workers only
     (trainer,) = spec["containers"]
     assert trainer["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}

@@ -12,7 +12,7 @@ from typing import Any
 
 from janus_job.config import k8s
 from janus_job.config.memory import checkpoint_gib, memory_problems
-from janus_job.config.spec import DNS_LABEL_MAX, MIN_ELASTIC_NODES, JobSpec
+from janus_job.config.spec import DNS_LABEL_MAX, JobSpec
 from janus_job.errors import Problem
 
 PRECOMPUTE_HASH_LEN = 8  # the chart names the precompute Job <name>-precompute-<8 hex>
@@ -21,8 +21,9 @@ OBJECT_STORE_SCHEMES = ("s3://",)  # the object stores the image can open (s3fs)
 
 def _longest_generated_suffix(spec: JobSpec) -> str:
     """The longest suffix the chart and the operators append to `name` for a DNS-label name."""
+    last_worker = spec.max_nodes - 1 if spec.elastic else spec.max_nodes - 2  # elastic: Workers only
     suffixes = [
-        f"-worker-{max(spec.max_nodes - 2, 0)}",  # PyTorchJob pod and Service of the last worker
+        f"-worker-{max(last_worker, 0)}",  # PyTorchJob pod and Service of the last worker
         "-master-0",
         f"-precompute-{'x' * PRECOMPUTE_HASH_LEN}-{spec.precompute.pods - 1}",  # Indexed Job pod hostname
         "-spec",
@@ -80,17 +81,7 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
                 "set training.resize.policy: elastic, or remove min_nodes/max_nodes",
             )
         )
-    if spec.elastic and spec.min_nodes < MIN_ELASTIC_NODES:
-        problems.append(
-            Problem(
-                "training.resize.min_nodes" if r.min_nodes is not None else "training.nodes",
-                f"an elastic job keeps a Master and at least one Worker (the training operator refuses 0 Worker "
-                f"replicas), so it cannot run on {spec.min_nodes} node",
-                "set training.resize.min_nodes (and training.nodes) >= 2, "
-                "or training.resize.policy: fixed for one node",
-            )
-        )
-    elif not spec.min_nodes <= t.nodes <= spec.max_nodes:
+    if not spec.min_nodes <= t.nodes <= spec.max_nodes:
         problems.append(
             Problem(
                 "training.nodes",

@@ -155,22 +155,24 @@ class CheckpointSpec(Section):
 class ResizeSpec(Section):
     policy: Literal["elastic", "fixed"] = Field(
         "elastic",
-        description="elastic: a job of 2+ nodes gets the PyTorchJob elasticPolicy (c10d rendezvous) and restarts at a "
-        "new node count (kubectl scale / Worker replicas) within [min_nodes, max_nodes], keeping the global batch; "
-        "a 1-node job runs fixed. fixed: static rendezvous at exactly training.nodes.",
+        description="elastic: a job whose max_nodes is 2+ gets the PyTorchJob elasticPolicy (c10d rendezvous), every "
+        "node a Worker replica, and restarts at a new node count (kubectl scale pytorchjob/<name> --replicas <nodes>) "
+        "within [min_nodes, max_nodes], keeping the global batch; a job that may only run on 1 node runs fixed. "
+        "fixed: Master + Workers, static rendezvous at exactly training.nodes.",
     )
     min_nodes: int | None = Field(
         None,
         ge=1,
-        description="Fewest nodes the job may run on "
-        "(default: training.nodes; elastic jobs need >= 2: Master + 1 Worker).",
+        description="Fewest nodes the job may run on (default: training.nodes; elastic jobs may go down to 1).",
     )
     max_nodes: int | None = Field(None, ge=1, description="Most nodes the job may run on (default: training.nodes).")
     max_restarts: int = Field(10, ge=0, le=1000, description="torchrun restarts of the worker group (elastic).")
 
 
 class TrainingSpec(Section):
-    nodes: int = Field(1, ge=1, le=512, description="Training nodes (pods): Master 1 + Worker nodes-1.")
+    nodes: int = Field(
+        1, ge=1, le=512,
+        description="Training nodes (pods): Worker replicas of an elastic job, else Master 1 + Worker nodes-1.")
     gpus_per_node: int = Field(8, ge=1, le=16, description="GPUs per node = torchrun nproc_per_node.")
     micro_batch_size: int = Field(1, ge=1, le=256, description="Samples per GPU per forward/backward.")
     gradient_accumulation_steps: int | None = Field(
@@ -537,4 +539,3 @@ class JobSpec(Section):
 
 
 DEFAULT_ACCUMULATION = 8  # JanusVLN's train.sh
-MIN_ELASTIC_NODES = 2  # Master + 1 Worker: the operator's webhook needs a Worker of >= 1 replica

@@ -253,3 +253,12 @@ dnsPolicy: ClusterFirstWithHostNet
 {{- $hash := printf "%s\n%s" (include "janus-train.precomputeJobSpec" .) $inputs | sha256sum | trunc 8 -}}
 {{- printf "%s-precompute-%s" .Values.name $hash -}}
 {{- end }}
+
+{{/*
+"true" when the PyTorchJob is elastic (resize.policy elastic and room for two or more nodes): then every
+node is a Worker replica (no Master) and Worker.replicas, the CRD's scale path, is the node count.
+*/}}
+{{- define "janus-train.elastic" -}}
+{{- $t := .Values.training -}}
+{{- if and (eq $t.resize.policy "elastic") (ge (int ($t.resize.max_nodes | default $t.nodes)) 2) }}true{{ end -}}
+{{- end }}
