@@ -232,10 +232,79 @@ def test_all_features_job(rendered):
     assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
     master = pod_templates(job)["Worker"]
     assert master["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce-net"
-    assert master["spec"]["containers"][0]["resources"]["limits"]["rdma/hca_shared_devices_a"] == 1  # roce
     assert master["spec"]["containers"][0]["image"].startswith("registry.example.com/janus-train@sha256:")
     cache = next(v for v in master["spec"]["volumes"] if v["name"] == "feature-cache")
     assert cache["emptyDir"]["sizeLimit"] == "151Gi"
+
+
+def test_cluster_integration_fields_reach_the_pods(rendered):
+    """cluster.pod_labels / runtime_class_name / rdma_resources / env / volumes / resource_claims: every GPU pod
+    gets the labels, runtime class, env and volumes; only training pods get RDMA devices and DRA claims."""
+    objects = rendered["all-features-values"]
+    pod = _trainer(objects)
+    (precompute,) = precompute_jobs(objects)
+    for template, trainer in ((pod, True), (precompute["spec"]["template"], False)):
+        labels, spec = template["metadata"]["labels"], template["spec"]
+        assert labels["team"] == "nav" and labels["cost-center"] == "4711"
+        assert labels["app.kubernetes.io/component"] == ("trainer" if trainer else "precompute")
+        assert spec["runtimeClassName"] == "nvidia" and "schedulerName" not in spec  # volcano sets its own
+        (main,) = spec["containers"]
+        assert main["env"][:2] == [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "EMPTY_ONE", "value": ""}]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["weights"]["persistentVolumeClaim"] == {"claimName": "model-weights", "readOnly": True}
+        assert volumes["scratch"]["persistentVolumeClaim"] == {"claimName": "janus-scratch", "readOnly": False}
+        assert {"name": "weights", "mountPath": "/weights", "readOnly": True} in main["volumeMounts"]
+        limits = main["resources"]["limits"]
+        rdma = {k: v for k, v in limits.items() if k.startswith("rdma/")}
+        assert rdma == ({"rdma/rdma_shared_device_a": 1, "rdma/rdma_shared_device_b": 2} if trainer else {})
+        assert main["resources"]["requests"].items() >= rdma.items()
+        claims = [{"name": "nics", "resourceClaimTemplateName": "rdma-nics"}]
+        assert spec.get("resourceClaims") == (claims if trainer else None)
+        assert main["resources"].get("claims") == ([{"name": "nics"}] if trainer else None)
+    assert pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce-net"
+
+
+def test_node_local_volumes_hold_the_cache_and_the_staging(rendered):
+    """hostPath (node NVMe) and NFS volumes; features.cache_dir and cluster.checkpoint_staging_dir on the NVMe
+    mount: the chart then makes neither volume, requests no node disk for them, and points the pods there."""
+    objects = rendered["hostnetwork-values"]
+    pod = _trainer(objects)["spec"]
+    (main,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["nvme"]["hostPath"] == {"path": "/mnt/nvme0", "type": "DirectoryOrCreate"}
+    assert volumes["shared"]["nfs"] == {"server": "nfs.storage.example", "path": "/exports/janus", "readOnly": False}
+    assert "feature-cache" not in volumes and "checkpoint-staging" not in volumes
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    assert mounts["/mnt/nvme"] == "nvme" and mounts["/shared"] == "shared"
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["JANUS_CHECKPOINT_STAGING"] == "/mnt/nvme/staging"
+    assert main["resources"]["requests"]["ephemeral-storage"] == "80Gi"  # /tmp 16 + HOME 64 only
+    assert pod["schedulerName"] == "gpu-scheduler"
+    (precompute,) = precompute_jobs(objects)
+    assert precompute["spec"]["template"]["spec"]["schedulerName"] == "gpu-scheduler"
+    assert "feature-cache" not in {v["name"] for v in precompute["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_kueue_example_leaves_suspend_to_kueue_and_asks_for_one_topology_block(rendered):
+    (job,) = by_kind(rendered["kueue"], "PyTorchJob")
+    # precompute first: created suspended and without the queue label; the starter adds it (then Kueue admits)
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    (starter,) = [o for o in by_kind(rendered["kueue"], "Job") if o["metadata"]["labels"][
+        "app.kubernetes.io/component"] == "starter"]
+    assert "--kueue-queue" in starter["spec"]["template"]["spec"]["containers"][0]["command"]
+    template = _trainer(rendered["kueue"])
+    annotations = template["metadata"]["annotations"]
+    assert annotations["kueue.x-k8s.io/podset-required-topology"] == "topology.example.com/block"
+    assert template["metadata"]["labels"]["team"] == "nav"
+    values = user_values(ROOT / "examples" / "kueue.yaml")
+    values["features"]["mode"] = "read_through"  # nothing to wait for: the label at once, Kueue unsuspends
+    values["cluster"]["kueue_topology"] = {"level": "kubernetes.io/hostname", "mode": "preferred"}
+    (job,) = by_kind(render_objects(values), "PyTorchJob")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-nav"
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    annotations = pod_templates(job)["Worker"]["metadata"]["annotations"]
+    assert annotations["kueue.x-k8s.io/podset-preferred-topology"] == "kubernetes.io/hostname"
 
 
 @pytest.mark.parametrize("example", ["r2r-1node", "minimal"])
@@ -536,9 +605,28 @@ STRING_FIELDS = [
     ("image", "tag"),
     ("image", "repository"),
     ("cluster", "namespace"),
-    ("cluster", "rdma_resource"),
+    ("cluster", "rdma_resources"),
     ("cluster", "resources"),
+    ("cluster", "pod_labels"),
+    ("cluster", "scheduler_name"),
+    ("cluster", "runtime_class_name"),
+    ("cluster", "kueue_topology"),
+    ("cluster", "env"),
+    ("cluster", "volumes"),
+    ("cluster", "resource_claims"),
+    ("cluster", "checkpoint_staging_dir"),
 ]
+# fields that hold objects or lists: the injection in each of their strings
+STRUCTURED = {
+    "rdma_resources": [{"name": INJECTION, "count": 1}],
+    "pod_labels": {INJECTION: INJECTION},
+    "kueue_topology": {"mode": INJECTION, "level": INJECTION},
+    "env": [{"name": INJECTION, "value": INJECTION}],
+    "volumes": [{"name": INJECTION, "mount_path": INJECTION, "pvc": {"claim_name": INJECTION}},
+                {"name": "n", "mount_path": "/n", "nfs": {"server": INJECTION, "path": INJECTION}},
+                {"name": "h", "mount_path": "/h", "host_path": {"path": INJECTION, "type": INJECTION}}],
+    "resource_claims": [{"name": INJECTION, "resource_claim_template_name": INJECTION}],
+}
 
 
 @pytest.mark.parametrize("section,field", STRING_FIELDS, ids=[f"{s}.{f}" for s, f in STRING_FIELDS])
@@ -547,6 +635,8 @@ def test_spec_strings_render_as_one_scalar(section, field, tmp_path):
     values = user_values(ALL_FEATURES)
     if field == "resources":  # the GPU resource name is a key in requests/limits
         values[section][field]["gpu_resource_name"] = INJECTION
+    elif field in STRUCTURED:
+        values[section][field] = STRUCTURED[field]
     else:
         values[section][field] = INJECTION
     # the schema refuses most of these first (tests/test_spec_injection.py); here the templates alone are
