@@ -268,7 +268,6 @@ ImageTag = grammar(
 
 # where the chart mounts its own volumes, and what a volume must not hide
 CHART_MOUNTS = ("/etc/janus", "/dev/shm", "/var/run/janus/stats", "/tmp", "/home/janus")
-STAGING_MOUNT = "/var/lib/janus/checkpoint-staging"  # the chart's staging volume (unless staged on a user volume)
 # names of the chart's own volumes in a GPU pod: a user volume may not take them
 CHART_VOLUMES = ("spec", "dshm", "tmp", "home", "feature-cache", "gpu-stats", "checkpoint-staging", "monitor-tmp")
 SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/opt/janus", "/proc", "/sbin", "/sys", "/usr",

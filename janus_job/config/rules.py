@@ -204,6 +204,7 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
 # label and annotation prefixes of the chart, Kueue and the training operator
 RESERVED_LABEL_PREFIXES = ("app.kubernetes.io/", "janus-train.io/", "kueue.x-k8s.io/", "training.kubeflow.org/",
                            "helm.sh/")
+GANG_SCHEDULER_NAMES = {"volcano": "volcano"}  # the schedulerName the operator gives a gang's pods
 RESERVED_ANNOTATION_PREFIXES = ("janus-train.io/", "kueue.x-k8s.io/podset-")
 # variables the chart's pod spec sets (the fix names what sets them)
 CHART_ENV = {"JANUS_SPEC": "the chart", "HOME": "the chart", "TMPDIR": "the chart", "NODE_NAME": "the chart",
@@ -233,10 +234,12 @@ def cluster_problems(spec: JobSpec) -> list[Problem]:
         if key.startswith(RESERVED_ANNOTATION_PREFIXES):
             problems.append(Problem(f"cluster.pod_annotations.{key}", "the chart writes this annotation",
                                     "use cluster.kueue_topology for Kueue's topology, or another key"))
-    if c.scheduler_name and c.gang_scheduler != "none":
-        problems.append(Problem("cluster.scheduler_name", f"gang_scheduler '{c.gang_scheduler}' sets the pods' "
-                                "scheduler itself (the training operator overwrites schedulerName)",
-                                "remove scheduler_name or set gang_scheduler: none"))
+    gang_name = GANG_SCHEDULER_NAMES.get(c.gang_scheduler)
+    if c.scheduler_name and c.gang_scheduler != "none" and c.scheduler_name != gang_name:
+        problems.append(Problem("cluster.scheduler_name", f"gang_scheduler '{c.gang_scheduler}' places the pods as "
+                                "one gang with its own scheduler; pods of another scheduler would not be in it",
+                                "remove scheduler_name" + (f" (or set it to {gang_name})" if gang_name else "")
+                                + ", or set gang_scheduler: none"))
     if c.kueue_topology and not c.kueue_queue:
         problems.append(Problem("cluster.kueue_topology", "Kueue reads the topology annotation only of a job in "
                                 "one of its queues", "set cluster.kueue_queue, or remove kueue_topology"))
@@ -269,20 +272,29 @@ def cluster_problems(spec: JobSpec) -> list[Problem]:
             problems.append(Problem(field, f"{var.name} is set by torchrun, the training operator or janus-train",
                                     "remove it"))
 
-    names = {(n, "a volume of the chart") for n in k8s.CHART_VOLUMES}
     taken = {m: "a volume of the chart" for m in k8s.CHART_MOUNTS}
-    if not c.checkpoint_staging_dir:
-        taken[k8s.STAGING_MOUNT] = "the checkpoint staging volume"
-    if f.cache_size_gib > 0 and not cluster_volume_of(spec, f.cache_dir):
-        clash = k8s.mount_path_problem(f.cache_dir, taken)
-        if clash:
-            problems.append(
-                Problem("features.cache_dir", clash, "choose another directory, e.g. /var/cache/janus-features, "
-                        "or one on a cluster.volumes mount")
-            )
-        else:
-            taken[f.cache_dir] = "features.cache_dir"
-    used = dict(names)
+    own = [("cluster.checkpoint_staging_dir", c.checkpoint_staging_dir, "the checkpoint staging volume",
+            "e.g. /var/lib/janus/checkpoint-staging"), ("features.cache_dir", f.cache_dir, "the feature cache",
+                                                        "e.g. /var/cache/janus-features")]
+    for field, path, what, example in own:
+        if field == "features.cache_dir" and f.cache_size_gib == 0:
+            continue
+        vol = cluster_volume_of(spec, path)
+        if vol is None:  # the chart mounts a volume of its own there
+            clash = k8s.mount_path_problem(path, taken)
+            if clash:
+                problems.append(Problem(field, clash, f"choose another directory ({example}) or one on a "
+                                        "cluster.volumes mount"))
+            else:
+                taken[path] = what
+        elif vol.read_only:
+            problems.append(Problem(field, f"lies on volume {vol.name}, which is mounted read-only",
+                                    f"set read_only: false on volume {vol.name}, or choose another directory"))
+        elif field == "cluster.checkpoint_staging_dir" and c.checkpoint_staging_storage_class:
+            problems.append(Problem("cluster.checkpoint_staging_storage_class", f"has no effect: checkpoints are "
+                                    f"staged on volume {vol.name} (cluster.checkpoint_staging_dir)",
+                                    "remove it, or move checkpoint_staging_dir off the volume"))
+    used = {n: "a volume of the chart" for n in k8s.CHART_VOLUMES}
     for i, vol in enumerate(c.volumes):
         where = f"cluster.volumes.{i}"
         if vol.name in used:
@@ -294,21 +306,6 @@ def cluster_problems(spec: JobSpec) -> list[Problem]:
             problems.append(Problem(f"{where}.mount_path", clash, "choose another mount path"))
         else:
             taken[vol.mount_path] = f"cluster.volumes {vol.name}"
-    if c.checkpoint_staging_dir:
-        vol = cluster_volume_of(spec, c.checkpoint_staging_dir)
-        if c.checkpoint_staging_storage_class:
-            problems.append(Problem("cluster.checkpoint_staging_dir", "and checkpoint_staging_storage_class both "
-                                    "say where checkpoints are staged", "keep one of them"))
-        elif vol is None:
-            problems.append(Problem("cluster.checkpoint_staging_dir", f"{c.checkpoint_staging_dir} is on no volume "
-                                    "of cluster.volumes (the image's filesystem is read-only)",
-                                    "add a volume whose mount_path holds it (e.g. a host_path on node-local NVMe)"))
-        elif vol.read_only:
-            problems.append(Problem("cluster.checkpoint_staging_dir", f"volume {vol.name} is mounted read-only",
-                                    f"set read_only: false on volume {vol.name}"))
-    if f.cache_size_gib > 0 and (vol := cluster_volume_of(spec, f.cache_dir)) and vol.read_only:
-        problems.append(Problem("features.cache_dir", f"volume {vol.name} is mounted read-only",
-                                f"set read_only: false on volume {vol.name}, or move the cache"))
     claims: set[str] = set()
     for i, claim in enumerate(c.resource_claims):
         if claim.name in claims:

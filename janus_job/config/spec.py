@@ -504,10 +504,11 @@ class ClusterSpec(Section):
         description="Node-local checkpoint staging of each training pod (JANUS_CHECKPOINT_STAGING): a save, a fetched "
         "checkpoint and its resharded copy; at least 3 x the estimated checkpoint (JanusVLN-7B: 101-109 GiB).",
     )
-    checkpoint_staging_dir: k8s.AbsolutePath | None = Field(
-        None,
-        description="Stage checkpoints in this directory of a cluster.volumes mount (e.g. node-local NVMe) instead "
-        "of a volume of the chart.",
+    checkpoint_staging_dir: k8s.AbsolutePath = Field(
+        "/var/lib/janus/checkpoint-staging",
+        description="Where training pods stage checkpoints (JANUS_CHECKPOINT_STAGING): the chart's staging volume is "
+        "mounted here, unless the directory lies on a cluster.volumes mount (e.g. node-local NVMe), which then "
+        "holds it.",
     )
     checkpoint_staging_storage_class: str | None = Field(
         None,

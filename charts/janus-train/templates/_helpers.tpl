@@ -22,7 +22,7 @@ schema is skipped (helm --skip-schema-validation), so that nothing renders as 0 
     "cluster.pod_annotations" "cluster.pod_labels" "cluster.env" "cluster.volumes" "cluster.resource_claims"
     "cluster.restart_policy"
     "cluster.backoff_limit_per_node" "cluster.termination_grace_seconds" "cluster.clean_pod_policy"
-    "cluster.checkpoint_staging_gib"
+    "cluster.checkpoint_staging_gib" "cluster.checkpoint_staging_dir"
     "monitor.enabled" "monitor.interval_seconds" "monitor.imbalance_warning_ratio" "monitor.stale_after_seconds"
     "monitor.port" "monitor.pod_monitor" "monitor.dashboard" }}
 {{- $value := $.Values }}
@@ -150,9 +150,10 @@ a cache size and a cache_dir on no cluster.volumes mount. */}}
 {{- if and (gt (float64 .Values.features.cache_size_gib) 0.0) (not (include "janus-train.onClusterVolume" (list . .Values.features.cache_dir))) }}true{{ end -}}
 {{- end }}
 
-{{/* Where the training pods stage checkpoints: cluster.checkpoint_staging_dir (on a user volume) or the chart's volume. */}}
-{{- define "janus-train.stagingDir" -}}
-{{- .Values.cluster.checkpoint_staging_dir | default "/var/lib/janus/checkpoint-staging" -}}
+{{/* "true" when the chart gives checkpoint staging a volume of its own: cluster.checkpoint_staging_dir on no
+cluster.volumes mount. */}}
+{{- define "janus-train.stagingVolume" -}}
+{{- if not (include "janus-train.onClusterVolume" (list . .Values.cluster.checkpoint_staging_dir)) }}true{{ end -}}
 {{- end }}
 
 {{/* Container security of every container (Pod Security: restricted; no capability is added). */}}
@@ -242,7 +243,7 @@ where they fit and the kubelet does not evict it under disk pressure.
 {{- end }}
 {{- $disk := add (include "janus-train.tmpGiB" $) (include "janus-train.homeGiB" $) -}}
 {{- if include "janus-train.cacheVolume" $ }}{{- $disk = add $disk (include "janus-train.cacheGiB" $) -}}{{- end }}
-{{- if and $trainer (not $c.checkpoint_staging_storage_class) (not $c.checkpoint_staging_dir) }}{{- $disk = add $disk (include "janus-train.stagingGiB" $) -}}{{- end }}
+{{- if and $trainer (not $c.checkpoint_staging_storage_class) (include "janus-train.stagingVolume" $) }}{{- $disk = add $disk (include "janus-train.stagingGiB" $) -}}{{- end }}
 requests:
 {{- toYaml $r | nindent 2 }}
   ephemeral-storage: {{ printf "%dGi" $disk | quote }}
