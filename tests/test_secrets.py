@@ -16,6 +16,8 @@ VALUE_FILES = sorted((ROOT / "examples").glob("*.yaml")) + [
     ROOT / "charts" / "janus-train" / "ci" / "all-features-values.yaml"
 ]
 SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|PRIVATE|CREDENTIAL)", re.I)
+# spec fields that name a Secret (or how credentials are found), never hold one
+SECRET_NAME_FIELDS = ("credentials_secret", "credentials_from", "pull_secrets", "tracker_secret")
 SECRET_VALUE = re.compile(
     r"(AKIA[0-9A-Z]{16}"  # AWS access key id
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
@@ -53,7 +55,7 @@ def scan(manifests: str) -> list[str]:
                     findings.append(f"ConfigMap {obj['metadata']['name']} key {key} holds a credential-shaped value")
                 for line in text.splitlines():
                     k = line.split(":", 1)[0].strip()
-                    if SECRET_NAME.search(k) and k not in ("credentials_secret", "credentials_from", "pull_secrets"):
+                    if SECRET_NAME.search(k) and k not in SECRET_NAME_FIELDS:
                         findings.append(f"ConfigMap {obj['metadata']['name']} has a secret-named key: {line.strip()}")
         for name, value in _env_literals(obj):
             if SECRET_NAME.search(name) or SECRET_VALUE.search(value):
