@@ -60,9 +60,23 @@ def test_values_schema_is_generated_from_the_spec():
 
 
 def test_values_yaml_is_generated_from_the_spec():
-    assert (CHART / "values.yaml").read_text() == chart_values_yaml(), (
-        "stale: run `janus-job schema --values > charts/janus-train/values.yaml`"
-    )
+    text = (CHART / "values.yaml").read_text()
+    assert text == chart_values_yaml(), "stale: run `janus-job schema --values > charts/janus-train/values.yaml`"
+    from janus_job.config.schema import defaults_values
+    from janus_job.config.spec import ClusterSpec
+
+    assert yaml.safe_load(text) == defaults_values()  # the comments change nothing
+    # every field carries its description as a `# --` comment right above it
+    lines = text.splitlines()
+    for name in ("rdma_resources", "pod_labels", "volumes", "checkpoint_staging_dir"):
+        (at,) = [i for i, line in enumerate(lines) if line.startswith(f"  {name}:")]
+        block = []
+        for line in reversed(lines[:at]):
+            block.insert(0, line.strip())
+            if line.strip().startswith("# -- "):
+                break
+        words = " ".join(b.removeprefix("# -- ").removeprefix("#") for b in block).split()
+        assert words == ClusterSpec.model_fields[name].description.split(), name
 
 
 # -- Helm itself ---------------------------------------------------------------------------------
