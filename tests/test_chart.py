@@ -60,9 +60,23 @@ def test_values_schema_is_generated_from_the_spec():
 
 
 def test_values_yaml_is_generated_from_the_spec():
-    assert (CHART / "values.yaml").read_text() == chart_values_yaml(), (
-        "stale: run `janus-job schema --values > charts/janus-train/values.yaml`"
-    )
+    text = (CHART / "values.yaml").read_text()
+    assert text == chart_values_yaml(), "stale: run `janus-job schema --values > charts/janus-train/values.yaml`"
+    from janus_job.config.schema import defaults_values
+    from janus_job.config.spec import ClusterSpec
+
+    assert yaml.safe_load(text) == defaults_values()  # the comments change nothing
+    # every field carries its description as a `# --` comment right above it
+    lines = text.splitlines()
+    for name in ("rdma_resources", "pod_labels", "volumes", "checkpoint_staging_dir"):
+        (at,) = [i for i, line in enumerate(lines) if line.startswith(f"  {name}:")]
+        block = []
+        for line in reversed(lines[:at]):
+            block.insert(0, line.strip())
+            if line.strip().startswith("# -- "):
+                break
+        words = " ".join(b.removeprefix("# -- ").removeprefix("#") for b in block).split()
+        assert words == ClusterSpec.model_fields[name].description.split(), name
 
 
 # -- Helm itself ---------------------------------------------------------------------------------
@@ -148,8 +162,8 @@ def test_two_node_infiniband_job(rendered):
     spec = job["spec"]
     assert job["apiVersion"] == "kubeflow.org/v1" and job["metadata"]["namespace"] == "janus"
     assert spec["nprocPerNode"] == "8"
-    replicas = spec["pytorchReplicaSpecs"]
-    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
+    # elastic: every node is a Worker (no Master), so Worker.replicas is the node count
+    assert {role: r["replicas"] for role, r in spec["pytorchReplicaSpecs"].items()} == {"Worker": 2}
     assert spec["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 4, "maxRestarts": 10}
     assert spec["runPolicy"]["schedulingPolicy"] == {
         "minAvailable": 2,
@@ -228,14 +242,83 @@ def test_all_features_job(rendered):
         "suspend": True,
         "schedulingPolicy": {"minAvailable": 2, "queue": "research", "priorityClass": "janus-train"},
     }
-    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+    assert {role: r["replicas"] for role, r in job["spec"]["pytorchReplicaSpecs"].items()} == {"Worker": 4}
     assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
-    master = pod_templates(job)["Master"]
+    master = pod_templates(job)["Worker"]
     assert master["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce-net"
-    assert master["spec"]["containers"][0]["resources"]["limits"]["rdma/hca_shared_devices_a"] == 1  # roce
     assert master["spec"]["containers"][0]["image"].startswith("registry.example.com/janus-train@sha256:")
     cache = next(v for v in master["spec"]["volumes"] if v["name"] == "feature-cache")
     assert cache["emptyDir"]["sizeLimit"] == "151Gi"
+
+
+def test_cluster_integration_fields_reach_the_pods(rendered):
+    """cluster.pod_labels / runtime_class_name / rdma_resources / env / volumes / resource_claims: every GPU pod
+    gets the labels, runtime class, env and volumes; only training pods get RDMA devices and DRA claims."""
+    objects = rendered["all-features-values"]
+    pod = _trainer(objects)
+    (precompute,) = precompute_jobs(objects)
+    for template, trainer in ((pod, True), (precompute["spec"]["template"], False)):
+        labels, spec = template["metadata"]["labels"], template["spec"]
+        assert labels["team"] == "nav" and labels["cost-center"] == "4711"
+        assert labels["app.kubernetes.io/component"] == ("trainer" if trainer else "precompute")
+        assert spec["runtimeClassName"] == "nvidia" and "schedulerName" not in spec  # volcano sets its own
+        (main,) = spec["containers"]
+        assert main["env"][:2] == [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "EMPTY_ONE", "value": ""}]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["weights"]["persistentVolumeClaim"] == {"claimName": "model-weights", "readOnly": True}
+        assert volumes["scratch"]["persistentVolumeClaim"] == {"claimName": "janus-scratch", "readOnly": False}
+        assert {"name": "weights", "mountPath": "/weights", "readOnly": True} in main["volumeMounts"]
+        limits = main["resources"]["limits"]
+        rdma = {k: v for k, v in limits.items() if k.startswith("rdma/")}
+        assert rdma == ({"rdma/rdma_shared_device_a": 1, "rdma/rdma_shared_device_b": 2} if trainer else {})
+        assert main["resources"]["requests"].items() >= rdma.items()
+        claims = [{"name": "nics", "resourceClaimTemplateName": "rdma-nics"}]
+        assert spec.get("resourceClaims") == (claims if trainer else None)
+        assert main["resources"].get("claims") == ([{"name": "nics"}] if trainer else None)
+    assert pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce-net"
+
+
+def test_node_local_volumes_hold_the_cache_and_the_staging(rendered):
+    """hostPath (node NVMe) and NFS volumes; features.cache_dir and cluster.checkpoint_staging_dir on the NVMe
+    mount: the chart then makes neither volume, requests no node disk for them, and points the pods there."""
+    objects = rendered["hostnetwork-values"]
+    pod = _trainer(objects)["spec"]
+    (main,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["nvme"]["hostPath"] == {"path": "/mnt/nvme0", "type": "DirectoryOrCreate"}
+    assert volumes["shared"]["nfs"] == {"server": "nfs.storage.example", "path": "/exports/janus", "readOnly": False}
+    assert "feature-cache" not in volumes and "checkpoint-staging" not in volumes
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    assert mounts["/mnt/nvme"] == "nvme" and mounts["/shared"] == "shared"
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["JANUS_CHECKPOINT_STAGING"] == "/mnt/nvme/staging"
+    assert main["resources"]["requests"]["ephemeral-storage"] == "80Gi"  # /tmp 16 + HOME 64 only
+    assert pod["schedulerName"] == "gpu-scheduler"
+    (precompute,) = precompute_jobs(objects)
+    assert precompute["spec"]["template"]["spec"]["schedulerName"] == "gpu-scheduler"
+    assert "feature-cache" not in {v["name"] for v in precompute["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_kueue_example_leaves_suspend_to_kueue_and_asks_for_one_topology_block(rendered):
+    (job,) = by_kind(rendered["kueue"], "PyTorchJob")
+    # precompute first: created suspended and without the queue label; the starter adds it (then Kueue admits)
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    (starter,) = [o for o in by_kind(rendered["kueue"], "Job") if o["metadata"]["labels"][
+        "app.kubernetes.io/component"] == "starter"]
+    assert "--kueue-queue" in starter["spec"]["template"]["spec"]["containers"][0]["command"]
+    template = _trainer(rendered["kueue"])
+    annotations = template["metadata"]["annotations"]
+    assert annotations["kueue.x-k8s.io/podset-required-topology"] == "topology.example.com/block"
+    assert template["metadata"]["labels"]["team"] == "nav"
+    values = user_values(ROOT / "examples" / "kueue.yaml")
+    values["features"]["mode"] = "read_through"  # nothing to wait for: the label at once, Kueue unsuspends
+    values["cluster"]["kueue_topology"] = {"level": "kubernetes.io/hostname", "mode": "preferred"}
+    (job,) = by_kind(render_objects(values), "PyTorchJob")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-nav"
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    annotations = pod_templates(job)["Worker"]["metadata"]["annotations"]
+    assert annotations["kueue.x-k8s.io/podset-preferred-topology"] == "kubernetes.io/hostname"
 
 
 @pytest.mark.parametrize("example", ["r2r-1node", "minimal"])
@@ -322,7 +405,7 @@ def test_pytorchjob_matches_the_crd(rendered, pytorchjob_validator, path):
 def test_crd_check_rejects_unknown_fields(rendered, pytorchjob_validator):
     (job,) = by_kind(rendered["r2r-2node-ib"], "PyTorchJob")
     bad = copy.deepcopy(job)
-    bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["gpus"] = 8
+    bad["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["gpus"] = 8
     bad["spec"]["elasticPolicy"]["minNodes"] = 1
     messages = " ".join(e.message for e in pytorchjob_validator.iter_errors(bad))
     assert "'gpus' was unexpected" in messages and "'minNodes' was unexpected" in messages
@@ -384,34 +467,75 @@ def test_notes_tell_how_to_follow_and_scale():
     assert "-c gpu-balance" in notes and f"logs -f job/{job['metadata']['name']}" in notes
     assert "janus-job upgrade job.yaml --release r2r --namespace janus" in notes
     assert "janus-job scale job.yaml --nodes <nodes> --release r2r --namespace janus" in notes
+    assert "kubectl -n janus scale pytorchjob/r2r-2node-ib --replicas <nodes>" in notes
+    assert "logs -f r2r-2node-ib-worker-0 -c gpu-balance" in notes
     assert "logs -f job/r2r-2node-ib-start-1" in notes and "describe pytorchjob r2r-2node-ib" in notes
     with helm_python.Chart.load(CHART) as chart:
         fixed = chart.render(values=user_values(ROOT / "examples" / "r2r-1node.yaml"), name="r", namespace="janus")
     assert "kubectl -n janus logs -f r2r-1node-master-0 -c pytorch" in fixed["janus-train/templates/NOTES.txt"]
+    assert "--replicas" not in fixed["janus-train/templates/NOTES.txt"]  # one node: nothing to scale
 
 
-def test_kubectl_scale_target_is_the_worker_count_the_elastic_job_follows():
-    """`kubectl scale` writes the CRD's scale path; the chart renders nodes - 1 Workers there and the
-    elastic range the trainer's rendezvous accepts (docs/operations.md, "Scaling a run")."""
+def _at(obj: dict, path: str):
+    """The value at a CRD JSON path such as .spec.pytorchReplicaSpecs.Worker.replicas (None when absent)."""
+    for key in path.lstrip(".").split("."):
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
+def _set(obj: dict, path: str, value) -> None:
+    *parents, last = path.lstrip(".").split(".")
+    for key in parents:
+        obj = obj[key]
+    obj[last] = value
+
+
+def test_kubectl_scale_replicas_is_the_node_count_of_an_elastic_job():
+    """`kubectl scale pytorchjob/<name> --replicas N` writes N at the CRD's scale path (Worker replicas): an
+    elastic job is Workers only, so N is the number of training pods, down to one node
+    (docs/operations.md, "Scaling a run")."""
     if not CRD.exists():
         pytest.skip(f"PyTorchJob CRD not found at {CRD} (../shared/crds from the repo root)")
     crd = yaml.safe_load(CRD.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.pytorchReplicaSpecs.Worker.replicas"
+    scale = version["subresources"]["scale"]
+    assert scale["specReplicasPath"] == ".spec.pytorchReplicaSpecs.Worker.replicas"
+    assert scale["statusReplicasPath"] == ".status.replicaStatuses.Worker.active"
     values = user_values(ROOT / "examples" / "r2r-2node-ib.yaml")
-    for nodes in (2, 3, 4):  # helm upgrade --set training.nodes=N
+    values["training"]["resize"]["min_nodes"] = 1
+    for nodes in (1, 2, 4):  # helm upgrade --set training.nodes=N renders what kubectl scale reads back
         values["training"]["nodes"] = nodes
         (job,) = by_kind(render_objects(values), "PyTorchJob")
-        assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == nodes - 1
-        assert job["spec"]["elasticPolicy"]["minReplicas"] <= nodes <= job["spec"]["elasticPolicy"]["maxReplicas"]
+        assert "Master" not in job["spec"]["pytorchReplicaSpecs"]
+        assert _at(job, scale["specReplicasPath"]) == nodes
+        assert job["spec"]["elasticPolicy"]["minReplicas"] == 1 and job["spec"]["elasticPolicy"]["maxReplicas"] == 4
+    for replicas in (1, 3, 4):  # kubectl scale --replicas N on the running job
+        scaled = copy.deepcopy(job)
+        _set(scaled, scale["specReplicasPath"], replicas)
+        pods = sum(r["replicas"] for r in scaled["spec"]["pytorchReplicaSpecs"].values())
+        assert pods == replicas  # one pod per node: exactly the number asked
+        policy = scaled["spec"]["elasticPolicy"]
+        assert policy["minReplicas"] <= replicas <= policy["maxReplicas"]  # PET_NNODES=min:max admits it
+    # the operator's rendezvous (no elasticPolicy.rdzvHost): <name>-worker-0 at the Worker's pytorchjob-port
+    (port,) = [p["containerPort"] for p in _trainer([job])["spec"]["containers"][0]["ports"]
+               if p["name"] == "pytorchjob-port"]
+    assert "rdzvHost" not in job["spec"]["elasticPolicy"] and port == 23456
+    # a fixed job keeps Master + Workers: there Worker.replicas is nodes - 1, and janus-job scale is the command
+    (fixed,) = by_kind(render_objects(user_values(ALL_FEATURES) | {"training": {
+        **user_values(ALL_FEATURES)["training"], "resize": {"policy": "fixed"}}}), "PyTorchJob")
+    assert "elasticPolicy" not in fixed["spec"]
+    assert fixed["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
+    assert _at(fixed, scale["specReplicasPath"]) == 3
 
 
 # -- pods that stay --------------------------------------------------------------------------------
 
 
-def _trainer(objects: list[dict], role: str = "Master") -> dict:
+def _trainer(objects: list[dict]) -> dict:
+    """The training pod template: the Master's of a fixed job, the Workers' of an elastic one."""
     (job,) = by_kind(objects, "PyTorchJob")
-    return pod_templates(job)[role]
+    templates = pod_templates(job)
+    return templates.get("Master") or templates["Worker"]
 
 
 def test_checkpoint_staging_volume_and_disk_requests(rendered):
@@ -495,9 +619,28 @@ STRING_FIELDS = [
     ("image", "tag"),
     ("image", "repository"),
     ("cluster", "namespace"),
-    ("cluster", "rdma_resource"),
+    ("cluster", "rdma_resources"),
     ("cluster", "resources"),
+    ("cluster", "pod_labels"),
+    ("cluster", "scheduler_name"),
+    ("cluster", "runtime_class_name"),
+    ("cluster", "kueue_topology"),
+    ("cluster", "env"),
+    ("cluster", "volumes"),
+    ("cluster", "resource_claims"),
+    ("cluster", "checkpoint_staging_dir"),
 ]
+# fields that hold objects or lists: the injection in each of their strings
+STRUCTURED = {
+    "rdma_resources": [{"name": INJECTION, "count": 1}],
+    "pod_labels": {INJECTION: INJECTION},
+    "kueue_topology": {"mode": INJECTION, "level": INJECTION},
+    "env": [{"name": INJECTION, "value": INJECTION}],
+    "volumes": [{"name": INJECTION, "mount_path": INJECTION, "pvc": {"claim_name": INJECTION}},
+                {"name": "n", "mount_path": "/n", "nfs": {"server": INJECTION, "path": INJECTION}},
+                {"name": "h", "mount_path": "/h", "host_path": {"path": INJECTION, "type": INJECTION}}],
+    "resource_claims": [{"name": INJECTION, "resource_claim_template_name": INJECTION}],
+}
 
 
 @pytest.mark.parametrize("section,field", STRING_FIELDS, ids=[f"{s}.{f}" for s, f in STRING_FIELDS])
@@ -506,6 +649,8 @@ def test_spec_strings_render_as_one_scalar(section, field, tmp_path):
     values = user_values(ALL_FEATURES)
     if field == "resources":  # the GPU resource name is a key in requests/limits
         values[section][field]["gpu_resource_name"] = INJECTION
+    elif field in STRUCTURED:
+        values[section][field] = STRUCTURED[field]
     else:
         values[section][field] = INJECTION
     # the schema refuses most of these first (tests/test_spec_injection.py); here the templates alone are

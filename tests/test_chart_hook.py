@@ -95,7 +95,7 @@ def test_hook_runs_validate_before_install_and_upgrade():
     (volume,) = [v for v in pod["volumes"] if v["name"] == spec_mount["name"]]
     assert volume["configMap"]["name"] == configmap["metadata"]["name"] and set(configmap["data"]) == {"job.yaml"}
     trainer = next(o for o in objects if o["kind"] == "PyTorchJob")
-    (main,) = trainer["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    (main,) = next(iter(trainer["spec"]["pytorchReplicaSpecs"].values()))["template"]["spec"]["containers"]
     assert container["image"] == main["image"]
     # the hook's copy is the spec the chart installs
     (installed,) = [o for o in objects if o["kind"] == "ConfigMap" and HOOK not in o["metadata"].get("annotations", {})]

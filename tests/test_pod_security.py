@@ -216,7 +216,7 @@ def test_every_training_pod_is_guaranteed(rendered, path):
 def test_writable_paths_are_volumes(rendered):
     """A read-only root filesystem: each path the code writes is a volume of the trainer."""
     _, templates = rendered["all-features-values"]
-    _, spec = templates["PyTorchJob/all-features/Master"]
+    _, spec = templates["PyTorchJob/all-features/Worker"]  # elastic: Workers only
     (trainer,) = spec["containers"]
     assert trainer["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
@@ -319,3 +319,31 @@ def test_validate_refuses_an_apparmor_annotation_the_level_refuses():
         validate_spec(values)
     values["cluster"]["pod_security"] = "privileged"
     validate_spec(values)
+
+
+VOLUME_SOURCES = {"pvc": {"claim_name": "data"}, "nfs": {"server": "10.0.0.5", "path": "/exports/data"},
+                  "host_path": {"path": "/mnt/nvme0"}}
+
+
+@pytest.mark.parametrize("source", list(VOLUME_SOURCES))
+@pytest.mark.parametrize("level", LEVELS)
+def test_validate_refuses_exactly_the_volumes_the_level_refuses(source, level):
+    """cluster.volumes: hostPath only under privileged, NFS under baseline or privileged, a PVC anywhere; the
+    rendered pods (training and precompute) are judged by the evaluator above."""
+    values = user_values(ROOT / "examples" / "minimal.yaml")
+    values["cluster"] = {"pod_security": level,
+                         "volumes": [{"name": "extra", "mount_path": "/mnt/extra", source: VOLUME_SOURCES[source]}]}
+    rendered = pods(render_objects(values))
+    gpu_pods = {n: p for n, p in rendered.items() if n.startswith("PyTorchJob/") or "-precompute-" in n}
+    assert len(gpu_pods) == 2
+    assert all(any(v["name"] == "extra" for v in spec["volumes"]) for _, spec in gpu_pods.values()), gpu_pods.keys()
+    admitted = all(violations(m, s, level) == [] for m, s in rendered.values())
+    try:
+        validate_spec(values)
+    except JobError as err:
+        assert not admitted, f"validate refused pods that {level} admits: {err}"
+        assert f"cluster.volumes.0.{source}" in str(err) and "cluster.pod_security" in str(err)
+    else:
+        assert admitted, f"validate accepted a {source} volume that {level} refuses"
+    expected = {"pvc": LEVELS, "nfs": ("privileged", "baseline"), "host_path": ("privileged",)}[source]
+    assert admitted == (level in expected)

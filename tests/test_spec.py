@@ -93,6 +93,10 @@ def test_global_batch_and_accumulation():
     with pytest.raises(JobError, match="world size 40"):
         spec.accumulation_for(5 * 8)
     assert not validate_spec(MINIMAL).elastic  # one node: nothing to resize
+    # every node is a Worker of an elastic job, so it may start on, and shrink to, one node
+    for resize in ({"max_nodes": 2}, {"min_nodes": 1, "max_nodes": 4}):
+        one = validate_spec(with_changes({"training.global_batch_size": 96, "training.resize": resize}))
+        assert one.elastic and one.min_nodes == 1 and one.training.nodes == 1
     default = validate_spec(MINIMAL)
     assert default.global_batch_size == 1 * 8 * 8  # micro 1 x JanusVLN's accumulation 8 x 8 GPUs
 
@@ -178,18 +182,6 @@ BAD = [
         ),
         "training.resize",
         "(e.g. 48)",
-    ),
-    (
-        "elastic-single-node",
-        with_changes({"training.resize": {"max_nodes": 2}}),
-        "training.nodes",
-        "training.resize.policy: fixed for one node",
-    ),
-    (
-        "elastic-min-one",
-        with_changes({"training.nodes": 2, "training.resize": {"min_nodes": 1, "max_nodes": 2}}),
-        "training.resize.min_nodes",
-        "min_nodes (and training.nodes) >= 2",
     ),
     (
         "nodes-outside-resize-range",

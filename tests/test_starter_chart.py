@@ -40,6 +40,7 @@ def test_the_starter_role_reaches_only_the_jobs_own_objects(example):
     # the pods rule names exactly the pods the starter reads for this PyTorchJob (Master 0, every Worker
     # up to the most nodes the job may have)
     objects = render_objects(values(example), release="r2r", namespace="janus")
+    ns = values(example).get("cluster", {}).get("namespace") or "janus"  # the spec's, else the release's
     starter = starter_objects(objects)
     assert set(starter) == {"ServiceAccount", "Role", "RoleBinding", "Job"}
     precompute = one(objects, "Job", "precompute")["metadata"]["name"]
@@ -58,7 +59,7 @@ def test_the_starter_role_reaches_only_the_jobs_own_objects(example):
     binding = starter["RoleBinding"]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": starter["Role"]["metadata"]["name"]}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "janus"}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]
     pod = starter["Job"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == sa and pod["automountServiceAccountToken"] is True
     # no other object gets API access: every other pod keeps its token unmounted
@@ -68,10 +69,11 @@ def test_the_starter_role_reaches_only_the_jobs_own_objects(example):
                          else [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()])
             assert all(t["spec"]["automountServiceAccountToken"] is False for t in templates)
     (container,) = pod["containers"]
-    assert container["command"] == ["janus-job", "start", "--namespace", "janus", "--pytorchjob", pytorchjob,
-                                    "--precompute-job", precompute]
+    queue = values(example).get("cluster", {}).get("kueue_queue")
+    assert container["command"] == ["janus-job", "start", "--namespace", ns, "--pytorchjob", pytorchjob,
+                                    "--precompute-job", precompute, *(["--kueue-queue", queue] if queue else [])]
     for obj in starter.values():
-        assert obj["metadata"]["namespace"] == "janus"
+        assert obj["metadata"]["namespace"] == ns
 
 
 @pytest.mark.parametrize("example", [p.stem for p in EXAMPLES])

@@ -104,7 +104,7 @@ def grammar(
     return Annotated[str, AfterValidator(validate), WithJsonSchema(schema)]
 
 
-def _grammar_error(reason: str, fix: str) -> PydanticCustomError:
+def grammar_error(reason: str, fix: str) -> PydanticCustomError:
     return PydanticCustomError("k8s_grammar", "{reason}", {"reason": reason, "fix": fix})
 
 
@@ -267,7 +267,9 @@ ImageTag = grammar(
 # -- paths, environment, free text ----------------------------------------------------------------
 
 # where the chart mounts its own volumes, and what a volume must not hide
-CHART_MOUNTS = ("/etc/janus", "/dev/shm", "/var/run/janus/stats", "/tmp")
+CHART_MOUNTS = ("/etc/janus", "/dev/shm", "/var/run/janus/stats", "/tmp", "/home/janus")
+# names of the chart's own volumes in a GPU pod: a user volume may not take them
+CHART_VOLUMES = ("spec", "dshm", "tmp", "home", "feature-cache", "gpu-stats", "checkpoint-staging", "monitor-tmp")
 SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/opt/janus", "/proc", "/sbin", "/sys", "/usr",
                "/var/run/secrets")
 
@@ -298,6 +300,11 @@ def mount_path_problem(path: str, taken: dict[str, str]) -> str | None:
                                                                and path.startswith(system + "/")):
             return f"{path} would hide {system} of the image"
     return None
+
+
+def inside(path: str, mount: str) -> bool:
+    """Whether `path` is `mount` or lies below it."""
+    return path == mount or path.startswith(mount.rstrip("/") + "/")
 
 
 EnvVarName = grammar("an environment variable name", "use letters, digits and '_', not starting with a digit",
@@ -361,6 +368,10 @@ def location(what: str, schemes: tuple[str, ...]) -> Any:
 
 StorageLocation = location("a storage location", STORAGE_SCHEMES)
 WeightsLocation = location("a file location", WEIGHTS_SCHEMES)
+_IPV4 = r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+Host = grammar("a host name or IP address", "write a DNS name such as nfs.storage.example or an address such as "
+               "10.0.0.5 or fd00::5", rf"^({_LABEL}(\.{_LABEL})*|{_IPV4}|[0-9a-fA-F:]*:[0-9a-fA-F:.]*)$",
+               DNS_SUBDOMAIN_MAX)
 HttpUrl = grammar("an http(s) URL", "write it like https://minio.example:9000",
                   r"^https?://[^\x00-\x20\x7f/?#@]+([/?#][^\x00-\x20\x7f]*)?$", 2048, check=_no_credentials)
 
@@ -382,13 +393,13 @@ def _config_tree(tree: dict[str, Any]) -> dict[str, Any]:
             for key, value in node.items():
                 if not _CONFIG_KEY.fullmatch(key):
                     shown = repr(key) if len(key) <= 40 else repr(key[:37]) + "..."
-                    raise _grammar_error(f"key {shown}{' under ' + where if where else ''} is not a config key",
+                    raise grammar_error(f"key {shown}{' under ' + where if where else ''} is not a config key",
                                          "use letters, digits and '_' (at most 128), as DeepSpeed's keys are")
                 stack.append((f"{where}.{key}" if where else key, value))
         elif isinstance(node, list):
             stack.extend((f"{where}[{i}]", item) for i, item in enumerate(node))
         elif isinstance(node, str) and _TEXT_VALUE.search(node):
-            raise _grammar_error(f"{where} contains a control character", "remove it")
+            raise grammar_error(f"{where} contains a control character", "remove it")
     return tree
 
 
@@ -426,12 +437,12 @@ class Toleration(_K8s):
     @model_validator(mode="after")
     def _rules(self) -> Toleration:
         if self.operator == "Exists" and self.value:
-            raise _grammar_error("value must be empty with operator Exists", "remove value or use operator: Equal")
+            raise grammar_error("value must be empty with operator Exists", "remove value or use operator: Equal")
         if not self.key and self.operator != "Exists":
-            raise _grammar_error("an empty key needs operator Exists (it matches every taint)",
+            raise grammar_error("an empty key needs operator Exists (it matches every taint)",
                                  "set key, or operator: Exists")
         if self.tolerationSeconds is not None and self.effect != "NoExecute":
-            raise _grammar_error("tolerationSeconds needs effect NoExecute",
+            raise grammar_error("tolerationSeconds needs effect NoExecute",
                                  "set effect: NoExecute or remove tolerationSeconds")
         return self
 
@@ -458,11 +469,11 @@ class NodeSelectorRequirement(_K8s):
     def _rules(self) -> NodeSelectorRequirement:
         values = self.values or []
         if self.operator in ("In", "NotIn") and not values:
-            raise _grammar_error(f"operator {self.operator} needs values", "list at least one value")
+            raise grammar_error(f"operator {self.operator} needs values", "list at least one value")
         if self.operator in ("Exists", "DoesNotExist") and values:
-            raise _grammar_error(f"operator {self.operator} takes no values", "remove values")
+            raise grammar_error(f"operator {self.operator} takes no values", "remove values")
         if self.operator in ("Gt", "Lt") and (len(values) != 1 or not re.fullmatch(r"-?[0-9]+", values[0])):
-            raise _grammar_error(f"operator {self.operator} needs exactly one integer value", "give one integer")
+            raise grammar_error(f"operator {self.operator} needs exactly one integer value", "give one integer")
         return self
 
 
@@ -496,9 +507,9 @@ class LabelSelectorRequirement(_K8s):
     def _rules(self) -> LabelSelectorRequirement:
         values = self.values or []
         if self.operator in ("In", "NotIn") and not values:
-            raise _grammar_error(f"operator {self.operator} needs values", "list at least one value")
+            raise grammar_error(f"operator {self.operator} needs values", "list at least one value")
         if self.operator in ("Exists", "DoesNotExist") and values:
-            raise _grammar_error(f"operator {self.operator} takes no values", "remove values")
+            raise grammar_error(f"operator {self.operator} takes no values", "remove values")
         return self
 
 
@@ -544,7 +555,7 @@ def unique(what: str) -> Any:
         seen = set()
         for item in items:
             if item in seen:
-                raise _grammar_error(f"{what} {item!r} is listed twice", "list each once")
+                raise grammar_error(f"{what} {item!r} is listed twice", "list each once")
             seen.add(item)
         return items
 

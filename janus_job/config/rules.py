@@ -12,7 +12,7 @@ from typing import Any
 
 from janus_job.config import k8s
 from janus_job.config.memory import checkpoint_gib, memory_problems
-from janus_job.config.spec import DNS_LABEL_MAX, MIN_ELASTIC_NODES, JobSpec
+from janus_job.config.spec import DNS_LABEL_MAX, JobSpec
 from janus_job.errors import Problem
 
 PRECOMPUTE_HASH_LEN = 8  # the chart names the precompute Job <name>-precompute-<8 hex>
@@ -21,8 +21,9 @@ OBJECT_STORE_SCHEMES = ("s3://",)  # the object stores the image can open (s3fs)
 
 def _longest_generated_suffix(spec: JobSpec) -> str:
     """The longest suffix the chart and the operators append to `name` for a DNS-label name."""
+    last_worker = spec.max_nodes - 1 if spec.elastic else spec.max_nodes - 2  # elastic: Workers only
     suffixes = [
-        f"-worker-{max(spec.max_nodes - 2, 0)}",  # PyTorchJob pod and Service of the last worker
+        f"-worker-{max(last_worker, 0)}",  # PyTorchJob pod and Service of the last worker
         "-master-0",
         f"-precompute-{'x' * PRECOMPUTE_HASH_LEN}-{spec.precompute.pods - 1}",  # Indexed Job pod hostname
         "-spec",
@@ -80,17 +81,7 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
                 "set training.resize.policy: elastic, or remove min_nodes/max_nodes",
             )
         )
-    if spec.elastic and spec.min_nodes < MIN_ELASTIC_NODES:
-        problems.append(
-            Problem(
-                "training.resize.min_nodes" if r.min_nodes is not None else "training.nodes",
-                f"an elastic job keeps a Master and at least one Worker (the training operator refuses 0 Worker "
-                f"replicas), so it cannot run on {spec.min_nodes} node",
-                "set training.resize.min_nodes (and training.nodes) >= 2, "
-                "or training.resize.policy: fixed for one node",
-            )
-        )
-    elif not spec.min_nodes <= t.nodes <= spec.max_nodes:
+    if not spec.min_nodes <= t.nodes <= spec.max_nodes:
         problems.append(
             Problem(
                 "training.nodes",
@@ -189,12 +180,7 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
                 "remove cluster.queue or set gang_scheduler: volcano",
             )
         )
-    if f.cache_size_gib > 0:
-        clash = k8s.mount_path_problem(f.cache_dir, {m: "a volume of the chart" for m in k8s.CHART_MOUNTS})
-        if clash:
-            problems.append(
-                Problem("features.cache_dir", clash, "choose another directory, e.g. /var/cache/janus-features")
-            )
+    problems.extend(cluster_problems(spec))
     problems.extend(network_problems(spec.network))
 
     if spec.monitor.stale_after_seconds <= spec.monitor.interval_seconds:
@@ -211,6 +197,121 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
     problems.extend(pod_security_problems(spec))
     problems.extend(staging_problems(spec))
     problems.extend(memory_problems(spec))
+    return problems
+
+
+# -- cluster integration: labels, env, volumes, claims ----------------------------------------------
+# label and annotation prefixes of the chart, Kueue and the training operator
+RESERVED_LABEL_PREFIXES = ("app.kubernetes.io/", "janus-train.io/", "kueue.x-k8s.io/", "training.kubeflow.org/",
+                           "helm.sh/")
+GANG_SCHEDULER_NAMES = {"volcano": "volcano"}  # the schedulerName the operator gives a gang's pods
+RESERVED_ANNOTATION_PREFIXES = ("janus-train.io/", "kueue.x-k8s.io/podset-")
+# variables the chart's pod spec sets (the fix names what sets them)
+CHART_ENV = {"JANUS_SPEC": "the chart", "HOME": "the chart", "TMPDIR": "the chart", "NODE_NAME": "the chart",
+             "POD_NAME": "the chart", "POD_NAMESPACE": "the chart",
+             "AWS_ENDPOINT_URL": "features.endpoint_url", "AWS_ACCESS_KEY_ID": "features.credentials_secret",
+             "AWS_SECRET_ACCESS_KEY": "features.credentials_secret"}
+
+
+def cluster_volume_of(spec: JobSpec, path: str) -> Any:
+    """The cluster.volumes entry whose mount holds `path`, or None."""
+    return next((v for v in spec.cluster.volumes if k8s.inside(path, v.mount_path)), None)
+
+
+def cluster_problems(spec: JobSpec) -> list[Problem]:
+    """The escape hatches of `cluster`: what the chart, Kueue or the operator own is refused, and every
+    volume has a mount path of its own."""
+    from janus_job.config import nccl
+
+    c, f = spec.cluster, spec.features
+    problems = []
+    for key in c.pod_labels:
+        if key.startswith(RESERVED_LABEL_PREFIXES):
+            problems.append(Problem(f"cluster.pod_labels.{key}", "this prefix belongs to the chart, Kueue or the "
+                                    "training operator", "use a key of your own domain (the Kueue queue is "
+                                    "cluster.kueue_queue)"))
+    for key in c.pod_annotations:
+        if key.startswith(RESERVED_ANNOTATION_PREFIXES):
+            problems.append(Problem(f"cluster.pod_annotations.{key}", "the chart writes this annotation",
+                                    "use cluster.kueue_topology for Kueue's topology, or another key"))
+    gang_name = GANG_SCHEDULER_NAMES.get(c.gang_scheduler)
+    if c.scheduler_name and c.gang_scheduler != "none" and c.scheduler_name != gang_name:
+        problems.append(Problem("cluster.scheduler_name", f"gang_scheduler '{c.gang_scheduler}' places the pods as "
+                                "one gang with its own scheduler; pods of another scheduler would not be in it",
+                                "remove scheduler_name" + (f" (or set it to {gang_name})" if gang_name else "")
+                                + ", or set gang_scheduler: none"))
+    if c.kueue_topology and not c.kueue_queue:
+        problems.append(Problem("cluster.kueue_topology", "Kueue reads the topology annotation only of a job in "
+                                "one of its queues", "set cluster.kueue_queue, or remove kueue_topology"))
+    rdma: set[str] = set()
+    for i, res in enumerate(c.rdma_resources):
+        if res.name == c.resources.gpu_resource_name or res.name in rdma:
+            what = "is cluster.resources.gpu_resource_name" if res.name not in rdma else "is listed twice"
+            problems.append(Problem(f"cluster.rdma_resources.{i}.name", f"{res.name} {what}",
+                                    "list each RDMA resource once, and only RDMA resources"))
+        rdma.add(res.name)
+    default_rdma = type(c).model_fields["rdma_resources"].get_default(call_default_factory=True)
+    if spec.network.preset == "tcp" and c.rdma_resources and c.rdma_resources != default_rdma:
+        problems.append(Problem("cluster.rdma_resources", "has no effect with network.preset 'tcp' (no pod "
+                                "requests RDMA devices)", "remove it or choose preset infiniband, roce or "
+                                "hostnetwork"))
+
+    seen: set[str] = set()
+    for i, var in enumerate(c.env):
+        field = f"cluster.env.{i}.name"
+        if var.name in seen:
+            problems.append(Problem(field, f"{var.name} is listed twice", "list each variable once"))
+        seen.add(var.name)
+        if var.name in CHART_ENV:
+            problems.append(Problem(field, f"{var.name} is set by janus-train", f"set {CHART_ENV[var.name]} instead"
+                                    if CHART_ENV[var.name] != "the chart" else "remove it"))
+        elif var.name in nccl.OWNED_ENV or var.name.startswith(("NCCL_", "GLOO_")):
+            problems.append(Problem(field, f"{var.name} is a network variable", "put it in network.env (janus-job "
+                                    "launch checks it there)"))
+        elif var.name in nccl.RUNTIME_ENV or var.name.startswith(nccl.RUNTIME_ENV_PREFIXES):
+            problems.append(Problem(field, f"{var.name} is set by torchrun, the training operator or janus-train",
+                                    "remove it"))
+
+    taken = {m: "a volume of the chart" for m in k8s.CHART_MOUNTS}
+    own = [("cluster.checkpoint_staging_dir", c.checkpoint_staging_dir, "the checkpoint staging volume",
+            "e.g. /var/lib/janus/checkpoint-staging"), ("features.cache_dir", f.cache_dir, "the feature cache",
+                                                        "e.g. /var/cache/janus-features")]
+    for field, path, what, example in own:
+        if field == "features.cache_dir" and f.cache_size_gib == 0:
+            continue
+        vol = cluster_volume_of(spec, path)
+        if vol is None:  # the chart mounts a volume of its own there
+            clash = k8s.mount_path_problem(path, taken)
+            if clash:
+                problems.append(Problem(field, clash, f"choose another directory ({example}) or one on a "
+                                        "cluster.volumes mount"))
+            else:
+                taken[path] = what
+        elif vol.read_only:
+            problems.append(Problem(field, f"lies on volume {vol.name}, which is mounted read-only",
+                                    f"set read_only: false on volume {vol.name}, or choose another directory"))
+        elif field == "cluster.checkpoint_staging_dir" and c.checkpoint_staging_storage_class:
+            problems.append(Problem("cluster.checkpoint_staging_storage_class", f"has no effect: checkpoints are "
+                                    f"staged on volume {vol.name} (cluster.checkpoint_staging_dir)",
+                                    "remove it, or move checkpoint_staging_dir off the volume"))
+    used = {n: "a volume of the chart" for n in k8s.CHART_VOLUMES}
+    for i, vol in enumerate(c.volumes):
+        where = f"cluster.volumes.{i}"
+        if vol.name in used:
+            problems.append(Problem(f"{where}.name", f"'{vol.name}' is already {used[vol.name]}",
+                                    "give each volume a name of its own"))
+        used.setdefault(vol.name, f"cluster.volumes {vol.name}")
+        clash = k8s.mount_path_problem(vol.mount_path, taken)
+        if clash:
+            problems.append(Problem(f"{where}.mount_path", clash, "choose another mount path"))
+        else:
+            taken[vol.mount_path] = f"cluster.volumes {vol.name}"
+    claims: set[str] = set()
+    for i, claim in enumerate(c.resource_claims):
+        if claim.name in claims:
+            problems.append(Problem(f"cluster.resource_claims.{i}.name", f"'{claim.name}' is listed twice",
+                                    "give each claim a name of its own"))
+        claims.add(claim.name)
     return problems
 
 
@@ -233,6 +334,18 @@ def pod_security_problems(spec: JobSpec) -> list[Problem]:
                 "privileged, or use network.preset infiniband/roce",
             )
         )
+    for i, vol in enumerate(c.volumes):
+        needs = {"host_path": ("privileged",), "nfs": ("baseline", "privileged")}.get(vol.kind, ())
+        if needs and c.pod_security not in needs:
+            problems.append(
+                Problem(
+                    f"cluster.volumes.{i}.{vol.kind}",
+                    f"a {'hostPath' if vol.kind == 'host_path' else 'NFS'} volume is refused by Pod Security "
+                    f"'{c.pod_security}'",
+                    f"label the namespace pod-security.kubernetes.io/enforce={needs[0]} and set cluster.pod_security: "
+                    f"{needs[0]}, or use a PersistentVolumeClaim (e.g. a local PersistentVolume for node NVMe)",
+                )
+            )
     if c.pod_security != "privileged":
         for key, value in c.pod_annotations.items():
             allowed = value == "runtime/default" or value.startswith("localhost/")

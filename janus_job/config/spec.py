@@ -155,22 +155,24 @@ class CheckpointSpec(Section):
 class ResizeSpec(Section):
     policy: Literal["elastic", "fixed"] = Field(
         "elastic",
-        description="elastic: a job of 2+ nodes gets the PyTorchJob elasticPolicy (c10d rendezvous) and restarts at a "
-        "new node count (kubectl scale / Worker replicas) within [min_nodes, max_nodes], keeping the global batch; "
-        "a 1-node job runs fixed. fixed: static rendezvous at exactly training.nodes.",
+        description="elastic: a job whose max_nodes is 2+ gets the PyTorchJob elasticPolicy (c10d rendezvous), every "
+        "node a Worker replica, and restarts at a new node count (kubectl scale pytorchjob/<name> --replicas <nodes>) "
+        "within [min_nodes, max_nodes], keeping the global batch; a job that may only run on 1 node runs fixed. "
+        "fixed: Master + Workers, static rendezvous at exactly training.nodes.",
     )
     min_nodes: int | None = Field(
         None,
         ge=1,
-        description="Fewest nodes the job may run on "
-        "(default: training.nodes; elastic jobs need >= 2: Master + 1 Worker).",
+        description="Fewest nodes the job may run on (default: training.nodes; elastic jobs may go down to 1).",
     )
     max_nodes: int | None = Field(None, ge=1, description="Most nodes the job may run on (default: training.nodes).")
     max_restarts: int = Field(10, ge=0, le=1000, description="torchrun restarts of the worker group (elastic).")
 
 
 class TrainingSpec(Section):
-    nodes: int = Field(1, ge=1, le=512, description="Training nodes (pods): Master 1 + Worker nodes-1.")
+    nodes: int = Field(
+        1, ge=1, le=512,
+        description="Training nodes (pods): Worker replicas of an elastic job, else Master 1 + Worker nodes-1.")
     gpus_per_node: int = Field(8, ge=1, le=16, description="GPUs per node = torchrun nproc_per_node.")
     micro_batch_size: int = Field(1, ge=1, le=256, description="Samples per GPU per forward/backward.")
     gradient_accumulation_steps: int | None = Field(
@@ -320,6 +322,79 @@ class ResourcesSpec(Section):
     )
 
 
+class PvcSource(Section):
+    claim_name: k8s.DNSSubdomain = Field(..., description="Name of a PersistentVolumeClaim in the job's namespace.")
+
+
+class NfsSource(Section):
+    server: k8s.Host = Field(..., description="NFS server: host name or IP address.")
+    path: k8s.AbsolutePath = Field(..., description="Exported path on the server.")
+
+
+class HostPathSource(Section):
+    path: k8s.AbsolutePath = Field(
+        ..., description="Directory on the node (e.g. a local NVMe mount), writable by uid/gid 1000.")
+    type: Literal["Directory", "DirectoryOrCreate"] = Field(
+        "Directory", description="Directory: must exist on the node; DirectoryOrCreate: created (owned by root).")
+
+
+class ExtraVolume(Section):
+    """A volume mounted into the main container of every GPU pod (training and precompute)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["pvc"]}, {"required": ["nfs"]}, {"required": ["host_path"]}]})
+
+    name: k8s.DNSLabel = Field(..., description="Volume name (DNS-1123 label), unique in the pod.")
+    mount_path: k8s.AbsolutePath = Field(
+        ..., description="Where the containers see it; features.cache_dir and cluster.checkpoint_staging_dir may "
+        "lie on it.")
+    read_only: bool = Field(False, description="Mount read-only (datasets, weights).")
+    pvc: PvcSource | None = Field(None, description="A PersistentVolumeClaim (Pod Security: any level).")
+    nfs: NfsSource | None = Field(None, description="An NFS export (Pod Security: baseline or privileged).")
+    host_path: HostPathSource | None = Field(
+        None, description="A directory of the node, e.g. node-local NVMe (Pod Security: privileged only).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExtraVolume:
+        sources = [n for n in ("pvc", "nfs", "host_path") if getattr(self, n) is not None]
+        if len(sources) != 1:
+            raise k8s.grammar_error(f"volume {self.name!r} has {' and '.join(sources) or 'no source'}",
+                                    "give exactly one of pvc, nfs or host_path")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(n for n in ("pvc", "nfs", "host_path") if getattr(self, n) is not None)
+
+
+class EnvVar(Section):
+    name: k8s.EnvVarName = Field(..., description="Variable name.")
+    value: k8s.PrintableText = Field("", description="Value (one line).")
+
+
+class ResourceClaim(Section):
+    name: k8s.DNSLabel = Field(..., description="Claim name in the pod (DNS-1123 label), unique.")
+    resource_claim_template_name: k8s.DNSSubdomain = Field(
+        ..., description="ResourceClaimTemplate in the job's namespace: each training pod gets its own claim from it.")
+
+
+class KueueTopology(Section):
+    mode: Literal["required", "preferred"] = Field(
+        "required",
+        description="required: Kueue admits the job only where all its pods fit in one domain of level; preferred: "
+        "as few domains as it can.")
+    level: k8s.LabelKey = Field(
+        ..., description="Node label of the topology level of Kueue's Topology (e.g. cloud.example.com/topology-block, "
+        "kubernetes.io/hostname).")
+
+
+class RdmaResource(Section):
+    name: k8s.ExtendedResourceName = Field(
+        ..., description="Extended resource of the RDMA device plugin or SR-IOV network (e.g. "
+        "rdma/rdma_shared_device_a, nvidia.com/roce_rail_0).")
+    count: int = Field(1, ge=1, le=1024, description="Devices of it per training pod.")
+
+
 class ClusterSpec(Section):
     namespace: k8s.DNSLabel | None = Field(
         None, description="Namespace of all objects (default: the Helm release namespace)."
@@ -350,14 +425,46 @@ class ClusterSpec(Section):
         pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$",
         description="/dev/shm size (memory emptyDir) for DataLoader workers.",
     )
-    rdma_resource: k8s.ExtendedResourceName = Field(
-        "rdma/hca_shared_devices_a",
-        min_length=1,
-        description="RDMA device-plugin resource (network presets other than tcp).",
+    rdma_resources: list[RdmaResource] = Field(
+        default_factory=lambda: [RdmaResource(name="rdma/hca_shared_devices_a", count=1)],
+        description="RDMA device-plugin resources of each training pod, added to requests = limits (network presets "
+        "other than tcp): the shared HCA resource, or one SR-IOV VF resource per rail; [] when the network "
+        "attachment injects them. A list, not a map: Helm would merge a map with this default.",
     )
-    rdma_resource_count: int = Field(1, ge=1, le=64, description="RDMA devices requested per pod.")
     pod_annotations: k8s.Annotations = Field(
-        default_factory=dict, description="Extra pod annotations (e.g. Multus networks)."
+        default_factory=dict,
+        description="Extra annotations of the GPU pods (e.g. k8s.v1.cni.cncf.io/networks for Multus).",
+    )
+    pod_labels: dict[k8s.LabelKey, k8s.LabelValue] = Field(
+        default_factory=dict,
+        description="Extra labels of the GPU pods (keys of app.kubernetes.io/, janus-train.io/, kueue.x-k8s.io/ and "
+        "training.kubeflow.org/ are the chart's, Kueue's and the operator's).",
+    )
+    scheduler_name: k8s.DNSSubdomain | None = Field(
+        None, description="schedulerName of the GPU pods (default: the cluster's; gang_scheduler sets its own)."
+    )
+    runtime_class_name: k8s.DNSSubdomain | None = Field(
+        None, description="runtimeClassName of the GPU pods (e.g. nvidia, where the GPU runtime is not the default)."
+    )
+    kueue_topology: KueueTopology | None = Field(
+        None,
+        description="Kueue topology-aware scheduling of the training pods (annotation "
+        "kueue.x-k8s.io/podset-<mode>-topology: <level>); needs cluster.kueue_queue.",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description="Extra environment variables of the GPU containers (NCCL's go in network.env; names janus-train, "
+        "torchrun or the operator set are refused).",
+    )
+    volumes: list[ExtraVolume] = Field(
+        default_factory=list,
+        description="Extra volumes (PVC, NFS, hostPath) mounted in every GPU pod: datasets, weights, node-local NVMe "
+        "for features.cache_dir or cluster.checkpoint_staging_dir.",
+    )
+    resource_claims: list[ResourceClaim] = Field(
+        default_factory=list,
+        description="Dynamic Resource Allocation claims of each training pod (pod resourceClaims, claimed by the "
+        "pytorch container).",
     )
     restart_policy: Literal["OnFailure", "ExitCode", "Never"] = Field(
         "OnFailure",
@@ -396,6 +503,12 @@ class ClusterSpec(Section):
         le=100_000,
         description="Node-local checkpoint staging of each training pod (JANUS_CHECKPOINT_STAGING): a save, a fetched "
         "checkpoint and its resharded copy; at least 3 x the estimated checkpoint (JanusVLN-7B: 101-109 GiB).",
+    )
+    checkpoint_staging_dir: k8s.AbsolutePath = Field(
+        "/var/lib/janus/checkpoint-staging",
+        description="Where training pods stage checkpoints (JANUS_CHECKPOINT_STAGING): the chart's staging volume is "
+        "mounted here, unless the directory lies on a cluster.volumes mount (e.g. node-local NVMe), which then "
+        "holds it.",
     )
     checkpoint_staging_storage_class: str | None = Field(
         None,
@@ -537,4 +650,3 @@ class JobSpec(Section):
 
 
 DEFAULT_ACCUMULATION = 8  # JanusVLN's train.sh
-MIN_ELASTIC_NODES = 2  # Master + 1 Worker: the operator's webhook needs a Worker of >= 1 replica

@@ -203,7 +203,7 @@ def _preflight_problem(settings: NetworkSettings, sys_root: Path, dev_root: Path
     uverbs = sorted((dev_root / "infiniband").glob("uverbs*"))
     if not uverbs:
         return [], (f"no {dev_root / 'infiniband'}/uverbs* device in the pod: request the RDMA device plugin's "
-                    "resource (cluster.rdma_resource) or attach the SR-IOV/Multus RDMA network, see docs/network.md")
+                    "resource (cluster.rdma_resources) or attach the SR-IOV/Multus RDMA network, see docs/network.md")
     ports = scan_hcas(sys_root)
     if not ports:
         return [], (f"no HCA under {sys_root / 'class' / 'infiniband'}: the node's RDMA driver is not loaded "

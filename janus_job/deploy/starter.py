@@ -185,11 +185,12 @@ def _wait_for_suspension_ack(custom: Any, target: Target, log: Log) -> dict[str,
 
 
 def trainer_pod_names(pj: dict[str, Any]) -> list[str]:
-    """Every pod name the operator gives this job: <name>-master-0 and <name>-worker-<i> up to the most
-    Workers it may have (Worker replicas, or elasticPolicy.maxReplicas - 1 for an elastic job)."""
+    """Every pod name the operator may give this job: <name>-master-0 (a fixed job's Master, or one left by an
+    earlier revision) and <name>-worker-<i> up to the most Workers it may have (Worker replicas, or
+    elasticPolicy.maxReplicas: an elastic job is Workers only)."""
     spec = pj.get("spec") or {}
     workers = int(((spec.get("pytorchReplicaSpecs") or {}).get("Worker") or {}).get("replicas") or 0)
-    workers = max(workers, int((spec.get("elasticPolicy") or {}).get("maxReplicas") or 0) - 1)
+    workers = max(workers, int((spec.get("elasticPolicy") or {}).get("maxReplicas") or 0))
     name = pj["metadata"]["name"]
     return [f"{name}-master-0", *(f"{name}-worker-{i}" for i in range(workers))]
 
@@ -201,8 +202,9 @@ def _wait_for_pods_gone(api_client: Any, pj: dict[str, Any], log: Log) -> None:
     from kubernetes.client.rest import ApiException
 
     core = client.CoreV1Api(api_client)
-    master = ((pj.get("spec") or {}).get("pytorchReplicaSpecs") or {}).get("Master") or {}
-    grace = ((master.get("template") or {}).get("spec") or {}).get("terminationGracePeriodSeconds") or 30
+    replicas = ((pj.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values()
+    grace = max([((r.get("template") or {}).get("spec") or {}).get("terminationGracePeriodSeconds") or 30
+                 for r in replicas if isinstance(r, dict)] or [30])
     deadline = time.monotonic() + int(grace) + 300
     last: list[str] | None = None
     while True:

@@ -18,10 +18,11 @@ schema is skipped (helm --skip-schema-validation), so that nothing renders as 0 
     "training.resize.policy" "training.resize.max_restarts"
     "cluster.service_account" "cluster.node_selector" "cluster.tolerations" "cluster.affinity"
     "cluster.gang_scheduler" "cluster.resources.cpu" "cluster.resources.memory"
-    "cluster.resources.gpu_resource_name" "cluster.shm_size" "network.preset" "cluster.rdma_resource"
-    "cluster.rdma_resource_count" "cluster.pod_annotations" "cluster.restart_policy"
+    "cluster.resources.gpu_resource_name" "cluster.shm_size" "network.preset" "cluster.rdma_resources"
+    "cluster.pod_annotations" "cluster.pod_labels" "cluster.env" "cluster.volumes" "cluster.resource_claims"
+    "cluster.restart_policy"
     "cluster.backoff_limit_per_node" "cluster.termination_grace_seconds" "cluster.clean_pod_policy"
-    "cluster.checkpoint_staging_gib"
+    "cluster.checkpoint_staging_gib" "cluster.checkpoint_staging_dir"
     "monitor.enabled" "monitor.interval_seconds" "monitor.imbalance_warning_ratio" "monitor.stale_after_seconds"
     "monitor.port" "monitor.pod_monitor" "monitor.dashboard" }}
 {{- $value := $.Values }}
@@ -109,6 +110,52 @@ securityContext:
     type: RuntimeDefault
 {{- end }}
 
+{{/* Pod-level settings of the GPU pods (training and precompute) only: scheduler and runtime class. */}}
+{{- define "janus-train.gpuPodSpec" -}}
+{{- with .Values.cluster.scheduler_name }}
+schedulerName: {{ . | quote }}
+{{- end }}
+{{- with .Values.cluster.runtime_class_name }}
+runtimeClassName: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of a GPU pod: cluster.pod_labels, then the chart's (argument: (list $ chartLabelsYaml)); the
+chart's win, so the selectors of the PDB, the NetworkPolicy and the operator stay its own. */}}
+{{- define "janus-train.podLabels" -}}
+{{- $ := index . 0 -}}
+{{- $labels := merge (fromYaml (index . 1)) (deepCopy $.Values.cluster.pod_labels) -}}
+{{- toYaml $labels -}}
+{{- end }}
+
+{{/* cluster.env of the GPU containers, ahead of the chart's variables (a later entry of one name wins). */}}
+{{- define "janus-train.extraEnv" -}}
+{{- range .Values.cluster.env }}
+- name: {{ .name | quote }}
+  value: {{ .value | default "" | quote }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the dir lies on a cluster.volumes mount (argument: (list $ dir)). */}}
+{{- define "janus-train.onClusterVolume" -}}
+{{- $dir := index . 1 -}}
+{{- range (index . 0).Values.cluster.volumes -}}
+{{- if or (eq $dir .mount_path) (hasPrefix (printf "%s/" .mount_path) $dir) }}true{{ end -}}
+{{- end -}}
+{{- end }}
+
+{{/* "true" when the chart gives the feature cache a volume of its own (an emptyDir on the node's disk):
+a cache size and a cache_dir on no cluster.volumes mount. */}}
+{{- define "janus-train.cacheVolume" -}}
+{{- if and (gt (float64 .Values.features.cache_size_gib) 0.0) (not (include "janus-train.onClusterVolume" (list . .Values.features.cache_dir))) }}true{{ end -}}
+{{- end }}
+
+{{/* "true" when the chart gives checkpoint staging a volume of its own: cluster.checkpoint_staging_dir on no
+cluster.volumes mount. */}}
+{{- define "janus-train.stagingVolume" -}}
+{{- if not (include "janus-train.onClusterVolume" (list . .Values.cluster.checkpoint_staging_dir)) }}true{{ end -}}
+{{- end }}
+
 {{/* Container security of every container (Pod Security: restricted; no capability is added). */}}
 {{- define "janus-train.containerSecurity" -}}
 allowPrivilegeEscalation: false
@@ -191,15 +238,23 @@ where they fit and the kubelet does not evict it under disk pressure.
 {{- $trainer := index . 2 -}}
 {{- $c := $.Values.cluster -}}
 {{- $r := dict $c.resources.gpu_resource_name $gpus "cpu" $c.resources.cpu "memory" $c.resources.memory -}}
-{{- if and $trainer (ne $.Values.network.preset "tcp") }}{{- $_ := set $r $c.rdma_resource (int $c.rdma_resource_count) -}}{{- end }}
+{{- if and $trainer (ne $.Values.network.preset "tcp") }}
+{{- range $c.rdma_resources }}{{- $_ := set $r .name (int (.count | default 1)) -}}{{- end }}
+{{- end }}
 {{- $disk := add (include "janus-train.tmpGiB" $) (include "janus-train.homeGiB" $) -}}
-{{- if gt (float64 $.Values.features.cache_size_gib) 0.0 }}{{- $disk = add $disk (include "janus-train.cacheGiB" $) -}}{{- end }}
-{{- if and $trainer (not $c.checkpoint_staging_storage_class) }}{{- $disk = add $disk (include "janus-train.stagingGiB" $) -}}{{- end }}
+{{- if include "janus-train.cacheVolume" $ }}{{- $disk = add $disk (include "janus-train.cacheGiB" $) -}}{{- end }}
+{{- if and $trainer (not $c.checkpoint_staging_storage_class) (include "janus-train.stagingVolume" $) }}{{- $disk = add $disk (include "janus-train.stagingGiB" $) -}}{{- end }}
 requests:
 {{- toYaml $r | nindent 2 }}
   ephemeral-storage: {{ printf "%dGi" $disk | quote }}
 limits:
 {{- toYaml $r | nindent 2 }}
+{{- if and $trainer $c.resource_claims }}
+claims:
+{{- range $c.resource_claims }}
+  - name: {{ .name | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Volumes of every GPU pod: the spec, /dev/shm, /tmp, HOME (model and compiler caches), the feature cache. */}}
@@ -217,10 +272,27 @@ limits:
 - name: home
   emptyDir:
     sizeLimit: {{ printf "%sGi" (include "janus-train.homeGiB" .) | quote }}
-{{- if gt (float64 .Values.features.cache_size_gib) 0.0 }}
+{{- if include "janus-train.cacheVolume" . }}
 - name: feature-cache
   emptyDir:
     sizeLimit: {{ printf "%sGi" (include "janus-train.cacheGiB" .) | quote }}
+{{- end }}
+{{- range .Values.cluster.volumes }}
+- name: {{ .name | quote }}
+{{- if .pvc }}
+  persistentVolumeClaim:
+    claimName: {{ .pvc.claim_name | quote }}
+    readOnly: {{ .read_only | default false }}
+{{- else if .nfs }}
+  nfs:
+    server: {{ .nfs.server | quote }}
+    path: {{ .nfs.path | quote }}
+    readOnly: {{ .read_only | default false }}
+{{- else if .host_path }}
+  hostPath:
+    path: {{ .host_path.path | quote }}
+    type: {{ .host_path.type | default "Directory" | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -234,9 +306,14 @@ limits:
   mountPath: /tmp
 - name: home
   mountPath: /home/janus
-{{- if gt (float64 .Values.features.cache_size_gib) 0.0 }}
+{{- if include "janus-train.cacheVolume" . }}
 - name: feature-cache
   mountPath: {{ .Values.features.cache_dir | quote }}
+{{- end }}
+{{- range .Values.cluster.volumes }}
+- name: {{ .name | quote }}
+  mountPath: {{ .mount_path | quote }}
+  readOnly: {{ .read_only | default false }}
 {{- end }}
 {{- end }}
 
@@ -252,4 +329,13 @@ dnsPolicy: ClusterFirstWithHostNet
 {{- $inputs := toYaml (pick .Values "image" "model" "data" "features" "precompute") -}}
 {{- $hash := printf "%s\n%s" (include "janus-train.precomputeJobSpec" .) $inputs | sha256sum | trunc 8 -}}
 {{- printf "%s-precompute-%s" .Values.name $hash -}}
+{{- end }}
+
+{{/*
+"true" when the PyTorchJob is elastic (resize.policy elastic and room for two or more nodes): then every
+node is a Worker replica (no Master) and Worker.replicas, the CRD's scale path, is the node count.
+*/}}
+{{- define "janus-train.elastic" -}}
+{{- $t := .Values.training -}}
+{{- if and (eq $t.resize.policy "elastic") (ge (int ($t.resize.max_nodes | default $t.nodes)) 2) }}true{{ end -}}
 {{- end }}

@@ -31,14 +31,15 @@ kueue.x-k8s.io/queue-name: {{ .Values.cluster.kueue_queue | quote }}
 {{- end }}
 
 {{/*
-Names of every training pod the job can have (Master 0, Worker 0 .. most nodes - 2): the starter may
-read exactly these, to resume only once the pods of an earlier revision are gone.
+Names of every training pod the job can have: <name>-master-0 (a fixed job's, or one left by an earlier
+revision) and <name>-worker-0 .. the most Workers (nodes - 1 fixed, the most nodes elastic): the starter
+may read exactly these, to resume only once the pods of an earlier revision are gone.
 */}}
 {{- define "janus-train.trainerPodNames" -}}
 {{- $t := .Values.training -}}
-{{- $most := int $t.nodes -}}
-{{- if eq $t.resize.policy "elastic" }}{{ $most = int ($t.resize.max_nodes | default $t.nodes) }}{{ end -}}
+{{- $workers := sub (int $t.nodes) 1 -}}
+{{- if include "janus-train.elastic" . }}{{ $workers = int ($t.resize.max_nodes | default $t.nodes) }}{{ end -}}
 {{- $names := list (printf "%s-master-0" .Values.name) -}}
-{{- range $i := until (int (sub $most 1)) }}{{ $names = append $names (printf "%s-worker-%d" $.Values.name $i) }}{{ end -}}
+{{- range $i := until (int $workers) }}{{ $names = append $names (printf "%s-worker-%d" $.Values.name $i) }}{{ end -}}
 {{- $names | toJson -}}
 {{- end }}
