@@ -29,7 +29,7 @@ reads: the JSON gives the store's size beside the host memory), or `--store URL`
 (`s3://bucket/prefix --endpoint URL` for a real object store; `s3://` without `--endpoint` starts
 a local moto server).
 
-Device:  python3 bench/loader.py                                    (GPU if present, ~2 min)
+Device:  python3 bench/loader.py                                    (GPU if present, ~1.5 min)
 Cluster: python3 bench/loader.py --store s3://bucket/bench --endpoint https://minio:9000 --ranks 8
 CI:      python3 bench/loader.py --tiny                             (CPU, tiny objects, seconds)
 JSON: `<out or $OUT or bench/results>/loader-<date>-<card>-<ranks>[-tiny].json`.
@@ -59,7 +59,7 @@ FRAMES_PER_SAMPLE = 9
 ACCUMULATION = 8  # micro-batches per optimizer step per rank (the sampler's plan; micro batch 1)
 PROMPT = "Go to the kitchen.\n This is your historical observation:{history}\n This is your current observation:<image>"
 FULL = {"spatial_shape": (34, 46, 2048), "vision_shape": (34 * 46, 1280), "samples": 48, "workers": "2,4,8",
-        "duration": 15.0, "paced_duration": 20.0}
+        "duration": 10.0, "paced_duration": 15.0}
 TINY = {"spatial_shape": (2, 4, 2048), "vision_shape": (8, 1280), "samples": 16, "workers": "0,1",
         "duration": 1.0, "paced_duration": 1.0}
 
@@ -271,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="distinct samples in the store (default 48; tiny 16)")
     parser.add_argument("--workers", help="data.num_workers values to measure, comma-separated (default 2,4,8)")
     parser.add_argument("--ranks", type=int, default=1, help="ranks loading at once, as on one node")
-    parser.add_argument("--duration", type=float, help="seconds measured per row (default 15; tiny 1)")
+    parser.add_argument("--duration", type=float, help="seconds measured per row (default 10; tiny 1)")
     parser.add_argument("--paced-workers", type=int, help="workers of the paced run (default: data.num_workers)")
-    parser.add_argument("--paced-duration", type=float, help="seconds of the paced run (default 20; tiny 1)")
+    parser.add_argument("--paced-duration", type=float, help="seconds of the paced run (default 15; tiny 1)")
     parser.add_argument("--consume-per-gpu", type=float, help="samples/s one GPU trains (else from --step-profile)")
     parser.add_argument("--step-profile", help="bench/step_profile.py JSON (default: the newest in bench/results)")
     parser.add_argument("--cache-dir", help="node-local feature cache directory (default: none)")
