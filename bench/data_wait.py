@@ -9,8 +9,8 @@ with a time limit (bench/train_full.py's stage runner and stages, reused):
    (janus_job.demo.run's synthesiser; --episodes x 12 samples with 1..9 frames);
 2. `checkpoints`: a random-weight Qwen2.5-VL-7B, initialised on the GPU in bf16 and saved, and a
    random VGGT-1B aggregator (`bench/train_full.py _checkpoints`); `--text-layers N` keeps every
-   width of the 7B and stacks N decoder layers (one GPU: 28 layers need ~150 GiB of ZeRO state on
-   a single rank, more than an H200 has; half the layers halve the step, so the loader must
+   width of the 7B and stacks N decoder layers (one GPU: 28 layers' weights, gradients and optimizer
+   state take ~145 GiB on a single rank, more than an H200 has; half the layers halve the step, so the loader must
    deliver twice the samples/s: a stricter test of the data wait than the full model);
 3. `precompute`: `janus-job precompute` fills the file:// store from the frames (the real encoders);
 4. one `torchrun --nproc-per-node G -m janus_job.cli train` per `--runs` entry, on specs that differ
