@@ -6,17 +6,17 @@ included; janus_job.train.batches), read from the trainer's metrics records. Sta
 with a time limit (bench/train_full.py's stage runner and stages, reused):
 
 1. `dataset`: synthetic trajectories of 640x480 frames in JanusVLN's annotation format
-   (janus_job.demo.run's synthesiser; --episodes x 12 samples with 1..9 frames);
+   (janus_job.demo.run's synthesiser; 24 samples with 1..9 frames);
 2. `checkpoints`: a random-weight Qwen2.5-VL-7B, initialised on the GPU in bf16 and saved, and a
    random VGGT-1B aggregator (`bench/train_full.py _checkpoints`); `--text-layers N` keeps every
-   width of the 7B and stacks N decoder layers (one GPU: 28 layers' weights, gradients and optimizer
-   state take ~145 GiB on a single rank, more than an H200 has; half the layers halve the step, so the loader must
-   deliver twice the samples/s: a stricter test of the data wait than the full model);
+   width of the 7B and stacks N decoder layers (one GPU: 28 layers' weights, gradients and
+   optimizer state take ~145 GiB on a single rank, more than an H200 has; half the layers halve
+   the step, so the loader must deliver twice the samples/s: a stricter test of the data wait);
 3. `precompute`: `janus-job precompute` fills the file:// store from the frames (the real encoders);
 4. one `torchrun --nproc-per-node G -m janus_job.cli train` per `--runs` entry, on specs that differ
    only in the loader settings (RUNS): ZeRO-1, fused torch AdamW, bf16, no gradient checkpointing,
    micro batch 1, accumulation --accumulation, --steps steps, log line at every step; the store
-   holds --episodes x 12 samples, so an epoch ends every few steps (each a loader restart point).
+   holds 24 samples, so an epoch ends every few steps (each a loader restart point).
 
 Per run: the wait over the steps after --skip-steps (the first ones start the loader workers and
 allocate the optimizer state), as the share of their wall time (sum of data_wait x s/it over sum
