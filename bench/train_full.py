@@ -259,8 +259,10 @@ def job_spec(workdir: Path, annotations: Path, models: dict, args: argparse.Name
                         pin_memory=gpu, persistent_workers=False)
     # the spec refuses cache_vision in online mode (nothing is read from the store)
     spec["features"].update(mode=mode, cache_vision=mode != "online")
+    # export off: at the last step it would save a checkpoint and the next run would resume from it
     spec["training"].update(gpus_per_node=args.gpus, learning_rate=2e-5, merger_learning_rate=1e-5,
-                            warmup_ratio=0.0, gradient_checkpointing=args.gradient_checkpointing, seed=42)
+                            warmup_ratio=0.0, gradient_checkpointing=args.gradient_checkpointing, seed=42,
+                            export=False)
     spec["deepspeed"] = {"zero_stage": args.zero_stage, "optimizer": "torch", "bf16": gpu}
     # The fit check judges the full-size model: give it this card's memory. Tiny models fit anywhere.
     spec["cluster"]["resources"]["gpu_memory_gib"] = 100_000 if args.tiny else round(models["gpu_memory_gib"], 2)
@@ -426,7 +428,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
             report["runs"][mode] = run
             if not run["log_lines"] or run["step1_loss"] is None:
                 raise StageFailed(stage, "the trainer printed no `train step=` line / metrics record for step 1")
-            saved = list((workdir / "checkpoints").glob("*")) if (workdir / "checkpoints").exists() else []
+            saved = sorted((workdir / "checkpoints").glob("step-*"))  # (the run's status.json may be there)
             if saved:  # the next run would resume from it instead of starting from the same weights
                 raise StageFailed(stage, f"the run wrote checkpoints ({saved[:2]}); training.checkpoint.interval_steps")
     except StageFailed as err:
