@@ -1,41 +1,67 @@
-"""Feature + sample loading throughput from an S3-protocol store, per worker and per node.
+"""Loader headroom: samples/s the product's loader delivers to one rank's step, against what the step trains.
 
-What one training sample costs the data path with cached features (features.mode precomputed):
-one spatial object (34x46x2048 bf16 = 6.4 MB) and one vision object per frame (1564x1280 bf16 =
-4.0 MB, 9 frames), each fetched, checksum-verified and decoded by janus_job.features.store, then tokenised
-and assembled by janus_job.data.dataset.JanusDataset. Samples are read in random order, like a shuffled
-epoch, so with the node cache off every read goes to the store.
+What is measured is what the trainer's step thread receives (janus_job.train.batches): the
+balanced sampler's plan, `JanusDataset` in the DataLoader's worker processes (fetch, checksum and
+decode of the stored features, tokenisation), `JanusCollator` (padding, mRoPE positions, index
+tensors), the DataLoader's pin-memory thread (GPU), and `BatchPrefetcher`'s copy to the GPU on a
+side stream, with the spec's default loader settings (`data.prefetch_factor`, `pin_memory`,
+`persistent_workers`, `prefetch_batches`) and `data.num_workers` from --workers.
 
-Workers are separate processes (like DataLoader workers); the table shows samples/s and MB/s for
-1 worker and for each --workers count, and compares the node rate with what the trainer consumes
-per node (--consume-per-gpu x --gpus-per-node). The target is >= 3x headroom.
+- rows: one per --workers count; the consumer takes batches as fast as they come, so the row's
+  samples/s is all the loader can deliver per rank;
+- paced: with --paced-workers workers (default the spec's `data.num_workers`), the consumer sleeps
+  the step's time per micro-step (in place of the GPU work) and the share of time it is blocked
+  in `next()` is the `data_wait` the trainer's log line would show at this pace (a sleep leaves
+  the host idle, a real step keeps it partly busy: a lower bound).
 
-Local:    python bench/loader.py                      (starts a moto S3 server on 127.0.0.1; the
-                                                      single-process Python server is then the limit)
-Cluster:  python bench/loader.py --store s3://bucket/bench --endpoint https://minio:9000 \
-            --workers 1,8,32 --consume-per-gpu 2.0 --gpus-per-node 8   (AWS_* credentials in env)
-CI:       python bench/loader.py --tiny
-Writes loader[_tiny].json to $OUT if set, else bench/results/.
+Samples: 9 frames each (the upper end of JanusVLN's 1..9-image mix: the most bytes per sample),
+trajectory-like (sample i's history is frames i-8..i-1), cached spatial (34, 46, 2048) and vision
+(1564, 1280) bf16 objects: 42.4 MB per sample. The tokenizer is janus_job.demo.tiny's offline one.
+`--ranks R` runs R such ranks at once (the ranks of one node share its CPUs: rank r of R gets its
+share of each global batch, as in training).
+
+Consumption: `--consume-per-gpu S` samples/s, else one sample per micro-step of the fastest
+variant in `--step-profile` (default: the newest bench/results/*step_profile.json from a GPU).
+Headroom = the best row's samples/s per rank / consumption; the goal is GOAL_HEADROOM.
+
+Store: `file://` in a temp dir (default; written once, so the host's page cache may serve the
+reads: the JSON gives the store's size beside the host memory), or `--store URL`
+(`s3://bucket/prefix --endpoint URL` for a real object store; `s3://` without `--endpoint` starts
+a local moto server).
+
+Device:  python3 bench/loader.py                                    (GPU if present, ~1.5 min)
+Cluster: python3 bench/loader.py --store s3://bucket/bench --endpoint https://minio:9000 --ranks 8
+CI:      python3 bench/loader.py --tiny                             (CPU, tiny objects, seconds)
+JSON: `<out or $OUT or bench/results>/loader-<date>-<card>-<ranks>[-tiny].json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import multiprocessing
 import os
-import random
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO_ROOT, RESULTS_DIR, card_name, print_table, results_path, write_json_atomic  # noqa: E402
 
 GOAL_HEADROOM = 3.0
 FRAMES_PER_SAMPLE = 9
+ACCUMULATION = 8  # micro-batches per optimizer step per rank (the sampler's plan; micro batch 1)
 PROMPT = "Go to the kitchen.\n This is your historical observation:{history}\n This is your current observation:<image>"
+FULL = {"spatial_shape": (34, 46, 2048), "vision_shape": (34 * 46, 1280), "samples": 48, "workers": "2,4,8",
+        "duration": 10.0, "paced_duration": 15.0}
+TINY = {"spatial_shape": (2, 4, 2048), "vision_shape": (8, 1280), "samples": 16, "workers": "0,1",
+        "duration": 1.0, "paced_duration": 1.0}
 
 
 def start_moto() -> tuple[str, object]:
@@ -53,6 +79,9 @@ def start_moto() -> tuple[str, object]:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     return f"http://127.0.0.1:{port}", server
+
+
+# ---------------------------------------------------------------- data and store
 
 
 def synthetic_samples(count: int):
@@ -75,8 +104,6 @@ def fingerprints():
 
 
 def frame_hashes(samples) -> dict[str, str]:
-    import hashlib
-
     return {img: hashlib.sha256(img.encode()).hexdigest() for s in samples for img in s.images}
 
 
@@ -100,150 +127,256 @@ def fill_store(args, samples) -> dict:
         if key not in present:
             store.put_tensor(key, spatial)
             written += 1
-    for image in sorted(set(hashes)):
+    frames = sorted(set(hashes))
+    for image in frames:
         key = store.vision_key(hashes[image])
         if key not in present:
             store.put_tensor(key, vision)
             written += 1
-    return {"objects_written": written,
-            "spatial_mb": spatial.numel() * 2 / 1e6, "vision_mb": vision.numel() * 2 / 1e6}
+    spatial_mb, vision_mb = spatial.numel() * 2 / 1e6, vision.numel() * 2 / 1e6
+    return {"objects_written": written, "spatial_mb": spatial_mb, "vision_mb": vision_mb,
+            "store_gb": (len(samples) * spatial_mb + len(frames) * vision_mb) / 1e3}
 
 
-def worker_main(args, samples, worker: int, ready, go, queue) -> None:
-    """One loader worker: random samples through the real dataset path until the deadline."""
-    from janus_job.data.dataset import JanusDataset
+# ---------------------------------------------------------------- one rank's loader
+
+
+def rank_loop(args, samples, workers: int, pace_s: float, duration: float, rank: int, ranks: int,
+              barrier=None) -> dict:
+    """One rank's product loader (LoaderFeed + BatchPrefetcher) for `duration` seconds after warm-up."""
+    import torch
+
+    from janus_job.config.spec import DataSpec
+    from janus_job.data.dataset import JanusCollator, JanusDataset, sample_token_length
+    from janus_job.data.sampler import BalancedBatchSampler
     from janus_job.demo.tiny import tiny_processor
     from janus_job.features.store import FeatureStore, StoreFeatureSource
+    from janus_job.train.batches import BatchPrefetcher, LoaderFeed
 
+    defaults = {name: field.default for name, field in DataSpec.model_fields.items()}
     store = FeatureStore(args.store, endpoint_url=args.endpoint, cache_dir=args.cache_dir,
                          cache_size_gib=args.cache_gib)
     store.open(fingerprints(), create=False)
     source = StoreFeatureSource(store, frame_hashes=frame_hashes(samples))
-    dataset = JanusDataset(samples, tiny_processor(), features=source, spatial="cached", vision="cached")
-    rng = random.Random(worker)
-    dataset[rng.randrange(len(samples))]  # warm: imports, connection
-    ready.put(worker)
-    go.wait()
-    done = nbytes = 0
-    begin = time.perf_counter()
-    deadline = begin + args.duration
-    while time.perf_counter() < deadline:
-        item = dataset[rng.randrange(len(samples))]
-        nbytes += item["spatial_features"].numel() * 2 + item["vision_features"].numel() * 2
-        done += 1
-    queue.put((worker, done, nbytes, time.perf_counter() - begin))
-
-
-def measure(args, samples, workers: int) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    queue, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=worker_main, args=(args, samples, w, ready, go, queue)) for w in range(workers)]
-    for proc in procs:
-        proc.start()
-    for _ in procs:  # all workers imported and connected: start the clock together
-        ready.get(timeout=args.startup)
-    go.set()
-    results = [queue.get(timeout=args.duration + 300) for _ in procs]
-    for proc in procs:
-        proc.join()
-        if proc.exitcode != 0:
-            raise SystemExit(f"a loader worker failed (exit {proc.exitcode})")
-    total = sum(r[1] for r in results)
-    seconds = max(r[3] for r in results)
-    mbytes = sum(r[2] for r in results) / 1e6
-    return {"workers": workers, "samples": total, "seconds": round(seconds, 3),
-            "samples_per_s": total / seconds, "mb_per_s": mbytes / seconds,
-            "samples_per_s_per_worker": total / seconds / workers}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", help="store URL (default: a bucket on a local moto server)")
-    parser.add_argument("--endpoint", help="S3 endpoint URL (default: the local moto server)")
-    parser.add_argument("--samples", type=int, default=48, help="distinct samples in the store")
-    parser.add_argument("--workers", default="1,4,8", help="worker counts per node to measure")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of measurement per row")
-    parser.add_argument("--startup", type=float, default=300.0, help="seconds allowed for workers to start")
-    parser.add_argument("--consume-per-gpu", type=float, default=2.0, help="samples/s one GPU trains at")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--cache-dir", help="node-local cache directory (default: no cache)")
-    parser.add_argument("--cache-gib", type=float, default=0.0)
-    parser.add_argument("--tiny", action="store_true", help="CI mode: small objects, short rows")
-    parser.add_argument("--out", help="output folder (default $OUT, else bench/results)")
-    args = parser.parse_args()
-    if args.tiny:
-        args.samples, args.duration = 6, 1.0
-        args.workers = "1,2"
-        args.spatial_shape, args.vision_shape = (2, 4, 2048), (8, 1280)
+    processor = tiny_processor()
+    dataset = JanusDataset(samples, processor, features=source, spatial="cached", vision="cached")
+    per_image = args.spatial_shape[0] * args.spatial_shape[1] // 4
+    sampler = BalancedBatchSampler([sample_token_length(s, per_image) for s in samples], micro_batch_size=1,
+                                   world_size=ranks, rank=rank, global_batch_size=ACCUMULATION * ranks, seed=rank)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    collator = JanusCollator(processor.tokenizer.pad_token_id, image_token_id=image_token_id, spatial_merge_size=2)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     else:
-        args.spatial_shape, args.vision_shape = (34, 46, 2048), (34 * 46, 1280)
+        device = torch.device("cpu")
+    settings = SimpleNamespace(num_workers=workers, pin_memory=defaults["pin_memory"],
+                               prefetch_factor=defaults["prefetch_factor"], persistent_workers=workers > 0)
+    feed = LoaderFeed(dataset, sampler, collator, settings, device)
+    batches = BatchPrefetcher(feed, device, defaults["prefetch_batches"])
+    try:
+        for _ in range(max(2, workers)):  # worker start-up and the first reads are not measured
+            next(batches)
+        if barrier is not None:
+            barrier.wait()
+        done = nbytes = 0
+        waited = 0.0
+        begin = time.perf_counter()
+        deadline = begin + duration
+        while time.perf_counter() < deadline:
+            asked = time.perf_counter()
+            batch, _ = next(batches)
+            waited += time.perf_counter() - asked
+            if pace_s:
+                time.sleep(pace_s)  # the step's GPU time
+            done += len(batch["sample_ids"])
+            spatial = batch["spatial_features"]
+            nbytes += batch["vision_features"].numel() * 2 + sum(
+                t.numel() * 2 for t in (spatial if isinstance(spatial, list) else [spatial]))
+        seconds = time.perf_counter() - begin
+    finally:
+        batches.close()
+    return {"rank": rank, "samples": done, "seconds": seconds, "bytes": nbytes, "waited_s": waited,
+            "device": str(device)}
 
-    server = None
-    if args.endpoint is None and (args.store is None or args.store.startswith("s3://")):
+
+def _rank_child(args, samples, workers, pace_s, duration, rank, ranks, barrier, results) -> None:
+    results.put(rank_loop(args, samples, workers, pace_s, duration, rank, ranks, barrier))
+
+
+def run_ranks(args, samples, workers: int, pace_s: float = 0.0, duration: float = 1.0) -> dict:
+    """`--ranks` loaders at once (spawned processes when more than one); their totals."""
+    if args.ranks == 1:
+        per_rank = [rank_loop(args, samples, workers, pace_s, duration, 0, 1)]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        barrier, results = ctx.Barrier(args.ranks), ctx.Queue()
+        procs = [ctx.Process(target=_rank_child, args=(args, samples, workers, pace_s, duration, r, args.ranks,
+                                                       barrier, results)) for r in range(args.ranks)]
+        for proc in procs:
+            proc.start()
+        per_rank = [results.get(timeout=duration + 600) for _ in procs]
+        for proc in procs:
+            proc.join()
+            if proc.exitcode != 0:
+                raise SystemExit(f"a rank's loader failed (exit {proc.exitcode})")
+    seconds = max(r["seconds"] for r in per_rank)
+    total = sum(r["samples"] for r in per_rank)
+    rate = total / seconds / args.ranks
+    return {"workers": workers, "samples": total, "seconds": round(seconds, 3),
+            "samples_per_s_per_rank": rate,
+            "mb_per_s_per_rank": sum(r["bytes"] for r in per_rank) / 1e6 / seconds / args.ranks,
+            "samples_per_s_per_worker": rate / workers if workers else None,
+            "data_wait": max(r["waited_s"] / r["seconds"] for r in per_rank),
+            "device": per_rank[0]["device"]}
+
+
+# ---------------------------------------------------------------- what the step consumes
+
+
+def newest_step_profile() -> Path | None:
+    """The newest GPU step profile in bench/results (its name starts with the date)."""
+    found = sorted(p for p in RESULTS_DIR.glob("*step_profile.json") if not json.loads(p.read_text()).get("tiny"))
+    return found[-1] if found else None
+
+
+def consumption(args) -> dict:
+    """Samples/s one GPU trains: the argument, or one sample per fastest micro-step of a step profile."""
+    if args.consume_per_gpu is not None:
+        return {"samples_per_s_per_gpu": args.consume_per_gpu, "source": "--consume-per-gpu", "card": None}
+    path = Path(args.step_profile) if args.step_profile else newest_step_profile()
+    if path is None:
+        raise SystemExit("no step profile in bench/results: give --consume-per-gpu or --step-profile")
+    profile = json.loads(path.read_text())
+    variants = {name: v["s_per_micro_step"]["micro_step"] for name, v in profile.get("variants", {}).items()
+                if v.get("s_per_micro_step", {}).get("micro_step")}
+    if not variants:
+        raise SystemExit(f"{path} has no variant with s_per_micro_step.micro_step")
+    fastest = min(variants, key=variants.get)
+    try:
+        shown = str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        shown = str(path)
+    return {"samples_per_s_per_gpu": 1.0 / variants[fastest], "source": shown, "card": profile.get("card"),
+            "variant": fastest, "s_per_micro_step": variants[fastest], "samples_per_micro_step": 1}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", help="store URL (default: file:// in a temp dir)")
+    parser.add_argument("--endpoint", help="S3 endpoint URL (s3:// store without it: a local moto server)")
+    parser.add_argument("--samples", type=int, help="distinct samples in the store (default 48; tiny 16)")
+    parser.add_argument("--workers", help="data.num_workers values to measure, comma-separated (default 2,4,8)")
+    parser.add_argument("--ranks", type=int, default=1, help="ranks loading at once, as on one node")
+    parser.add_argument("--duration", type=float, help="seconds measured per row (default 10; tiny 1)")
+    parser.add_argument("--paced-workers", type=int, help="workers of the paced run (default: data.num_workers)")
+    parser.add_argument("--paced-duration", type=float, help="seconds of the paced run (default 15; tiny 1)")
+    parser.add_argument("--consume-per-gpu", type=float, help="samples/s one GPU trains (else from --step-profile)")
+    parser.add_argument("--step-profile", help="bench/step_profile.py JSON (default: the newest in bench/results)")
+    parser.add_argument("--cache-dir", help="node-local feature cache directory (default: none)")
+    parser.add_argument("--cache-gib", type=float, default=0.0)
+    parser.add_argument("--tiny", action="store_true", help="CI: tiny objects, short rows")
+    parser.add_argument("--out", help="output folder (default $OUT, else bench/results)")
+    args = parser.parse_args(argv)
+    sizes = TINY if args.tiny else FULL
+    args.spatial_shape, args.vision_shape = sizes["spatial_shape"], sizes["vision_shape"]
+    args.samples = args.samples or sizes["samples"]
+    args.workers = args.workers or sizes["workers"]
+    args.duration = args.duration or sizes["duration"]
+    args.paced_duration = args.paced_duration or sizes["paced_duration"]
+
+    from janus_job.config.spec import DataSpec
+
+    defaults = {name: field.default for name, field in DataSpec.model_fields.items()}
+    if args.paced_workers is None:
+        args.paced_workers = 1 if args.tiny else defaults["num_workers"]
+    consume = consumption(args)
+    started = time.perf_counter()
+    server = temp = None
+    if args.store is None:
+        temp = tempfile.TemporaryDirectory(prefix="loader-bench-")
+        args.store = Path(temp.name, "store").as_uri()
+    elif args.endpoint is None and args.store.startswith("s3://"):
         args.endpoint, server = start_moto()
         import boto3
 
-        bucket = "loader-bench"
-        boto3.client("s3", endpoint_url=args.endpoint).create_bucket(Bucket=bucket)
-        args.store = args.store or f"s3://{bucket}/features"
+        boto3.client("s3", endpoint_url=args.endpoint).create_bucket(Bucket=args.store[5:].split("/")[0])
     samples = synthetic_samples(args.samples)
     try:
         fill = fill_store(args, samples)
-        rows = [measure(args, samples, int(n)) for n in args.workers.split(",")]
+        rows = [run_ranks(args, samples, int(n), duration=args.duration) for n in args.workers.split(",")]
+        pace_s = 1.0 / consume["samples_per_s_per_gpu"]
+        paced = run_ranks(args, samples, args.paced_workers, pace_s=pace_s, duration=args.paced_duration)
+        paced["step_s"] = pace_s
     finally:
         if server is not None:
             server.stop()
+        if temp is not None:
+            temp.cleanup()
 
-    need = args.consume_per_gpu * args.gpus_per_node
-    best = max(rows, key=lambda r: r["samples_per_s"])
-    headroom = best["samples_per_s"] / need
+    need = consume["samples_per_s_per_gpu"]
+    best = max(rows, key=lambda r: r["samples_per_s_per_rank"])
+    headroom = best["samples_per_s_per_rank"] / need
+    for row in rows:
+        row["headroom"] = row["samples_per_s_per_rank"] / need
     per_sample_mb = fill["spatial_mb"] + FRAMES_PER_SAMPLE * fill["vision_mb"]
     if headroom >= GOAL_HEADROOM:
-        verdict = f"ok: {headroom:.1f}x the trainer's {need:.1f} samples/s per node"
+        verdict = f"ok: {headroom:.1f}x the step's {need:.2f} samples/s per GPU with {best['workers']} workers"
     else:
-        single = rows[0]["samples_per_s_per_worker"]
-        scaling = best["samples_per_s_per_worker"] / single if single else 0
-        limit = (f"the store's bandwidth or this host's {os.cpu_count()} CPU cores (per-worker rate falls "
-                 "as workers are added; fetch + sha256 + decode cost CPU per byte)" if scaling < 0.7
-                 else "worker count (per-worker rate holds; add workers)")
-        verdict = (f"short: {headroom:.2f}x of {GOAL_HEADROOM:.0f}x goal; need {need * GOAL_HEADROOM:.1f} samples/s "
-                   f"= {need * GOAL_HEADROOM * per_sample_mb:.0f} MB/s; limited by {limit}")
+        verdict = (f"short: {headroom:.2f}x of the {GOAL_HEADROOM:.0f}x goal at the step's {need:.2f} samples/s "
+                   f"per GPU; need {need * GOAL_HEADROOM:.1f} samples/s = {need * GOAL_HEADROOM * per_sample_mb:.0f} "
+                   "MB/s per rank: more workers, or a faster store (node-local cache)")
+    host_ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    card = card_name()
 
-    print(f"store {args.store} (endpoint {args.endpoint or '-'}); {per_sample_mb:.1f} MB per sample "
-          f"(spatial {fill['spatial_mb']:.2f} MB + {FRAMES_PER_SAMPLE} x vision {fill['vision_mb']:.2f} MB)")
-    print(f"{'workers':>8} {'samples/s':>10} {'MB/s':>9} {'per worker':>11}")
-    for row in rows:
-        print(f"{row['workers']:>8} {row['samples_per_s']:>10.2f} {row['mb_per_s']:>9.1f} "
-              f"{row['samples_per_s_per_worker']:>11.2f}")
-    print(f"trainer consumes {need:.1f} samples/s per node ({args.consume_per_gpu} x {args.gpus_per_node} GPUs); "
-          f"{verdict}")
+    print(f"store {args.store} (endpoint {args.endpoint or '-'}), {fill['store_gb']:.2f} GB, host memory "
+          f"{host_ram_gb:.0f} GB; {per_sample_mb:.1f} MB per sample (spatial {fill['spatial_mb']:.2f} MB + "
+          f"{FRAMES_PER_SAMPLE} x vision {fill['vision_mb']:.2f} MB); {args.ranks} rank(s) on {rows[0]['device']}")
+    print_table(rows, [("workers", "workers"), ("samples_per_s_per_rank", "samples/s per rank"),
+                       ("mb_per_s_per_rank", "MB/s per rank"), ("samples_per_s_per_worker", "per worker"),
+                       ("headroom", "x step")],
+                title=f"loader on {card}, as fast as it delivers (prefetch_batches {defaults['prefetch_batches']}, "
+                      f"prefetch_factor {defaults['prefetch_factor']})")
+    print(f"paced at the step's {pace_s:.3f} s per micro-step ({consume['source']}): {args.paced_workers} workers, "
+          f"data_wait {100 * paced['data_wait']:.2f}%, {paced['samples_per_s_per_rank']:.2f} samples/s per rank")
+    print(f"step consumes {need:.2f} samples/s per GPU; {verdict}")
 
     record = {
+        "bench": "loader",
+        "card": card,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
-        "card": None,  # CPU/network benchmark: no GPU involved
+        "host_cpus": os.cpu_count(),
+        "host_ram_gb": host_ram_gb,
+        "tiny": args.tiny,
         "store": args.store,
         "endpoint": args.endpoint,
         "local_moto_server": server is not None,
-        "tiny": args.tiny,
+        "store_gb": fill["store_gb"],
+        "samples": args.samples,
         "object_mb": {"spatial": fill["spatial_mb"], "vision": fill["vision_mb"]},
         "mb_per_sample": per_sample_mb,
+        "loader": {"prefetch_factor": defaults["prefetch_factor"], "pin_memory": defaults["pin_memory"],
+                   "persistent_workers": True, "prefetch_batches": defaults["prefetch_batches"],
+                   "micro_batch_size": 1, "sampler": "BalancedBatchSampler"},
+        "ranks": args.ranks,
         "rows": rows,
-        "consume": {
-            "samples_per_s_per_gpu": args.consume_per_gpu,
-            "gpus_per_node": args.gpus_per_node,
-            "samples_per_s_per_node": need,
-        },
+        "paced": paced,
+        "consume": consume,
         "headroom": headroom,
         "goal_headroom": GOAL_HEADROOM,
         "verdict": verdict,
         "cache": {"dir": args.cache_dir, "gib": args.cache_gib},
+        "wall_s": time.perf_counter() - started,
     }
-    out = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("loader_tiny.json" if args.tiny else "loader.json")
-    path.write_text(json.dumps(record, indent=1))
+    path = results_path(card, args.ranks, args.out, prefix="loader-", tag="tiny" if args.tiny else "")
+    write_json_atomic(path, record)
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -97,8 +97,9 @@ class StageFailed(RuntimeError):
 # ---------------------------------------------------------------- child entries
 
 
-def make_checkpoints(workdir: Path, tiny: bool) -> dict:
-    """Random-weight Qwen2.5-VL + VGGT aggregator checkpoints in `workdir/models`; returns facts."""
+def make_checkpoints(workdir: Path, tiny: bool, text_layers: int | None = None) -> dict:
+    """Random-weight Qwen2.5-VL + VGGT aggregator checkpoints in `workdir/models`; returns facts.
+    `text_layers`: Qwen2.5-VL-7B's widths with that many decoder layers (default: its 28)."""
     import torch
 
     started = time.perf_counter()
@@ -122,7 +123,7 @@ def make_checkpoints(workdir: Path, tiny: bool) -> dict:
     device = torch.device("cuda", 0)
     tokenizer = tiny_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    config = qwen25_vl_7b_config()  # Qwen's vocabulary size; special tokens at the offline tokenizer's ids
+    config = qwen25_vl_7b_config(text_layers)  # Qwen's vocabulary size; special tokens at the offline tokenizer's ids
     config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
     config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
     config.text_config.bos_token_id = config.text_config.pad_token_id = ids["<|endoftext|>"]
@@ -151,6 +152,7 @@ def make_checkpoints(workdir: Path, tiny: bool) -> dict:
         "card": torch.cuda.get_device_name(device),
         "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 1024**3,
         "qwen_params": qwen_params,
+        "qwen_text_layers": config.text_config.num_hidden_layers,
         "vggt_params": vggt_params,
         "save_s": time.perf_counter() - started,
     }
@@ -496,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         child.add_argument("--workdir")
         child.add_argument("--info")
         child.add_argument("--tiny", action="store_true")
+        child.add_argument("--text-layers", type=int)
         opts = child.parse_args(argv[1:])
-        write_json_atomic(opts.info, make_checkpoints(Path(opts.workdir), opts.tiny))
+        write_json_atomic(opts.info, make_checkpoints(Path(opts.workdir), opts.tiny, opts.text_layers))
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

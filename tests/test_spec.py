@@ -117,6 +117,8 @@ BAD = [
     ("typo-top-level", with_changes({"trainig": {"nodes": 2}}), "trainig", "did you mean 'training'"),
     ("typo-nested", with_changes({"training.node": 2}), "training.node", "did you mean 'training.nodes'"),
     ("nodes-zero", with_changes({"training.nodes": 0}), "training.nodes", "use a value >= 1"),
+    ("prefetch-batches-negative", with_changes({"data.prefetch_batches": -1}), "data.prefetch_batches",
+     "use a value >= 0"),
     ("name-too-long-for-generated-names", with_changes({"name": "a" * 55}), "name", "at most"),
     ("name-over-63", with_changes({"name": "a" * 70}), "name", "at most 63 characters"),
     ("name-not-dns", with_changes({"name": "R2R_job"}), "name", "lowercase letters"),

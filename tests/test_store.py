@@ -286,18 +286,29 @@ def test_unsupported_url_scheme():
     assert Path(FeatureStore("file:///tmp/x").root) == Path("/tmp/x")
 
 
-def test_loader_bench_tiny_reads_real_objects_through_the_dataset(tmp_path):
+def test_loader_bench_tiny_feeds_real_objects_through_the_trainers_loader(tmp_path):
+    """bench/loader.py --tiny: the product's loader (dataset, collator, sampler, DataLoader workers,
+    prefetcher) on a file:// store, against the step rate of a step-profile result."""
     import json
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(repo / "bench" / "loader.py"), "--tiny", "--out", str(tmp_path)],
+    profile = repo / "bench" / "results" / "2026-11-30-nvidia-h200-1-step_profile.json"
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "loader.py"), "--tiny", "--out", str(tmp_path),
+                           "--step-profile", str(profile)],
                           capture_output=True, text=True, timeout=600, cwd=repo)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    record = json.loads((tmp_path / "loader_tiny.json").read_text())
-    assert [row["workers"] for row in record["rows"]] == [1, 2]
-    assert all(row["samples"] > 0 and row["samples_per_s"] > 0 for row in record["rows"])
+    [written] = tmp_path.glob("loader-*-cpu-1-tiny.json")
+    record = json.loads(written.read_text())
+    assert record["card"] == "cpu" and record["store"].startswith("file://")
+    assert [row["workers"] for row in record["rows"]] == [0, 1]
+    assert all(row["samples"] > 0 and row["samples_per_s_per_rank"] > 0 for row in record["rows"])
     assert record["mb_per_sample"] == pytest.approx((2 * 4 * 2048 + 9 * 8 * 1280) * 2 / 1e6)
-    assert record["consume"]["samples_per_s_per_node"] == 16.0
-    assert "samples/s" in proc.stdout and "per worker" in proc.stdout
+    fastest = min(v["s_per_micro_step"]["micro_step"] for v in json.loads(profile.read_text())["variants"].values())
+    assert record["consume"]["samples_per_s_per_gpu"] == pytest.approx(1 / fastest)
+    assert record["headroom"] == pytest.approx(
+        max(row["samples_per_s_per_rank"] for row in record["rows"]) * fastest)
+    paced = record["paced"]
+    assert paced["step_s"] == pytest.approx(fastest) and paced["samples"] > 0 and 0 <= paced["data_wait"] < 1
+    assert "samples/s per rank" in proc.stdout and "per worker" in proc.stdout and "data_wait" in proc.stdout

@@ -194,34 +194,43 @@ def sample_trace(path_template: Path) -> list[tuple[int, int, tuple[str, ...]]]:
 
 @pytest.mark.slow
 def test_a_run_resumed_from_its_checkpoint_trains_what_an_uninterrupted_run_trains(job, tmp_path):
-    """The loop's checkpoint hooks: sampler position, step, optimizer and schedule come back."""
+    """The loop's checkpoint hooks: sampler position, step, optimizer and schedule come back. The
+    run crosses an epoch boundary with the loader and the batch prefetch reading ahead of training."""
 
     def variant(name: str, steps: int) -> Path:
         def change(spec):
             spec["training"].update(max_steps=steps, warmup_ratio=0.0, scheduler="linear")
             spec["training"]["checkpoint"].update(url=str(tmp_path / name / "checkpoints"), interval_steps=2, keep=3)
+            spec["data"]["prefetch_batches"] = 3
         (tmp_path / name).mkdir(exist_ok=True)
         return edit_spec(job, tmp_path / name / f"job-{steps}.yaml", change)
 
     trace = {"JANUS_SAMPLE_TRACE": str(tmp_path / "split-{rank}.jsonl"),
              "JANUS_CHECKPOINT_STAGING": str(tmp_path / "staging")}
-    # an uninterrupted 6-step run (checkpoints at steps 2, 4, 6) ...
-    whole = janus_job("train", "--spec", str(variant("split", 6)), env=trace)
+    # an uninterrupted 8-step run (24 samples, global batch 4: epoch 1 starts at step 7; checkpoints
+    # at steps 2, 4, 6, 8) ...
+    whole = janus_job("train", "--spec", str(variant("split", 8)), env=trace)
     assert whole.returncode == 0, whole.stdout + whole.stderr
     trace_path = tmp_path / "split-0.jsonl"
     shutil.copy(trace_path, tmp_path / "whole-0.jsonl")
+    trained = sample_trace(tmp_path / "whole-{rank}.jsonl")
+    epoch0 = [i for step, _, ids in trained if step < 6 for i in ids]
+    epoch1 = [i for step, _, ids in trained if step >= 6 for i in ids]
+    assert len(epoch0) == len(set(epoch0)) == 24  # every sample once
+    assert len(epoch1) == len(set(epoch1)) == 8  # a new epoch's first two steps, not the rest of the old one
     # ... becomes one that died after its step-4 checkpoint: later checkpoints and trace lines go
-    shutil.rmtree(tmp_path / "split" / "checkpoints" / "step-00000006")
+    for step in (6, 8):
+        shutil.rmtree(tmp_path / "split" / "checkpoints" / f"step-{step:08d}")
     kept = [line for line in trace_path.read_text().splitlines() if json.loads(line)["step"] < 4]
     trace_path.write_text("".join(line + "\n" for line in kept))
-    resumed = janus_job("train", "--spec", str(variant("split", 6)), env=trace)
+    resumed = janus_job("train", "--spec", str(variant("split", 8)), env=trace)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "at step 4" in resumed.stdout
-    assert [m[0] for m in re.findall(r"^train step=(\d+)/6", resumed.stdout, re.M)] == ["5", "6"]
-    assert sample_trace(tmp_path / "split-{rank}.jsonl") == sample_trace(tmp_path / "whole-{rank}.jsonl")
+    assert [m[0] for m in re.findall(r"^train step=(\d+)/8", resumed.stdout, re.M)] == ["5", "6", "7", "8"]
+    assert sample_trace(tmp_path / "split-{rank}.jsonl") == trained
 
     def last_line(out: str) -> re.Match:
-        return [LOG_LINE.match(line) for line in out.splitlines() if line.startswith("train step=6/6")][0]
+        return [LOG_LINE.match(line) for line in out.splitlines() if line.startswith("train step=8/8")][0]
 
     assert last_line(resumed.stdout)["lr"] == last_line(whole.stdout)["lr"]
     assert float(last_line(resumed.stdout)["loss"]) == pytest.approx(float(last_line(whole.stdout)["loss"]), rel=1e-5)

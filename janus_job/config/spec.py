@@ -98,10 +98,24 @@ class DataSpec(Section):
     max_history_images: int = Field(8, ge=0, le=64, description="History frames per sample (JanusVLN: 8).")
     max_pixels: int = Field(576 * 28 * 28, ge=28 * 28, description="Upper pixel budget per image (Qwen2.5-VL resize).")
     min_pixels: int = Field(16 * 28 * 28, ge=28 * 28, description="Lower pixel budget per image.")
-    num_workers: int = Field(8, ge=0, le=64, description="DataLoader worker processes per rank.")
-    pin_memory: bool = Field(True, description="DataLoader pin_memory.")
-    prefetch_factor: int = Field(2, ge=1, le=64, description="Batches prefetched per DataLoader worker.")
+    num_workers: int = Field(
+        8, ge=0, le=64, description="DataLoader worker processes per rank (0: samples are read in the rank itself)."
+    )
+    pin_memory: bool = Field(
+        True, description="Collated batches are copied to page-locked host memory (GPU only), so the copy to "
+        "the GPU runs asynchronously."
+    )
+    prefetch_factor: int = Field(
+        2, ge=1, le=64, description="Micro-batches each DataLoader worker prepares ahead (with num_workers > 0)."
+    )
     persistent_workers: bool = Field(True, description="Keep DataLoader workers alive between epochs.")
+    prefetch_batches: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="Micro-batches taken from the DataLoader and copied to the GPU on a side stream while the "
+        "current step runs (0: each is fetched and copied when the step needs it).",
+    )
 
 
 class FeaturesSpec(Section):

@@ -110,7 +110,10 @@ class _GlobalBatchSampler:
         The iterator snapshots the position when it starts, so a DataLoader may prefetch ahead;
         the trained position is what `advance()` records.
         """
-        epoch, first_step = self.epoch, self.step_in_epoch
+        return self.micro_batches(self.epoch, self.step_in_epoch)
+
+    def micro_batches(self, epoch: int, first_step: int) -> Iterator[list[int]]:
+        """This rank's micro-batches of `epoch` from optimizer step `first_step` to its end."""
         for step in range(first_step, self.steps_per_epoch):
             for micro_step in self.plan(epoch, step):
                 yield micro_step[self.rank]

@@ -61,12 +61,16 @@ QWEN25_VL_7B_TOKENS = dict(
 )
 
 
-def qwen25_vl_7b_config() -> Any:
-    """Qwen2.5-VL-7B-Instruct's architecture as a transformers config (no weights, no download)."""
+def qwen25_vl_7b_config(text_layers: int | None = None) -> Any:
+    """Qwen2.5-VL-7B-Instruct's architecture as a transformers config (no weights, no download);
+    `text_layers` keeps every width but stacks that many decoder layers (benches that must fit one GPU)."""
     from transformers import Qwen2_5_VLConfig
 
+    text = dict(QWEN25_VL_7B_TEXT)
+    if text_layers is not None:
+        text.update(num_hidden_layers=text_layers, max_window_layers=text_layers)
     return Qwen2_5_VLConfig(
-        text_config=dict(QWEN25_VL_7B_TEXT),
+        text_config=text,
         vision_config=dict(QWEN25_VL_7B_VISION),
         tie_word_embeddings=False,
         **QWEN25_VL_7B_TOKENS,

@@ -74,6 +74,18 @@ class BatchWork:
     vggt_patches: int = 0  # frame patches through VGGT when it runs online
     bad_samples: int = 0  # samples replaced because their stored features are corrupt (data.on_bad_sample)
 
+    @classmethod
+    def of(cls, batch: dict, image_token_id: int) -> "BatchWork":
+        """The counts of one host micro-batch (its tensors on the CPU: counting device tensors would
+        synchronise with the GPU)."""
+        work = cls()
+        work.add_batch(batch, image_token_id)
+        return work
+
+    def add(self, other: "BatchWork") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def add_batch(self, batch: dict, image_token_id: int) -> None:
         mask = batch["attention_mask"]
         self.samples += int(mask.shape[0])

@@ -24,7 +24,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,28 +203,16 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _micro_batches(self) -> Iterator[dict]:
-        """This rank's micro-batches, epoch after epoch, from the sampler's position."""
-        from torch.utils.data import DataLoader
+    def _micro_batches(self) -> Any:
+        """This rank's micro-batches from the sampler's position, epoch after epoch, each with its
+        `BatchWork` counted on the host; `data.prefetch_batches` of them read and on the device ahead
+        of the step (janus_job.train.batches)."""
+        from janus_job.train.batches import BatchPrefetcher, LoaderFeed
 
-        from janus_job.train.stop import own_process_group
-
-        d = self.spec.data
-        workers = d.num_workers
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=self.sampler,
-            collate_fn=self.collator,
-            num_workers=workers,
-            pin_memory=d.pin_memory and self.device.type == "cuda",
-            prefetch_factor=d.prefetch_factor if workers else None,
-            persistent_workers=d.persistent_workers and workers > 0,
-            worker_init_fn=own_process_group,
-        )
-        while True:
-            if self.sampler.epoch_done:
-                self.sampler.set_epoch(self.sampler.epoch + 1)
-            yield from loader
+        feed = LoaderFeed(self.dataset, self.sampler, self.collator, self.spec.data, self.device)
+        image_token_id = self.image_token_id
+        return BatchPrefetcher(feed, self.device, self.spec.data.prefetch_batches,
+                               inspect=lambda batch: BatchWork.of(batch, image_token_id))
 
     def run(self) -> None:
         from janus_job.monitor.gpustats import RankStatsWriter
@@ -253,17 +240,19 @@ class Trainer:
         step_time = None
         while self.step < self.total_steps:
             step_started = time.perf_counter()
+            if self.sampler.epoch_done:  # the epoch's last step is trained (the loader may be well into the next)
+                self.sampler.set_epoch(self.sampler.epoch + 1)
             interval.lr = self._lr()  # the lr this step trains with (the scheduler moves it at the boundary)
             for micro in range(self.accumulation):
                 waited = time.perf_counter()
                 try:
-                    batch = next(batches)
+                    batch, work = next(batches)  # blocked here (and on its copy to the GPU) = data wait
                 except JobError as err:
                     _reraise_loader_error(err)
                 interval.data_wait_s += time.perf_counter() - waited
                 trace.write({"step": self.step, "micro_step": micro, "rank": self.ranks.rank,
                              "sample_ids": batch["sample_ids"]})
-                interval.work.add_batch(batch, self.image_token_id)
+                interval.work.add(work)
                 batch.pop("bad_samples", None)
                 loss = micro_step(self.engine, batch, self.device,
                                   clip_mode=self.spec.training.clip_mode).loss.detach()
@@ -284,7 +273,7 @@ class Trainer:
                 if self.spec.training.export_every_checkpoint and self.step < self.total_steps:
                     self._export(checkpoints, self.step, background=True)
             if self.step < self.total_steps and stop.agreed(self.device):
-                self._stop(checkpoints, saved)
+                self._stop(checkpoints, saved, batches)
         checkpoints.wait()
         if stats is not None and step_time:  # the sidecar shows the last step, not one the interval let through
             stats.write(self.step, step_time, self.global_batch_size / step_time, self.figures)
@@ -352,7 +341,7 @@ class Trainer:
             self.trackers.close()
             self.trackers = None
 
-    def _stop(self, checkpoints: Any, saved: bool) -> None:
+    def _stop(self, checkpoints: Any, saved: bool, batches: Any) -> None:
         """SIGTERM on some rank: checkpoint this step everywhere, then exit for a restart."""
         import torch.distributed as dist
 
@@ -368,7 +357,7 @@ class Trainer:
         if self.ranks.prints:
             print(f"train stopped step={self.step}/{self.total_steps}: SIGTERM; checkpoint of step {self.step} "
                   f"is complete, exiting with {EXIT_CODE} so the pod restarts and resumes there", flush=True)
-        finish_rank(self, checkpoints=checkpoints)
+        finish_rank(self, checkpoints=checkpoints, batches=batches)
         sys.exit(EXIT_CODE)
 
     def _announce(self, resumed_from: Any) -> None:
