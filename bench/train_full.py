@@ -66,6 +66,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO_ROOT, print_table, results_path, write_json_atomic  # noqa: E402
+
 from janus_job.monitor.trackers import STATUS_FILE  # noqa: E402
 
 SEED = 0
