@@ -225,8 +225,14 @@ def bench(args) -> dict:
     staging = Path(args.staging) if args.staging else _default_staging(workdir, need["checkpoint"], args.tiny)
     if staging.parent == Path("/dev/shm") and args.staging is None:
         args.made_staging = staging
+    out_dir = Path(args.export_dir) if args.export_dir else workdir / "export"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SystemExit(f"bench/export.py: --export-dir {out_dir} is not empty")
     same_fs = _device_of(staging) == _device_of(workdir)
     on_workdir = sum(need.values()) + (trainable * 4 if same_fs else 0)  # + the largest file staged
+    if _device_of(out_dir.parent) != _device_of(workdir):
+        on_workdir -= need["export"]
     free = shutil.disk_usage(workdir).free
     if free < 1.05 * on_workdir:
         raise SystemExit(f"bench/export.py: {workdir} has {free / GIB:.1f} GiB free, the run needs about "
@@ -270,7 +276,6 @@ def bench(args) -> dict:
     dropped = drop_from_page_cache([workdir / "checkpoints", workdir / "qwen", workdir / "vggt.safetensors"])
     phases["flush_and_drop_cache_s"] = time.perf_counter() - t0
 
-    out_dir = workdir / "export"
     log_path = workdir / "export.log"
     export = run_export(spec_path, out_dir, log_path)
     log_text = log_path.read_text()
@@ -278,7 +283,7 @@ def bench(args) -> dict:
         print(log_text[-6000:], file=sys.stderr)
         raise SystemExit(f"bench/export.py: janus-job export exited {export['exit_code']}")
     output = dir_bytes(out_dir)
-    export.update(output_bytes=sum(output.values()), output_files=output,
+    export.update(output_bytes=sum(output.values()), output_files=output, export_dir=str(out_dir),
                   log=[line for line in log_text.splitlines() if line.startswith("export ")])
     export["gib_per_s_written"] = export["output_bytes"] / GIB / export["wall_s"]
     checks = spot_check(out_dir, spots)
@@ -363,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                    "temporary folder, removed at the end); about 70 GiB at full size")
     p.add_argument("--staging", default=None, help="checkpoint staging (default: /dev/shm when it has room, "
                    "else in the workdir)")
+    p.add_argument("--export-dir", default=None, help="where the export is written (default: <workdir>/export); "
+                   "another disk or /dev/shm when the workdir cannot hold both")
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     p.add_argument("--out", default=None, help="result folder (default $OUT or bench/results)")
     args = p.parse_args(argv)
