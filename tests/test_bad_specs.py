@@ -282,6 +282,21 @@ CASES: list[Case] = [
     _case("resource-claim-twice", {"cluster.resource_claims": [
         {"name": "nics", "resource_claim_template_name": "a"}, {"name": "nics", "resource_claim_template_name": "b"}]},
           "cluster.resource_claims.1.name", "install", "listed twice"),
+    # -- the network section ------------------------------------------------------------------------------
+    _case("network-env-bad-name", {"network.env": {"NCCL-IB-TIMEOUT": "22"}}, "network.env", "schema",
+          "an environment variable name"),
+    _case("network-env-owned", {"network.preset": "infiniband", "network.env": {"NCCL_IB_HCA": "=mlx5_0"}},
+          "network.env.NCCL_IB_HCA", "install", "set network.ib_hca instead"),
+    _case("network-env-runtime", {"network.env": {"MASTER_ADDR": "10.0.0.1"}}, "network.env.MASTER_ADDR",
+          "install", "set by torchrun"),
+    _case("network-env-value-newline", {"network.env": {"NCCL_IB_TIMEOUT": "22\nhostPID: true"}},
+          "network.env.NCCL_IB_TIMEOUT", "schema", "control character"),
+    _case("ib-hca-prefix-list", {"network.preset": "infiniband", "network.ib_hca": "mlx5"}, "network.ib_hca",
+          "install", "is a prefix list"),
+    _case("tcp-with-gid-index", {"network.preset": "tcp", "network.ib_gid_index": 3}, "network.ib_gid_index",
+          "install", "has no effect with network.preset 'tcp'"),
+    _case("tcp-with-gdr-level", {"network.preset": "tcp", "network.gdr_level": "PHB"}, "network.gdr_level",
+          "install", "has no effect with network.preset 'tcp'"),
     # -- images ----------------------------------------------------------------------------------------------
     _case("image-repository-uppercase", {"image.repository": "ghcr.io/Janus/train"}, "image.repository", "schema",
           "image repository"),

@@ -572,7 +572,7 @@ class NetworkSpec(Section):
         description="Expected all-reduce bus bandwidth (GB/s, nccl-tests' busbw) of a multi-node job "
         "(unset: 40 for the RDMA presets, none for tcp).",
     )
-    env: dict[k8s.EnvVarName, str] = Field(
+    env: dict[k8s.EnvVarName, k8s.PrintableText] = Field(
         default_factory=dict,
         description="Further variables for NCCL or its plugins (e.g. NCCL_IB_TIMEOUT: '22'); "
         "names janus-train sets itself are refused.",
