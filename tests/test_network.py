@@ -270,6 +270,52 @@ def test_verdict_refuses_a_socket_fallback_under_an_rdma_preset_and_accepts_ib()
     assert network._verdict(ib, "nccl", parse_nccl_log(IB_LOG), 1, 1.0)[1:] == (None, None)
 
 
+# NCCL 2.28.9's own network lines, recorded by bench/netcheck.py on an H200 host (2 GPUs, no HCA): under
+# the tcp preset (NCCL_IB_DISABLE=1) and under infiniband, where NCCL found no IB device and fell back.
+RECORDED = {preset: ROOT / "bench" / "results" / f"2026-11-30-nvidia-h200-2-netcheck{suffix}.json"
+            for preset, suffix in (("tcp", ""), ("infiniband", "-infiniband"))}
+
+
+def recorded(preset: str) -> dict:
+    import json
+
+    record = json.loads(RECORDED[preset].read_text())
+    assert record["backend"] == "nccl" and record["settings"]["preset"] == preset and record["nccl_init"]
+    return record
+
+
+def test_real_nccl_output_socket_fallback_is_refused_under_infiniband():
+    record = recorded("infiniband")
+    init = parse_nccl_log("\n".join(record["nccl_init"]))
+    # "NET/IB : Using [RO]; OOB eth0..." names no device: no HCA is taken for one
+    assert init.no_ib_device and init.networks == ["Socket"] and init.ib_devices == [] and init.socket_ifs == ["eth0"]
+    assert init.links == ["P2P"]  # one node: the GPUs talk over NVLink, the network is what NCCL selected
+    for nodes in (record["nodes"], 2):
+        transport, _, problem = network._verdict(NetworkSettings(preset="infiniband"), "nccl", init, nodes,
+                                                 record["result"]["busbw_gbs"])
+        assert transport == "NET/Socket", transport
+        assert problem == ("network.preset infiniband but NCCL uses NET/Socket: NCCL found no usable IB device "
+                           "(NET/IB : No device found); the preflight line and docs/network.md list what the "
+                           "node must provide"), problem
+    # what the GPU run logged is what the verdict says on this output today
+    assert record["result"]["transport"] == "NET/Socket" and record["result"]["problem"] == problem
+    for preset in ("roce", "hostnetwork"):
+        assert network._verdict(NetworkSettings(preset=preset), "nccl", init, 2, 8.0)[2].startswith(
+            f"network.preset {preset} but NCCL uses NET/Socket")
+
+
+def test_real_nccl_output_sockets_are_accepted_under_tcp():
+    for preset in ("tcp", "infiniband"):  # the same sockets are what tcp asks for, whatever NCCL tried first
+        record = recorded(preset)
+        init = parse_nccl_log("\n".join(record["nccl_init"]))
+        assert init.networks == ["Socket"] and init.socket_ifs == ["eth0"]
+        for nodes in (1, 2):
+            transport, expected, problem = network._verdict(NetworkSettings(preset="tcp"), "nccl", init, nodes,
+                                                            record["result"]["busbw_gbs"])
+            assert (transport, expected, problem) == ("NET/Socket", None, None)
+    assert recorded("tcp")["result"]["problem"] is None
+
+
 def test_debug_file_is_expanded_like_nccl_does():
     assert network.expand_debug_file("/tmp/x/nccl.%p.log", pid=42) == "/tmp/x/nccl.42.log"
     assert network.expand_debug_file("/tmp/%%%h", pid=1).startswith("/tmp/%")
@@ -344,3 +390,55 @@ def test_one_rank_group_and_check_off(tmp_path):
         assert network.check_process_group(NetworkSettings(check="off"), torch.device("cpu")) is None
     finally:
         dist.destroy_process_group()
+
+
+# -- janus-job launch on a node without RDMA ----------------------------------------------------------
+
+
+def test_launch_under_an_rdma_preset_refuses_before_torchrun_on_a_node_without_rdma(tmp_path):
+    """The Worker container of the rendered r2r-2node-ib example (InfiniBand preset, check: error), started
+    here with its command, the spec of its ConfigMap, the chart's env and the operator's elastic PET_*
+    variables: this machine has no /dev/infiniband, so NCCL would use sockets and launch must stop there."""
+    import os
+
+    import yaml
+
+    if list(Path("/dev/infiniband").glob("uverbs*")):
+        pytest.skip("this machine has RDMA devices: the preflight may pass and torchrun would start")
+    docs = [d for d in yaml.safe_load_all((ROOT / "manifests/examples/r2r-2node-ib/manifests.yaml").read_text()) if d]
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "r2r-2node-ib-spec"]
+    (job,) = [d for d in docs if d["kind"] == "PyTorchJob"]
+    (container,) = [c for c in job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+                    if c["name"] == "pytorch"]
+    spec = tmp_path / "etc-janus" / "job.yaml"
+    spec.parent.mkdir()
+    spec.write_text(configmap["data"]["job.yaml"])
+    assert yaml.safe_load(spec.read_text())["network"]["preset"] == "infiniband"
+    assert container["command"] == ["janus-job", "launch", "--spec", "/etc/janus/job.yaml"]
+    command = [sys.executable, "-m", "janus_job.cli", *container["command"][1:-1], str(spec)]
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PET_", "JANUS_", "NCCL_")) and k not in ("LOCAL_RANK", "CUDA_VISIBLE_DEVICES")}
+    env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})  # the chart's literal values
+    debug_dir = tmp_path / "nccl"
+    env[network.DEBUG_DIR_ENV] = str(debug_dir)
+    env.update(JANUS_SPEC=str(spec), HOME=str(tmp_path), TMPDIR=str(tmp_path),
+               PET_NNODES="2:4", PET_NPROC_PER_NODE="8", PET_RDZV_BACKEND="c10d",
+               PET_RDZV_ENDPOINT="r2r-2node-ib-worker-0:29400", PET_RDZV_ID="r2r-2node-ib", PET_MAX_RESTARTS="3",
+               NODE_NAME="gpu-node-7", POD_NAME="r2r-2node-ib-worker-1", POD_NAMESPACE="janus")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.splitlines() == ["network preflight hcas=none FAILED"], proc.stdout
+    (line,) = proc.stderr.splitlines()
+    try:
+        network.load_verbs()
+        cause = "no /dev/infiniband/uverbs* device in the pod: request the RDMA device plugin's resource"
+    except OSError:
+        cause = "the verbs library libibverbs.so.1 cannot be loaded"
+    assert line.startswith(f"error: network.preset infiniband: NCCL would fall back to sockets: {cause}"), line
+    assert line.endswith("(network.check: warn lets the job start anyway)"), line
+    # nothing after the preflight ran: no network variables printed, no torchrun command, no NCCL debug dir
+    assert "janus-job launch:" not in proc.stdout and "torch.distributed.run" not in proc.stdout + proc.stderr
+    assert not debug_dir.exists()
