@@ -85,7 +85,7 @@ def spec_with(network_section: dict):
     ({"env": {"MASTER_ADDR": "10.0.0.1"}}, "network.env.MASTER_ADDR", "remove it"),
     ({"env": {"PET_NNODES": "4"}}, "network.env.PET_NNODES", "remove it"),
     ({"env": {"1BAD": "x"}}, "network.env", "letters, digits"),
-    ({"env": {"NCCL_IB_TIMEOUT": "22\nhostPID: true"}}, "network.env.NCCL_IB_TIMEOUT", "one line"),
+    ({"env": {"NCCL_IB_TIMEOUT": "22\nhostPID: true"}}, "network.env.NCCL_IB_TIMEOUT", "remove control characters"),
     ({"preset": "tcp", "ib_gid_index": 3}, "network.ib_gid_index", "choose preset infiniband"),
     ({"preset": "tcp", "gdr_level": "PHB"}, "network.gdr_level", "choose preset"),
     ({"socket_ifname": "eth0:1"}, "network.socket_ifname", "interface names"),
@@ -442,3 +442,48 @@ def test_launch_under_an_rdma_preset_refuses_before_torchrun_on_a_node_without_r
     # nothing after the preflight ran: no network variables printed, no torchrun command, no NCCL debug dir
     assert "janus-job launch:" not in proc.stdout and "torch.distributed.run" not in proc.stdout + proc.stderr
     assert not debug_dir.exists()
+
+
+# -- the SR-IOV example: one VF resource and one Multus network per rail ----------------------------------
+
+
+def test_sriov_example_trainer_pods_request_one_vf_per_rail_and_attach_each_rails_network(tmp_path):
+    """manifests/examples/h800-roce-sriov (the chart's render of examples/h800-roce-sriov.yaml, kept current by
+    tests/test_manifests_sync.py): every training pod asks the SR-IOV device plugin for the VF of each of the
+    8 rails and Multus for the same 8 networks, next to its 8 GPUs, and NCCL is told the 8 HCAs exactly."""
+    import yaml
+
+    rails = [f"roce-rail-{i}" for i in range(8)]
+    vfs = {f"nvidia.com/roce_rail_{i}": 1 for i in range(8)}
+    docs = [d for d in yaml.safe_load_all((ROOT / "manifests/examples/h800-roce-sriov/manifests.yaml").read_text())
+            if d]
+    (job,) = [d for d in docs if d["kind"] == "PyTorchJob"]
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Worker"} and replicas["Worker"]["replicas"] == 4  # elastic: Workers only, 4 nodes
+    for role, replica in replicas.items():
+        pod = replica["template"]
+        assert pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"].split(",") == rails, role
+        assert pod["spec"]["runtimeClassName"] == "nvidia" and not pod["spec"].get("hostNetwork")
+        (trainer,) = [c for c in pod["spec"]["containers"] if c["name"] == "pytorch"]
+        for kind in ("requests", "limits"):
+            resources = trainer["resources"][kind]
+            assert {k: v for k, v in resources.items() if k.startswith("nvidia.com/roce_rail_")} == vfs, (role, kind)
+            assert resources["nvidia.com/gpu"] == 8
+        # no other container of the pod holds a VF
+        for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
+            if container is not trainer:
+                assert not set(container.get("resources", {}).get("requests", {})) & set(vfs), container["name"]
+    # VFs are the trainers' alone: the precompute, start and validate pods take none
+    for doc in docs:
+        if doc["kind"] == "Job":
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                assert not set(container["resources"].get("requests", {})) & set(vfs), doc["metadata"]["name"]
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "h800-roce-spec"]
+    from janus_job.config.load import load_spec
+
+    (tmp_path / "job.yaml").write_text(configmap["data"]["job.yaml"])  # the spec the pods mount
+    settings = NetworkSettings.of(load_spec(tmp_path / "job.yaml").network)
+    env = nccl_env(settings, "/tmp/janus-nccl")
+    assert settings.preset == "roce" and env["NCCL_IB_DISABLE"] == "0"
+    hcas = NameFilter.parse(env["NCCL_IB_HCA"])
+    assert hcas.exact and not hcas.exclude and hcas.names == [f"mlx5_{i}" for i in range(8)]  # one HCA per rail

@@ -222,7 +222,7 @@ BAD = [
      "remove it"),
     ("env-bad-name", with_changes({"network": {"env": {"NCCL-X": "1"}}}), "network.env", "letters, digits"),
     ("env-newline", with_changes({"network": {"env": {"NCCL_X": "1\nhostPID: true"}}}), "network.env.NCCL_X",
-     "one line"),
+     "remove control characters"),
     ("tcp-with-ib-field", with_changes({"network": {"ib_tc": 106}}), "network.ib_tc", "choose preset"),
     ("unknown-network", with_changes({"network": {"preset": "ethernet"}}), "network.preset",
      "'tcp', 'infiniband', 'roce' or 'hostnetwork'"),
