@@ -1,6 +1,7 @@
 """The trained model comes out: JanusVLN checkpoint directories written at the end of a real training
-run and by `janus-job export` from a ZeRO-3 checkpoint of another world size, checked against
-DeepSpeed's own consolidation; the clip rule under real DeepSpeed; a trained merger is loaded."""
+run (and with each checkpoint), by `janus-job export` from a ZeRO-3 checkpoint of another world size
+and from an S3 checkpoint to S3, in bf16, checked against DeepSpeed's own consolidation; the clip rule
+under real DeepSpeed; a trained merger is loaded, also when training continues from an export."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def consolidated(checkpoint_root: Path) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=STEP)
 
 
-def check_export(export: Path, checkpoint_root: Path, spec: dict) -> None:
+def check_export(export: Path, checkpoint_root: Path, spec: dict, base_merger: str = "fresh") -> None:
     """Weights equal DeepSpeed's consolidation; files 0644; base files byte-equal; the export
-    reloads with from_pretrained, its merger is the trained one, its logits the trained model's."""
+    reloads with from_pretrained, its merger is the trained one, its logits the trained model's.
+    `base_merger`: where model.qwen's merger comes from (a JanusVLN checkpoint holds one)."""
     from safetensors.torch import load_file
 
     from janus_job.models.janusvln.build import build_model
@@ -67,7 +69,7 @@ def check_export(export: Path, checkpoint_root: Path, spec: dict) -> None:
     reloaded = build_model(str(export), dtype=torch.float32)
     assert reloaded.merger_source == "checkpoint"
     base = build_model(str(qwen), dtype=torch.float32)
-    assert base.merger_source == "fresh"
+    assert base.merger_source == base_merger
     missing, _ = base.load_state_dict(trained, strict=False)
     assert not [m for m in missing if m.startswith("merger.") or "language_model" in m]
     for name, param in reloaded.merger.named_parameters():
@@ -146,7 +148,12 @@ def test_export_needs_the_vggt_aggregator(job, tmp_path):
 
 @pytest.mark.slow
 def test_cli_exports_a_zero3_checkpoint_of_two_ranks(job, tmp_path):
+    """Continues from the module job's export (a JanusVLN checkpoint: its trained merger is loaded) with
+    ZeRO-3 at two ranks; `janus-job export` writes that checkpoint out in one process."""
     spec = yaml.safe_load(job.read_text())
+    janusvln = trained(job) / "export" / STEP
+    assert (janusvln / "config.json").exists()
+    spec["model"]["qwen"] = str(janusvln)
     spec["training"].update(gpus_per_node=2, global_batch_size=4, export=False)
     spec["training"]["checkpoint"].update(url=str(tmp_path / "checkpoints"), interval_steps=3)  # no export: save step 3
     spec["deepspeed"]["zero_stage"] = 3
@@ -156,12 +163,13 @@ def test_cli_exports_a_zero3_checkpoint_of_two_ranks(job, tmp_path):
                             env=worker.trainer_env(tmp_path / "trace-{rank}.jsonl", tmp_path / "staging"),
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "spatial_merger=checkpoint" in result.stdout and "spatial_merger=fresh" not in result.stdout
     assert not (tmp_path / "checkpoints" / "export").exists()  # training.export: false
     out = tmp_path / "exported"
     result = janus_job("export", str(spec_path), "--step", "3", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "saved at world size 2, ZeRO-3" in result.stdout and "export done step=3" in result.stdout
-    check_export(out, tmp_path / "checkpoints", spec)
+    check_export(out, tmp_path / "checkpoints", spec, base_merger="checkpoint")
 
 
 @pytest.mark.slow
