@@ -277,3 +277,48 @@ def test_rendered_configs_load_in_real_deepspeed(tmp_path):
     assert off["ok"] and off["stage"] == 3 and off["offload_optimizer"], off
     assert not wrong["ok"], wrong
     assert "batch" in wrong["error"].lower(), wrong
+
+
+ADAM = {"adam_beta1": 0.85, "adam_beta2": 0.95, "adam_epsilon": 1e-6}  # none of them the default
+
+ENGINE_OPTIMIZER = textwrap.dedent("""
+    import json, os, sys
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    import deepspeed, torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from janus_job.config.deepspeed import render_deepspeed_config
+    from janus_job.config.spec import JobSpec
+    from janus_job.train.distributed import skip_cpu_shm_collectives
+    from janus_job.train.engine import build_engine
+    skip_cpu_shm_collectives()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch_spec, deepspeed_spec = (JobSpec.model_validate(s) for s in json.loads(sys.argv[1]))
+    engine, _ = build_engine(torch_spec, torch.nn.Linear(4, 4), world_size=1, total_steps=4)
+    adamw = engine.optimizer.optimizer  # the torch optimizer under DeepSpeed's ZeRO wrapper
+    parsed = DeepSpeedConfig(render_deepspeed_config(deepspeed_spec, 1))  # what DeepSpeed builds its AdamW from
+    print("RESULTS " + json.dumps({"type": type(adamw).__module__ + "." + type(adamw).__name__,
+                                   "groups": [[list(g["betas"]), g["eps"]] for g in adamw.param_groups],
+                                   "deepspeed": [parsed.optimizer_name, parsed.optimizer_params]}))
+""")
+
+
+@pytest.mark.slow
+def test_adam_betas_and_eps_reach_both_optimizers(tmp_path):
+    """training.adam_beta1/adam_beta2/adam_epsilon reach torch's AdamW that build_engine hands DeepSpeed
+    (deepspeed.optimizer: torch) and the optimizer section DeepSpeed builds its own from (deepspeed)."""
+    from conftest import free_port
+
+    torch_spec = make(training=ADAM, deepspeed={"bf16": False, "optimizer": "torch"})
+    deepspeed_spec = make(training=ADAM, deepspeed={"optimizer": "deepspeed"})
+    assert "optimizer" not in render_deepspeed_config(torch_spec, 1)
+    specs = [s.model_dump(mode="json", exclude_none=True) for s in (torch_spec, deepspeed_spec)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", ENGINE_OPTIMIZER, json.dumps(specs), str(free_port())],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(line[0][len("RESULTS "):])
+    assert r["type"] == "torch.optim.adamw.AdamW", r
+    assert r["groups"] and all(group == [[0.85, 0.95], 1e-6] for group in r["groups"]), r
+    name, params = r["deepspeed"]
+    assert name == "adamw" and params["betas"] == [0.85, 0.95] and params["eps"] == 1e-6, r

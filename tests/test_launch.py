@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import JANUS_JOB, free_port
 
@@ -161,3 +163,17 @@ def test_two_nodes_started_like_the_pytorchjob_train_together(tmp_path):
     assert param_norm(outputs[0]) == param_norm(outputs[1])  # ZeRO-2 replicas stayed identical
     for rank in (0, 1):
         assert len((tmp_path / f"metrics-{rank}.jsonl").read_text().splitlines()) == 4  # 3 steps + done
+
+    # the job ends with an export (training.export) of its ZeRO-1 checkpoint of two ranks, written by rank 0
+    import yaml
+    from test_export import STEP, check_export
+
+    values = yaml.safe_load(spec.read_text())
+    assert values["deepspeed"].get("zero_stage", 1) == 1 and values["training"].get("export", True)
+    root = Path(values["training"]["checkpoint"]["url"])
+    assert "saved at world size 2, ZeRO-1)" in outputs[0]
+    assert f"export done step=3 url={root}/export/{STEP}" in outputs[0]
+    assert "export done" not in outputs[1]
+    assert [p.name for p in (root / "export").iterdir()] == [STEP]  # no temporary left
+    assert len([p for p in (root / STEP).iterdir() if p.name.endswith("optim_states.pt")]) == 2  # one per rank
+    check_export(root / "export" / STEP, root, values)

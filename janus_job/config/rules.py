@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any
 
-from janus_job.config import k8s
+from janus_job.config import k8s, memory
 from janus_job.config.memory import checkpoint_gib, memory_problems
 from janus_job.config.spec import DNS_LABEL_MAX, JobSpec
 from janus_job.errors import Problem
@@ -361,17 +361,40 @@ def pod_security_problems(spec: JobSpec) -> list[Problem]:
 
 
 STAGING_CHECKPOINTS = 3  # one being saved, one fetched for a resume, its universal (resharded) copy
+VGGT_AGGREGATOR_PARAMS = 0.91e9  # the part of VGGT-1B an export carries
+
+
+def export_gib(spec: JobSpec) -> float:
+    """Size of one JanusVLN export: every Qwen2.5-VL weight, the spatial merger and the VGGT aggregator in
+    the export dtype (17.2 GiB in bf16 for JanusVLN-7B, bench/results/export-*.json)."""
+    params = (memory.QWEN_LLM_PARAMS + memory.QWEN_VISION_PARAMS + memory.QWEN_MERGER_PARAMS
+              + memory.SPATIAL_MERGER_PARAMS + VGGT_AGGREGATOR_PARAMS)
+    return params * (2 if spec.deepspeed.bf16 else 4) / 1024**3
 
 
 def staging_problems(spec: JobSpec) -> list[Problem]:
-    """The chart sizes each training pod's staging volume from cluster.checkpoint_staging_gib."""
-    need = math.ceil(STAGING_CHECKPOINTS * checkpoint_gib(spec))
+    """The chart sizes each training pod's staging volume from cluster.checkpoint_staging_gib: a save, a
+    fetched checkpoint and its resharded copy; with training.export to object storage also the export's
+    output, and with export_every_checkpoint its fetched checkpoint too (it runs beside the next save).
+    At the end of training the save is uploaded, so the final export's fetched checkpoint takes its place."""
+    ckpt = checkpoint_gib(spec)
+    need = STAGING_CHECKPOINTS * ckpt
+    holds = f"a checkpoint save, a fetched checkpoint and its resharded copy ({STAGING_CHECKPOINTS} x {ckpt:.0f} GiB)"
+    t = spec.training
+    if t.export and t.checkpoint.url.startswith(OBJECT_STORE_SCHEMES):
+        out = export_gib(spec)
+        if t.export_every_checkpoint:
+            need += ckpt + out
+            holds += f", and an export's fetched checkpoint and output beside them ({ckpt:.0f} + {out:.0f} GiB)"
+        else:
+            need += out
+            holds += f", and the final export's output beside them ({out:.0f} GiB)"
+    need = math.ceil(need)
     if spec.cluster.checkpoint_staging_gib < need:
         return [
             Problem(
                 "cluster.checkpoint_staging_gib",
-                f"{spec.cluster.checkpoint_staging_gib:g} GiB cannot hold a checkpoint save, a fetched checkpoint and "
-                f"its resharded copy ({STAGING_CHECKPOINTS} x {checkpoint_gib(spec):.0f} GiB)",
+                f"{spec.cluster.checkpoint_staging_gib:g} GiB cannot hold {holds}",
                 f"use at least {need}",
             )
         ]

@@ -516,7 +516,9 @@ class ClusterSpec(Section):
         gt=0,
         le=100_000,
         description="Node-local checkpoint staging of each training pod (JANUS_CHECKPOINT_STAGING): a save, a fetched "
-        "checkpoint and its resharded copy; at least 3 x the estimated checkpoint (JanusVLN-7B: 101-109 GiB).",
+        "checkpoint and its resharded copy; at least 3 x the estimated checkpoint (JanusVLN-7B: 101-109 GiB), plus "
+        "the export's output (17 GiB in bf16) with training.export to object storage, plus one more checkpoint "
+        "with export_every_checkpoint (the export fetches its checkpoint here).",
     )
     checkpoint_staging_dir: k8s.AbsolutePath = Field(
         "/var/lib/janus/checkpoint-staging",
