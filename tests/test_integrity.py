@@ -479,6 +479,105 @@ def test_too_many_bad_samples_stop_the_run_before_training(demo_job, tmp_path):
                                                                   for s in annotations.samples[:3]}
 
 
+def break_two_frames(spec_path: Path, tmp_path: Path) -> tuple[dict[str, tuple[str, str]], str]:
+    """The job on its own copy of the frames and annotations, with one frame deleted and one
+    overwritten with garbage, each read by one sample only; returns (sample id -> (frame as
+    written, path)) and the annotation file."""
+    import shutil
+
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    shutil.copytree(spec["data"]["image_root"], tmp_path / "images")
+    annotations = tmp_path / "train.json"
+    shutil.copyfile(spec["data"]["annotations"], annotations)
+    spec["data"].update(annotations=str(annotations), image_root=str(tmp_path / "images"))
+    spec_path.write_text(yaml.safe_dump(spec))
+    samples = load_annotations(annotations, tmp_path / "images").samples
+    readers: dict[str, list] = {}
+    for sample in samples:
+        for image, path in zip(sample.images, sample.frame_paths):
+            readers.setdefault(image, []).append((sample.id, path))
+    lonely = {found[0][0]: (image, found[0][1]) for image, found in readers.items() if len(found) == 1}
+    (gone_id, (gone_image, gone_path)), (bad_id, (bad_image, bad_path)) = list(lonely.items())[::len(lonely) - 1]
+    Path(gone_path).unlink()
+    Path(bad_path).write_bytes(b"\xff\xd8 not a jpeg")
+    return {gone_id: (gone_image, gone_path), bad_id: (bad_image, bad_path)}, str(annotations)
+
+
+def edit_spec(spec_path: Path, **sections) -> Path:
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    for section, values in sections.items():
+        spec[section].update(values)
+    spec_path.write_text(yaml.safe_dump(spec))
+    return spec_path
+
+
+@pytest.mark.slow
+def test_missing_and_corrupt_frames_are_left_out_under_skip_counted_and_capped(demo_job, tmp_path, capsys):
+    """skip: precompute records the two samples (annotation file, record, frame path) in its
+    checksummed completion marker, training drops them and reports bad_samples=2 from the start line
+    to the final record; fail names the frame; over data.max_bad_fraction, precomputed or online,
+    the run is refused before training."""
+    from janus_job.demo.run import precompute_features
+
+    spec_path = with_policy(copy_job(demo_job, tmp_path), "skip")  # max_bad_fraction 0.1: 2 of 24 is 8%
+    # 22 samples are left: a global batch of 20 is one step; no export (not what this test is about)
+    edit_spec(spec_path, training={"global_batch_size": 20, "export": False})
+    victims, annotation_file = break_two_frames(spec_path, tmp_path)
+    gone, bad = victims
+
+    precompute_features(spec_path)
+    log = capsys.readouterr().out
+    for sample_id, (image, path) in victims.items():
+        assert (f"bad_sample data.annotations {annotation_file}: sample {sample_id}: frame {image} ({path}): "
+                f"{'does not exist' if sample_id == gone else 'is not a readable image ('}") in log, log
+    assert "22 samples covered, 2 left out with missing or unreadable frames (bad_samples=2" in log
+    _spec, store, annotations = open_store(spec_path)
+    recorded = store.completion(annotations.digest)["bad_samples"]  # checksum verified on read
+    assert sorted(recorded) == sorted(victims) and victims[gone][1] in recorded[gone]
+
+    metrics = tmp_path / "metrics.jsonl"
+    trace = tmp_path / "trace.jsonl"
+    result = run_cli("train", "--spec", str(spec_path),
+                     env={"JANUS_METRICS_FILE": str(metrics), "JANUS_SAMPLE_TRACE": str(trace)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("train data: 2 of 24 samples left out: precompute found missing or unreadable frames "
+            "(data.on_bad_sample: skip; first: data.annotations") in result.stdout
+    start = next(line for line in result.stdout.splitlines() if line.startswith("train start "))
+    assert " samples=22 " in start and start.endswith(" bad_samples=2"), start
+    assert train_lines(result.stdout)[-1].endswith(" bad_samples=2"), result.stdout
+    done = next(line for line in result.stdout.splitlines() if line.startswith("train done "))
+    assert done.endswith(" bad_samples=2")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert records[-1]["event"] == "done" and records[-1]["bad_samples"] == 2
+    assert records[-2]["event"] == "train" and records[-2]["bad_samples"] == 2
+    trained = {sid for line in trace.read_text().splitlines() for sid in json.loads(line)["sample_ids"]}
+    assert len(trained) == 20 and not trained & set(victims)
+
+    failing = run_cli("train", "--spec", str(edit_spec(spec_path, data={"on_bad_sample": "fail"})))
+    assert failing.returncode == 2, failing.stdout + failing.stderr
+    error = failing.stderr.strip().splitlines()[-1]
+    first = min(victims)  # the marker keeps them sorted
+    image, path = victims[first]
+    assert f"data.annotations {annotation_file}: sample {first}: frame {image} ({path})" in error
+    assert "data.on_bad_sample: fail" in error and "train start" not in failing.stdout
+
+    edit_spec(spec_path, data={"on_bad_sample": "skip", "max_bad_fraction": 0.05})
+    capped = run_cli("train", "--spec", str(spec_path))
+    assert capped.returncode == 2, capped.stdout + capped.stderr
+    assert ("2 of 24 samples have missing or unreadable frames, more than data.max_bad_fraction 0.05 allows"
+            in capped.stderr) and "train start" not in capped.stdout
+
+    online = run_cli("train", "--spec", str(edit_spec(spec_path, features={"mode": "online", "cache_vision": False})))
+    assert online.returncode == 2, online.stdout + online.stderr  # the header pass finds both before the sampler
+    assert "train data: 2 of 24 samples left out: 2 of " in online.stdout
+    assert ("2 of 24 samples have missing or unreadable frames, more than data.max_bad_fraction 0.05 allows"
+            in online.stderr) and "train start" not in online.stdout
+
+
 def test_precompute_checks_what_it_reuses_and_recomputes_a_corrupt_object(tmp_path):
     from janus_job.features.precompute import finalize
     from janus_job.features.store import FeatureStore

@@ -66,6 +66,23 @@ def frame_label(source: FrameSource) -> str:
     return found if isinstance(found, str) else f"<{type(source).__name__}>"
 
 
+def frame_problem(path: str | os.PathLike) -> str | None:
+    """Why a frame file cannot be used (missing, or no readable image header), else None.
+
+    Cheap: reads the header only, so a file broken further in is found when it is decoded.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        return "does not exist"
+    except (Image.UnidentifiedImageError, OSError) as err:
+        return f"is not a readable image ({err})"
+    if width <= 0 or height <= 0:
+        return f"is not a readable image (size {width}x{height})"
+    return None
+
+
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
     if img.mode == "RGBA":
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
