@@ -160,7 +160,7 @@ def test_a_frame_that_fails_to_decode_is_replaced_under_skip(processor, root):
     failing = data.JanusDataset(samples, processor, spatial="online", vision="online", target_width=TARGET_WIDTH)
     with pytest.raises(JobError, match=rf"sample b: frame f1.png \({root / 'f1.png'}\): ") as caught:
         failing[1]
-    assert "restarted run" not in str(caught.value)
+    assert "restarted run" not in str(caught.value) and "data.on_bad_sample: fail" in str(caught.value)
 
 
 def test_missing_cached_feature_names_the_sample(processor, root):

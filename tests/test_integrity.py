@@ -535,6 +535,7 @@ def test_missing_and_corrupt_frames_are_left_out_under_skip_counted_and_capped(d
         assert (f"bad_sample data.annotations {annotation_file}: sample {sample_id}: frame {image} ({path}): "
                 f"{'does not exist' if sample_id == gone else 'is not a readable image ('}") in log, log
     assert "22 samples covered, 2 left out with missing or unreadable frames (bad_samples=2" in log
+    assert "BytesIO" not in log and " at 0x" not in log
     _spec, store, annotations = open_store(spec_path)
     recorded = store.completion(annotations.digest)["bad_samples"]  # checksum verified on read
     assert sorted(recorded) == sorted(victims) and victims[gone][1] in recorded[gone]

@@ -248,8 +248,8 @@ class JanusDataset:
         bad = len(self.bad) + len(self.dropped)
         if not total or bad <= self.max_bad_fraction * total:
             return
-        first = "; ".join([*list(self.dropped.values())[:2],
-                           *(f"{sid} ({key})" for sid, key in list(self.bad.items())[:3])][:3])
+        first = "; ".join([*list(self.dropped.values())[:1],
+                           *(f"{sid} ({key})" for sid, key in list(self.bad.items())[:1 if self.dropped else 3])])
         if not self.dropped:
             what = "have corrupt (quarantined) features"
             fix = "rerun `janus-job precompute` (it recomputes quarantined objects)"
@@ -374,10 +374,11 @@ class JanusDataset:
             try:
                 rgb = frames.load_frame(path)
             except JobError as err:
-                message = describe_bad_frame(sample, ref, path, str(err))
+                message = describe_bad_frame(sample, ref, path, getattr(err, "reason", str(err)))
                 if self.on_bad_sample == "skip":
                     raise BadSample(message, path, known=False) from None
-                raise JobError(message) from err
+                raise JobError(f"{message} (data.on_bad_sample: fail): restore or re-extract the frame, drop its "
+                               "record, or set data.on_bad_sample: skip") from err
             out.append(frames.preprocess_for_vggt(rgb, self.target_width, self.patch))
         return out
 

@@ -196,9 +196,7 @@ class _FrameReader:
             rgb = frame_ops.load_frame(blob, name=self.where(path))
             return frame_ops.preprocess_for_vggt(rgb, self.target_width, self.patch)
         except JobError as err:
-            cause = err.__cause__
-            reason = f"is not a readable image ({cause})" if cause is not None else str(err)
-            raise BadFrame(str(err), path, reason) from cause
+            raise BadFrame(str(err), path, getattr(err, "reason", str(err))) from err.__cause__
 
     def request(self, path: str) -> Future:
         with self.lock:
