@@ -52,6 +52,36 @@ def test_a_missing_frame_in_precompute_names_its_record(tmp_path):
         run_worker(job, load_encoders(job, "cpu", vision=False), worker=0, workers=1)
 
 
+def test_skip_precompute_over_two_pods_records_every_bad_sample_in_the_marker(tmp_path):
+    """A deleted frame (found when hashing) and a truncated one (its header reads, its pixels do not:
+    found when decoding), their samples spread over both pods' workers."""
+    from janus_job.features.precompute import run_pod
+    from janus_job.features.store import FeatureStore
+
+    spec_path = write_spec(tmp_path, str(tmp_path / "store"), pods=2, batch=3)
+    spec = json.loads(spec_path.read_text())
+    spec["data"]["on_bad_sample"] = "skip"
+    spec_path.write_text(json.dumps(spec))
+    job = load_spec(spec_path)
+    annotations = load_annotations(job.data.annotations, job.data.image_root)
+    gone, cut = annotations.samples[0].frame_paths[0], annotations.samples[-1].frame_paths[-1]
+    Path(gone).unlink()
+    whole = Path(cut).read_bytes()
+    Path(cut).write_bytes(whole[: len(whole) // 2])
+    expected = {s.id: (gone if gone in s.frame_paths else cut) for s in annotations.samples
+                if gone in s.frame_paths or cut in s.frame_paths}
+    assert {s.index % 2 for s in annotations.samples if s.id in expected} == {0, 1}
+
+    reports = run_pod(job, "unused", index=1) + run_pod(job, "unused", index=0)
+    assert sum(len(r.bad_samples) for r in reports) == len(expected)
+    record = FeatureStore.from_spec(job).completion(annotations.digest)
+    assert set(record["bad_samples"]) == set(expected)
+    for sample_id, path in expected.items():
+        why = record["bad_samples"][sample_id]
+        assert why.startswith(f"data.annotations {job.data.annotations}: sample {sample_id}: frame ")
+        assert f"({path}): " + ("does not exist" if path == gone else "is not a readable image (") in why
+
+
 # ---------------------------------------------------------------- image paths stay under image_root
 
 
