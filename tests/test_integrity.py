@@ -81,6 +81,15 @@ def test_skip_precompute_over_two_pods_records_every_bad_sample_in_the_marker(tm
         assert why.startswith(f"data.annotations {job.data.annotations}: sample {sample_id}: frame ")
         assert f"({path}): " + ("does not exist" if path == gone else "is not a readable image (") in why
 
+    from typer.testing import CliRunner
+
+    from janus_job.cli import app
+
+    result = CliRunner().invoke(app, ["features", "verify", "--spec", str(spec_path), "--json"])
+    assert result.exit_code == 0, result.output  # the samples left out are not missing ones
+    verified = json.loads(result.output)
+    assert verified["bad_samples"] == len(expected) and verified["missing_samples"] == 0
+
 
 # ---------------------------------------------------------------- image paths stay under image_root
 
