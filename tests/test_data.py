@@ -118,6 +118,51 @@ def test_unreadable_frame_is_reported_with_sample_id_and_path(processor, root):
     assert "ep/corrupt" in str(err.value) and str(root / "f2.png") in str(err.value)
 
 
+def test_the_frame_pre_pass_names_missing_and_unreadable_frames_and_their_samples(processor, root):
+    """What the trainer runs before building the sampler when the encoders run online under skip."""
+    os.remove(root / "f1.png")
+    (root / "f2.png").write_bytes(b"not a png at all")
+    samples = [sample(root, "a", (0,)), sample(root, "b", (0, 1)), sample(root, "c", (2, 3)),
+               sample(root, "d", (3,))]
+    paths = sorted({p for s in samples for p in s.frame_paths})
+    problems = data.unreadable_frames(paths)
+    assert problems.keys() == {str(root / "f1.png"), str(root / "f2.png")}
+    assert problems[str(root / "f1.png")] == "does not exist"
+    assert problems[str(root / "f2.png")].startswith("is not a readable image (")
+    dropped = data.bad_frame_samples(samples, problems)
+    assert list(dropped) == ["b", "c"]
+    assert dropped["b"] == f"sample b: frame f1.png ({root / 'f1.png'}): does not exist"
+
+    kept = [s for s in samples if s.id not in dropped]
+    ds = data.JanusDataset(kept, processor, spatial="online", vision="online", target_width=TARGET_WIDTH,
+                           on_bad_sample="skip", max_bad_fraction=0.5, dropped=dropped)
+    assert [ds[k]["sample_id"] for k in range(len(ds))] == ["a", "d"]
+    with pytest.raises(JobError) as over:  # 2 of 4 is more than a quarter
+        data.JanusDataset(kept, processor, spatial="online", vision="online", target_width=TARGET_WIDTH,
+                          on_bad_sample="skip", max_bad_fraction=0.25, dropped=dropped)
+    assert str(over.value).startswith("2 of 4 samples have missing or unreadable frames, more than "
+                                      "data.max_bad_fraction 0.25 allows (first: sample b: frame f1.png (")
+    assert "or raise data.max_bad_fraction" in str(over.value)
+
+
+def test_a_frame_that_fails_to_decode_is_replaced_under_skip(processor, root):
+    """The header passes the pre-pass, the decode fails: the sample is replaced by the next one and
+    counted, so every rank still gets full micro-batches."""
+    whole = (root / "f1.png").read_bytes()
+    (root / "f1.png").write_bytes(whole[: len(whole) // 2])  # truncated: header fine, pixels not
+    assert frames.frame_problem(root / "f1.png") is None
+    samples = [sample(root, "a", (0,)), sample(root, "b", (1,)), sample(root, "c", (2,))]
+    ds = data.JanusDataset(samples, processor, spatial="online", vision="online", target_width=TARGET_WIDTH,
+                           on_bad_sample="skip", max_bad_fraction=0.5)
+    item = ds[1]
+    assert item["sample_id"] == "c" and item["bad_samples"] == ["b"]
+    assert ds.bad == {"b": str(root / "f1.png")}
+    failing = data.JanusDataset(samples, processor, spatial="online", vision="online", target_width=TARGET_WIDTH)
+    with pytest.raises(JobError, match=rf"sample b: frame f1.png \({root / 'f1.png'}\): ") as caught:
+        failing[1]
+    assert "restarted run" not in str(caught.value) and "data.on_bad_sample: fail" in str(caught.value)
+
+
 def test_missing_cached_feature_names_the_sample(processor, root):
     ds = data.JanusDataset([sample(root, "ep/nofeat")], processor, tiny.MemoryFeatureSource({}, {}),
                            target_width=TARGET_WIDTH)

@@ -52,6 +52,45 @@ def test_a_missing_frame_in_precompute_names_its_record(tmp_path):
         run_worker(job, load_encoders(job, "cpu", vision=False), worker=0, workers=1)
 
 
+def test_skip_precompute_over_two_pods_records_every_bad_sample_in_the_marker(tmp_path):
+    """A deleted frame (found when hashing) and a truncated one (its header reads, its pixels do not:
+    found when decoding), their samples spread over both pods' workers."""
+    from janus_job.features.precompute import run_pod
+    from janus_job.features.store import FeatureStore
+
+    spec_path = write_spec(tmp_path, str(tmp_path / "store"), pods=2, batch=3)
+    spec = json.loads(spec_path.read_text())
+    spec["data"]["on_bad_sample"] = "skip"
+    spec_path.write_text(json.dumps(spec))
+    job = load_spec(spec_path)
+    annotations = load_annotations(job.data.annotations, job.data.image_root)
+    gone, cut = annotations.samples[0].frame_paths[0], annotations.samples[-1].frame_paths[-1]
+    Path(gone).unlink()
+    whole = Path(cut).read_bytes()
+    Path(cut).write_bytes(whole[: len(whole) // 2])
+    expected = {s.id: (gone if gone in s.frame_paths else cut) for s in annotations.samples
+                if gone in s.frame_paths or cut in s.frame_paths}
+    assert {s.index % 2 for s in annotations.samples if s.id in expected} == {0, 1}
+
+    reports = run_pod(job, "unused", index=1) + run_pod(job, "unused", index=0)
+    assert sum(len(r.bad_samples) for r in reports) == len(expected)
+    record = FeatureStore.from_spec(job).completion(annotations.digest)
+    assert set(record["bad_samples"]) == set(expected)
+    for sample_id, path in expected.items():
+        why = record["bad_samples"][sample_id]
+        assert why.startswith(f"data.annotations {job.data.annotations}: sample {sample_id}: frame ")
+        assert f"({path}): " + ("does not exist" if path == gone else "is not a readable image (") in why
+
+    from typer.testing import CliRunner
+
+    from janus_job.cli import app
+
+    result = CliRunner().invoke(app, ["features", "verify", "--spec", str(spec_path), "--json"])
+    assert result.exit_code == 0, result.output  # the samples left out are not missing ones
+    verified = json.loads(result.output)
+    assert verified["bad_samples"] == len(expected) and verified["missing_samples"] == 0
+
+
 # ---------------------------------------------------------------- image paths stay under image_root
 
 
@@ -477,6 +516,106 @@ def test_too_many_bad_samples_stop_the_run_before_training(demo_job, tmp_path):
     assert "train start" not in result.stdout
     assert FeatureStore(str(tmp_path / "store")).quarantined() == {source.sample_keys(s)[0]
                                                                   for s in annotations.samples[:3]}
+
+
+def break_two_frames(spec_path: Path, tmp_path: Path) -> tuple[dict[str, tuple[str, str]], str]:
+    """The job on its own copy of the frames and annotations, with one frame deleted and one
+    overwritten with garbage, each read by one sample only; returns (sample id -> (frame as
+    written, path)) and the annotation file."""
+    import shutil
+
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    shutil.copytree(spec["data"]["image_root"], tmp_path / "images")
+    annotations = tmp_path / "train.json"
+    shutil.copyfile(spec["data"]["annotations"], annotations)
+    spec["data"].update(annotations=str(annotations), image_root=str(tmp_path / "images"))
+    spec_path.write_text(yaml.safe_dump(spec))
+    samples = load_annotations(annotations, tmp_path / "images").samples
+    readers: dict[str, list] = {}
+    for sample in samples:
+        for image, path in zip(sample.images, sample.frame_paths):
+            readers.setdefault(image, []).append((sample.id, path))
+    lonely = {found[0][0]: (image, found[0][1]) for image, found in readers.items() if len(found) == 1}
+    (gone_id, (gone_image, gone_path)), (bad_id, (bad_image, bad_path)) = list(lonely.items())[::len(lonely) - 1]
+    Path(gone_path).unlink()
+    Path(bad_path).write_bytes(b"\xff\xd8 not a jpeg")
+    return {gone_id: (gone_image, gone_path), bad_id: (bad_image, bad_path)}, str(annotations)
+
+
+def edit_spec(spec_path: Path, **sections) -> Path:
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    for section, values in sections.items():
+        spec[section].update(values)
+    spec_path.write_text(yaml.safe_dump(spec))
+    return spec_path
+
+
+@pytest.mark.slow
+def test_missing_and_corrupt_frames_are_left_out_under_skip_counted_and_capped(demo_job, tmp_path, capsys):
+    """skip: precompute records the two samples (annotation file, record, frame path) in its
+    checksummed completion marker, training drops them and reports bad_samples=2 from the start line
+    to the final record; fail names the frame; over data.max_bad_fraction, precomputed or online,
+    the run is refused before training."""
+    from janus_job.demo.run import precompute_features
+
+    spec_path = with_policy(copy_job(demo_job, tmp_path), "skip")  # max_bad_fraction 0.1: 2 of 24 is 8%
+    # 22 samples are left: a global batch of 20 is one step; no export (not what this test is about)
+    edit_spec(spec_path, training={"global_batch_size": 20, "export": False})
+    victims, annotation_file = break_two_frames(spec_path, tmp_path)
+    gone, bad = victims
+
+    precompute_features(spec_path)
+    log = capsys.readouterr().out
+    for sample_id, (image, path) in victims.items():
+        assert (f"bad_sample data.annotations {annotation_file}: sample {sample_id}: frame {image} ({path}): "
+                f"{'does not exist' if sample_id == gone else 'is not a readable image ('}") in log, log
+    assert "22 samples covered, 2 left out with missing or unreadable frames (bad_samples=2" in log
+    assert "BytesIO" not in log and " at 0x" not in log
+    _spec, store, annotations = open_store(spec_path)
+    recorded = store.completion(annotations.digest)["bad_samples"]  # checksum verified on read
+    assert sorted(recorded) == sorted(victims) and victims[gone][1] in recorded[gone]
+
+    metrics = tmp_path / "metrics.jsonl"
+    trace = tmp_path / "trace.jsonl"
+    result = run_cli("train", "--spec", str(spec_path),
+                     env={"JANUS_METRICS_FILE": str(metrics), "JANUS_SAMPLE_TRACE": str(trace)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("train data: 2 of 24 samples left out: precompute found missing or unreadable frames "
+            "(data.on_bad_sample: skip; first: data.annotations") in result.stdout
+    start = next(line for line in result.stdout.splitlines() if line.startswith("train start "))
+    assert " samples=22 " in start and start.endswith(" bad_samples=2"), start
+    assert train_lines(result.stdout)[-1].endswith(" bad_samples=2"), result.stdout
+    done = next(line for line in result.stdout.splitlines() if line.startswith("train done "))
+    assert done.endswith(" bad_samples=2")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert records[-1]["event"] == "done" and records[-1]["bad_samples"] == 2
+    assert records[-2]["event"] == "train" and records[-2]["bad_samples"] == 2
+    trained = {sid for line in trace.read_text().splitlines() for sid in json.loads(line)["sample_ids"]}
+    assert len(trained) == 20 and not trained & set(victims)
+
+    failing = run_cli("train", "--spec", str(edit_spec(spec_path, data={"on_bad_sample": "fail"})))
+    assert failing.returncode == 2, failing.stdout + failing.stderr
+    error = failing.stderr.strip().splitlines()[-1]
+    first = min(victims)  # the marker keeps them sorted
+    image, path = victims[first]
+    assert f"data.annotations {annotation_file}: sample {first}: frame {image} ({path})" in error
+    assert "data.on_bad_sample: fail" in error and "train start" not in failing.stdout
+
+    edit_spec(spec_path, data={"on_bad_sample": "skip", "max_bad_fraction": 0.05})
+    capped = run_cli("train", "--spec", str(spec_path))
+    assert capped.returncode == 2, capped.stdout + capped.stderr
+    assert ("2 of 24 samples have missing or unreadable frames, more than data.max_bad_fraction 0.05 allows"
+            in capped.stderr) and "train start" not in capped.stdout
+
+    online = run_cli("train", "--spec", str(edit_spec(spec_path, features={"mode": "online", "cache_vision": False})))
+    assert online.returncode == 2, online.stdout + online.stderr  # the header pass finds both before the sampler
+    assert "train data: 2 of 24 samples left out: 2 of " in online.stdout
+    assert ("2 of 24 samples have missing or unreadable frames, more than data.max_bad_fraction 0.05 allows"
+            in online.stderr) and "train start" not in online.stdout
 
 
 def test_precompute_checks_what_it_reuses_and_recomputes_a_corrupt_object(tmp_path):

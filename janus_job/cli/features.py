@@ -99,13 +99,16 @@ def verify(
     mismatched, frames_checked = (store.check_frame_hashes(index, annotations.image_paths(),
                                                           endpoint_url=job.features.endpoint_url)
                                   if frames else ([], 0))
-    missing = store.missing(annotations.samples, index, vision=job.features.cache_vision)
+    left_out = (completion or {}).get("bad_samples") or {}  # frames missing/unreadable, data.on_bad_sample skip
+    missing = [sample_id for sample_id in store.missing(annotations.samples, index, vision=job.features.cache_vision)
+               if sample_id not in left_out]
     found = store.verify(check_checksums=checksums)
     report = {
         "store": store.url,
         "samples": len(annotations),
         "missing_samples": len(missing),
         "first_missing": missing[:5],
+        "bad_samples": len(left_out),
         "objects": found.objects,
         "bytes": found.bytes,
         "corrupt": found.corrupt,

@@ -81,11 +81,13 @@ class DataSpec(Section):
     )
     on_bad_sample: Literal["fail", "skip"] = Field(
         "fail",
-        description="A corrupt stored feature met in training is quarantined in the store; fail: the run stops "
-        "naming it (a restart replaces the quarantined sample); skip: the sample is replaced and counted.",
+        description="A missing or unreadable frame, or a corrupt stored feature (quarantined in the store); fail: "
+        "the run stops naming it (a restart replaces a quarantined sample); skip: precompute leaves samples with "
+        "bad frames out and training drops them, other bad samples are replaced; all are counted (bad_samples).",
     )
     max_bad_fraction: float = Field(
-        0.01, ge=0, le=1, description="Stop the run when more than this fraction of samples is quarantined."
+        0.01, ge=0, le=1, description="Stop the run before training when more than this fraction of samples is "
+        "bad (left out for bad frames, or quarantined)."
     )
     frame_width: int = Field(
         644,

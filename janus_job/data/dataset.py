@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Protocol, Sequence
 
 from janus_job.errors import JobError
 
@@ -193,6 +193,11 @@ class JanusDataset:
 
     spatial / vision: "cached" asks `features` (a FeatureSource), "online" decodes the frames and
     leaves the encoder to the model. With both cached, no frame is read.
+
+    ``dropped`` (sample id -> why) are the samples already left out of ``samples`` because a frame
+    is missing or unreadable (`bad_frame_samples`); they count against ``max_bad_fraction`` with
+    the samples replaced here. Under on_bad_sample 'skip' a frame that fails to decode replaces
+    its sample like corrupt features do; under 'fail' it ends the run naming the frame.
     """
 
     def __init__(
@@ -206,6 +211,7 @@ class JanusDataset:
         frame_size: tuple[int, int] | None = None,
         on_bad_sample: str = "fail",
         max_bad_fraction: float = 1.0,
+        dropped: Mapping[str, str] | None = None,
     ):
         from janus_job.data import frames
 
@@ -227,6 +233,7 @@ class JanusDataset:
             raise JobError(f"data.on_bad_sample must be 'fail' or 'skip', not {on_bad_sample!r}")
         self.on_bad_sample = on_bad_sample
         self.max_bad_fraction = max_bad_fraction
+        self.dropped: dict[str, str] = dict(dropped or {})
         # samples whose stored features were quarantined before this run: replaced, never read
         finder = getattr(features, "bad_samples", None)
         self.bad: dict[str, str] = dict(finder(self.samples)) if finder and spatial == "cached" else {}
@@ -237,13 +244,26 @@ class JanusDataset:
                   "precompute` to recompute them", flush=True)
 
     def _check_bad_fraction(self) -> None:
-        if self.samples and len(self.bad) > self.max_bad_fraction * len(self.samples):
-            first = ", ".join(f"{sid} ({key})" for sid, key in list(self.bad.items())[:3])
-            raise JobError(
-                f"{len(self.bad)} of {len(self.samples)} samples have corrupt (quarantined) features, more than "
-                f"data.max_bad_fraction {self.max_bad_fraction} allows (first: {first}); rerun `janus-job "
-                "precompute` (it recomputes quarantined objects), or raise data.max_bad_fraction"
-            )
+        total = len(self.samples) + len(self.dropped)
+        bad = len(self.bad) + len(self.dropped)
+        if not total or bad <= self.max_bad_fraction * total:
+            return
+        first = "; ".join([*list(self.dropped.values())[:1],
+                           *(f"{sid} ({key})" for sid, key in list(self.bad.items())[:1 if self.dropped else 3])])
+        if not self.dropped:
+            what = "have corrupt (quarantined) features"
+            fix = "rerun `janus-job precompute` (it recomputes quarantined objects)"
+        elif not self.bad:
+            what = "have missing or unreadable frames"
+            fix = "restore or re-extract those frames (or drop their records) and rerun `janus-job precompute`"
+        else:
+            what = (f"are bad ({len(self.dropped)} with missing or unreadable frames, {len(self.bad)} with corrupt "
+                    "(quarantined) features)")
+            fix = "restore the frames and rerun `janus-job precompute`"
+        raise JobError(
+            f"{bad} of {total} samples {what}, more than data.max_bad_fraction {self.max_bad_fraction} allows "
+            f"(first: {first}); {fix}, or raise data.max_bad_fraction"
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -347,15 +367,18 @@ class JanusDataset:
 
     def _decode(self, sample) -> list:
         from janus_job.data import frames
+        from janus_job.errors import BadSample
 
         out = []
         for ref, path in zip(sample.images, _frame_paths(sample)):
             try:
                 rgb = frames.load_frame(path)
             except JobError as err:
-                source = getattr(sample, "source", "")
-                where = f"data.annotations {source}: " if source else ""
-                raise JobError(f"{where}sample {sample.id}: frame {ref} ({path}): {err}") from err
+                message = describe_bad_frame(sample, ref, path, getattr(err, "reason", str(err)))
+                if self.on_bad_sample == "skip":
+                    raise BadSample(message, path, known=False) from None
+                raise JobError(f"{message} (data.on_bad_sample: fail): restore or re-extract the frame, drop its "
+                               "record, or set data.on_bad_sample: skip") from err
             out.append(frames.preprocess_for_vggt(rgb, self.target_width, self.patch))
         return out
 
@@ -387,6 +410,37 @@ class JanusDataset:
 def _frame_paths(sample) -> Sequence[str]:
     paths = getattr(sample, "frame_paths", None)
     return paths if paths else sample.images
+
+
+def describe_bad_frame(sample, image: str, path: str, reason: str) -> str:
+    """How errors name a frame: the annotation file, the record id, the frame as written and its path."""
+    source = getattr(sample, "source", "")
+    where = f"data.annotations {source}: " if source else ""
+    return f"{where}sample {sample.id}: frame {image} ({path}): {reason}"
+
+
+def unreadable_frames(paths: Sequence[str]) -> dict[str, str]:
+    """path -> why, for the frame files that are missing or have no readable image header."""
+    from janus_job.data import frames
+
+    found = {}
+    for path in paths:
+        problem = frames.frame_problem(path)
+        if problem is not None:
+            found[path] = problem
+    return found
+
+
+def bad_frame_samples(samples: Sequence[Any], problems: Mapping[str, str]) -> dict[str, str]:
+    """sample id -> why it cannot be read (its first bad frame named, `describe_bad_frame`), for the
+    samples that read a frame in ``problems`` (path -> why)."""
+    found = {}
+    for sample in samples:
+        for image, path in zip(sample.images, _frame_paths(sample)):
+            if path in problems:
+                found[sample.id] = describe_bad_frame(sample, image, path, problems[path])
+                break
+    return found
 
 
 def _image_size(sample, k: int) -> tuple[int, int]:

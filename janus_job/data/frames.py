@@ -33,6 +33,15 @@ MERGE_SIZE = 2
 FrameSource = Union[str, os.PathLike, bytes, IO[bytes], Image.Image]
 
 
+class FrameError(JobError):
+    """A frame that cannot be decoded; ``reason`` says why without naming the frame
+    ("does not exist", "is not a readable image (...)")."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def load_frame(source: FrameSource, name: str | None = None) -> np.ndarray:
     """Decode an image to ``uint8 (H, W, 3)`` RGB exactly as the reference does.
 
@@ -50,10 +59,12 @@ def load_frame(source: FrameSource, name: str | None = None) -> np.ndarray:
             img.load()
             return _to_rgb_array(img)
     except FileNotFoundError as err:
-        raise JobError(f"frame {label} does not exist; check the annotation's image paths") from err
+        raise FrameError(f"frame {label} does not exist; check the annotation's image paths",
+                         "does not exist") from err
     except (Image.UnidentifiedImageError, OSError) as err:
         reason = str(err).replace(repr(source), "the data") if not isinstance(source, (str, os.PathLike)) else err
-        raise JobError(f"frame {label} is not a readable image ({reason}); re-extract or drop it") from err
+        raise FrameError(f"frame {label} is not a readable image ({reason}); re-extract or drop it",
+                         f"is not a readable image ({reason})") from err
 
 
 def frame_label(source: FrameSource) -> str:
@@ -64,6 +75,23 @@ def frame_label(source: FrameSource) -> str:
         return f"<{len(source)} bytes>"
     found = getattr(source, "name", None)
     return found if isinstance(found, str) else f"<{type(source).__name__}>"
+
+
+def frame_problem(path: str | os.PathLike) -> str | None:
+    """Why a frame file cannot be used (missing, or no readable image header), else None.
+
+    Cheap: reads the header only, so a file broken further in is found when it is decoded.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        return "does not exist"
+    except (Image.UnidentifiedImageError, OSError) as err:
+        return f"is not a readable image ({err})"
+    if width <= 0 or height <= 0:
+        return f"is not a readable image (size {width}x{height})"
+    return None
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:

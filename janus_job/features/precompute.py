@@ -29,10 +29,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 from janus_job.data.annotations import AnnotationSet, Sample, load_spec_annotations
+from janus_job.data.dataset import bad_frame_samples
 from janus_job.errors import JobError
 from janus_job.features.encoders import Encoders, load_encoders
 from janus_job.features.store import FeatureStore, Fingerprint
@@ -112,6 +113,9 @@ class WorkerReport:
     verified_stored: int = 0  # objects of earlier runs read back and checked before being reused
     repaired: int = 0  # quarantined or corrupt objects recomputed
     seconds: float = 0.0
+    # sample id -> why, for this worker's samples left out under data.on_bad_sample skip (a frame is
+    # missing or unreadable); COMPLETE.json gathers them for the trainer
+    bad_samples: dict[str, str] = field(default_factory=dict)
 
 
 class _Uploads:
@@ -137,6 +141,15 @@ class _Uploads:
         self.pool.shutdown(wait=True)
 
 
+class BadFrame(JobError):
+    """A frame that is missing or cannot be decoded; ``reason`` says which, without the path."""
+
+    def __init__(self, message: str, path: str, reason: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+
 class _FrameReader:
     """Reads each frame once: bytes -> content hash and decoded, preprocessed tensor (LRU-bounded)."""
 
@@ -155,19 +168,35 @@ class _FrameReader:
         try:
             return read_bytes(path, self.endpoint_url)
         except FileNotFoundError as err:
-            raise JobError(f"frame {self.where(path)} does not exist; check data.image_root and the annotation's "
-                           "images") from err
+            raise BadFrame(f"frame {self.where(path)} does not exist; check data.image_root and the annotation's "
+                           "images", path, "does not exist") from err
         except OSError as err:
-            raise JobError(f"cannot read frame {self.where(path)}: {err}") from err
+            raise BadFrame(f"cannot read frame {self.where(path)}: {err}", path, f"cannot be read ({err})") from err
 
-    def hash_all(self, paths: Sequence[str]) -> dict[str, str]:
-        return dict(zip(paths, self.pool.map(lambda p: hashlib.sha256(self.read(p)).hexdigest(), paths)))
+    def hash_all(self, paths: Sequence[str], bad: dict[str, str] | None = None) -> dict[str, str]:
+        """path -> content hash; with ``bad`` a frame that cannot be read goes there (path -> why)
+        instead of raising."""
+        def digest(path: str) -> str | None:
+            try:
+                return hashlib.sha256(self.read(path)).hexdigest()
+            except BadFrame as err:
+                if bad is None:
+                    raise
+                bad[path] = err.reason
+                return None
+
+        hashed = dict(zip(paths, self.pool.map(digest, paths)))
+        return {path: value for path, value in hashed.items() if value is not None}
 
     def _decode(self, path: str) -> torch.Tensor:
         from janus_job.data import frames as frame_ops
 
-        rgb = frame_ops.load_frame(self.read(path), name=self.where(path))
-        return frame_ops.preprocess_for_vggt(rgb, self.target_width, self.patch)
+        blob = self.read(path)
+        try:
+            rgb = frame_ops.load_frame(blob, name=self.where(path))
+            return frame_ops.preprocess_for_vggt(rgb, self.target_width, self.patch)
+        except JobError as err:
+            raise BadFrame(str(err), path, getattr(err, "reason", str(err))) from err.__cause__
 
     def request(self, path: str) -> Future:
         with self.lock:
@@ -253,16 +282,26 @@ def run_worker(
                           decode_threads, keep=max(64, 4 * prefetch_batches * spec.precompute.batch_size),
                           where=annotations.describe_frame)
     uploads = _Uploads(store, upload_threads, max_in_flight=4 * upload_threads)
+    # under data.on_bad_sample skip: path -> why, for frames that are missing or do not decode; the
+    # samples reading them are left out (recorded in the marker), the others are computed
+    bad_frames: dict[str, str] | None = {} if spec.data.on_bad_sample == "skip" else None
+
+    def bad_frame(err: BadFrame) -> None:
+        if bad_frames is None:
+            raise err
+        bad_frames[err.path] = err.reason
+
     try:
         print(f"{label}: hashing {len(needed)} frames of {len(samples)} samples", file=stream, flush=True)
-        hashes = reader.hash_all([paths[img] for img in needed])
-        frame_hash = {img: hashes[paths[img]] for img in needed}
+        hashes = reader.hash_all([paths[img] for img in needed], bad_frames)
+        frame_hash = {img: hashes[paths[img]] for img in needed if paths[img] in hashes}
         store.write_frame_index(annotations.digest, marker_name(worker, workers), frame_hash)
 
         quarantined = store.quarantined()
         todo: dict[str, Sample] = {}
         for sample in samples:
-            todo.setdefault(store.spatial_key([frame_hash[i] for i in sample.images]), sample)
+            if all(i in frame_hash for i in sample.images):
+                todo.setdefault(store.spatial_key([frame_hash[i] for i in sample.images]), sample)
         present = _sound(store, set(store.list_keys("spatial")), todo, quarantined, report, upload_threads)
         report.samples, report.spatial_keys = len(samples), len(todo)
         spatial_todo = [(key, s) for key, s in todo.items() if key not in present]
@@ -281,7 +320,12 @@ def run_worker(
             if position + prefetch_batches < len(batches):
                 ahead.append(request(batches[position + prefetch_batches]))
             futures = ahead.popleft()
-            stacked = [(key, torch.stack([f.result() for f in fs])) for (key, _s), fs in zip(batch, futures)]
+            stacked = []
+            for (key, _sample), fs in zip(batch, futures):
+                try:
+                    stacked.append((key, torch.stack([f.result() for f in fs])))
+                except BadFrame as err:
+                    bad_frame(err)
             for group in _by_shape(stacked):
                 out = encoders.spatial(torch.stack([t for _k, t in group]))
                 report.computed_spatial += len(group)
@@ -294,7 +338,8 @@ def run_worker(
         if vision_on:
             keyed: dict[str, str] = {}
             for img in my_frames:
-                keyed.setdefault(store.vision_key(frame_hash[img]), img)
+                if img in frame_hash:
+                    keyed.setdefault(store.vision_key(frame_hash[img]), img)
             present = _sound(store, set(store.list_keys("vision")), keyed, quarantined, report, upload_threads)
             unique_todo = sorted(((k, img) for k, img in keyed.items() if k not in present), key=lambda p: p[1])
             report.vision_frames = len(keyed)
@@ -303,7 +348,12 @@ def run_worker(
             size = max(1, spec.precompute.batch_size * 4)
             for start in range(0, len(unique_todo), size):
                 chunk = unique_todo[start:start + size]
-                decoded = [(key, reader.request(paths[img]).result()) for key, img in chunk]
+                decoded = []
+                for key, img in chunk:
+                    try:
+                        decoded.append((key, reader.request(paths[img]).result()))
+                    except BadFrame as err:
+                        bad_frame(err)
                 for group in _by_shape(decoded):
                     outs = encoders.vision([t for _k, t in group])
                     report.computed_vision += len(group)
@@ -317,9 +367,15 @@ def run_worker(
             store.release(key)  # recomputed above
     finally:
         reader.close()
+    if bad_frames:
+        report.bad_samples = bad_frame_samples(samples, bad_frames)
+        for message in report.bad_samples.values():
+            print(f"{label}: bad_sample {message} (data.on_bad_sample: skip: left out of training)",
+                  file=stream, flush=True)
     report.seconds = round(time.monotonic() - started, 3)
     store.write_record(f"{store.marker_prefix(annotations.digest)}/{marker_name(worker, workers)}", asdict(report))
-    print(f"{label}: done {json.dumps(asdict(report), sort_keys=True)}", file=stream, flush=True)
+    shown = dict(asdict(report), bad_samples=len(report.bad_samples))
+    print(f"{label}: done {json.dumps(shown, sort_keys=True)}", file=stream, flush=True)
     return report
 
 
@@ -356,13 +412,14 @@ def finalize(spec: Any, encoders_fingerprints: list[Fingerprint], workers: int, 
         return None
     vision = any(fp.kind == "vision" for fp in encoders_fingerprints)
     index = store.frame_index(annotations.digest)
-    missing = store.missing(annotations.samples, index, vision=vision)
+    reports = [store.read_record(f"{prefix}/{marker_name(w, workers)}") or {} for w in range(workers)]
+    bad_samples = {sample_id: why for r in reports for sample_id, why in (r.get("bad_samples") or {}).items()}
+    missing = [s for s in store.missing(annotations.samples, index, vision=vision) if s not in bad_samples]
     if missing:
         raise JobError(
             f"all {workers} precompute workers finished but {len(missing)} samples lack features "
             f"(first: {missing[:3]}); rerun the precompute Job"
         )
-    reports = [store.read_record(f"{prefix}/{marker_name(w, workers)}") or {} for w in range(workers)]
     record = {
         "annotations": annotations.path,
         "annotations_digest": annotations.digest,
@@ -374,10 +431,14 @@ def finalize(spec: Any, encoders_fingerprints: list[Fingerprint], workers: int, 
         "frame_index": store.frame_index_checksums(annotations.digest),
         "verified": {"stored_objects_checked": sum(r.get("verified_stored", 0) for r in reports),
                      "repaired": sum(r.get("repaired", 0) for r in reports)},
+        # left out under data.on_bad_sample skip (missing or unreadable frames); the trainer drops them
+        "bad_samples": dict(sorted(bad_samples.items())),
     }
     store.write_record(f"{prefix}/COMPLETE.json", record)
-    print(f"precompute: complete, {len(annotations)} samples covered; wrote {prefix}/COMPLETE.json",
-          file=stream, flush=True)
+    left_out = (f", {len(bad_samples)} left out with missing or unreadable frames (bad_samples={len(bad_samples)}, "
+                "data.on_bad_sample: skip)") if bad_samples else ""
+    print(f"precompute: complete, {len(annotations) - len(bad_samples)} samples covered{left_out}; wrote "
+          f"{prefix}/COMPLETE.json", file=stream, flush=True)
     return record
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from janus_job.errors import JobError
@@ -114,6 +114,9 @@ class Features:
     vision: str  # "cached" | "online"
     target_width: int  # frame width VGGT sees (data.frame_width; cached features were computed at it)
     spatial_channels: int | None = None  # channels of the cached spatial maps
+    # sample id -> why: samples precompute left out under data.on_bad_sample skip (missing or unreadable
+    # frames), as its completion marker records them
+    bad_samples: dict = field(default_factory=dict)
 
 
 def resolve_features(spec: Any, annotations: Any, ranks: Any, device: Any) -> Features:
@@ -131,6 +134,7 @@ def resolve_features(spec: Any, annotations: Any, ranks: Any, device: Any) -> Fe
     spatial_fingerprint = fingerprints["spatial"]
     problem = None
     frame_hashes: dict = {}
+    bad_samples: dict = {}
     if ranks.rank == 0:
         try:
             stored_width = int(spatial_fingerprint.fields["target_width"])
@@ -145,7 +149,10 @@ def resolve_features(spec: Any, annotations: Any, ranks: Any, device: Any) -> Fe
                 _check_vision_weights(spec, fingerprints["vision"])
             frame_hashes = store.completed_frame_index(annotations.digest, frame_paths=annotations.image_paths(),
                                                        spot_check=FRAME_SPOT_CHECK)
-            missing = store.missing(annotations.samples, frame_hashes, vision=spec.features.cache_vision)
+            bad_samples = recorded_bad_samples(store, annotations, spec.data.on_bad_sample)
+            missing = [sample_id for sample_id in store.missing(annotations.samples, frame_hashes,
+                                                                vision=spec.features.cache_vision)
+                       if sample_id not in bad_samples]
         except JobError as err:  # other ranks are already waiting for rank 0's verdict
             missing, problem = [], str(err)
         if missing:
@@ -156,7 +163,7 @@ def resolve_features(spec: Any, annotations: Any, ranks: Any, device: Any) -> Fe
                 f"`janus-job precompute --spec ...` (it computes only what is missing), or use features.mode: online"
             )
     _raise_everywhere(problem)
-    frame_hashes = _same_on_all_ranks(frame_hashes)
+    frame_hashes, bad_samples = _same_on_all_ranks((frame_hashes, bad_samples))
     source = StoreFeatureSource(store, frame_hashes=frame_hashes, image_root=spec.data.image_root,
                                 vision=bool(spec.features.cache_vision))
     return Features(
@@ -165,7 +172,28 @@ def resolve_features(spec: Any, annotations: Any, ranks: Any, device: Any) -> Fe
         "cached" if spec.features.cache_vision else "online",
         target_width=int(spatial_fingerprint.fields["target_width"]),
         spatial_channels=2 * int(spatial_fingerprint.fields["architecture"]["embed_dim"]),
+        bad_samples=bad_samples,
     )
+
+
+def recorded_bad_samples(store: Any, annotations: Any, on_bad_sample: str) -> dict:
+    """sample id -> why, for the samples precompute left out (their frames are missing or
+    unreadable), from the checksummed completion marker; under data.on_bad_sample fail a JobError
+    naming the first one."""
+    found = dict((store.completion(annotations.digest) or {}).get("bad_samples") or {})
+    known = {sample.id for sample in annotations.samples}
+    stray = sorted(set(found) - known)
+    if stray:
+        raise JobError(f"{store.url}/{store.marker_prefix(annotations.digest)}/COMPLETE.json names samples the "
+                       f"annotations do not have ({stray[:3]}); rerun `janus-job precompute`")
+    if found and on_bad_sample == "fail":
+        first = next(iter(found.values()))
+        raise JobError(
+            f"{first} (precompute left out {len(found)} samples with missing or unreadable frames; "
+            "data.on_bad_sample: fail): restore or re-extract those frames and rerun `janus-job precompute`, "
+            "or set data.on_bad_sample: skip"
+        )
+    return found
 
 
 def _check_spatial_weights(spec: Any, fingerprint: Any) -> None:

@@ -38,7 +38,7 @@ TRAINING_FIELDS: dict[str, type] = {
     "data_wait_ratio": float,  # share of the interval the slowest rank waited for data (0..1)
     "eta_s": float,  # seconds left at the last interval's speed
     "last_checkpoint_step": int,  # newest checkpoint this run saved or resumed from
-    "bad_samples": int,  # samples skipped under data.on_bad_sample (cumulative)
+    "bad_samples": int,  # samples left out at start + replaced under data.on_bad_sample (cumulative)
     "started": float,  # Unix time this rank's process started training (a change = a restart)
 }
 STATS_DIR_ENV = "JANUS_STATS_DIR"

@@ -252,7 +252,8 @@ TRAINING_METRICS = (
     ("eta_s", "janus_train_eta_seconds", "gauge", "Seconds left at the last interval's speed."),
     ("last_checkpoint_step", "janus_train_last_checkpoint_step", "gauge",
      "Step of the newest checkpoint saved or resumed from."),
-    ("bad_samples", "janus_train_bad_samples_total", "counter", "Samples skipped as unreadable."),
+    ("bad_samples", "janus_train_bad_samples_total", "counter",
+     "Samples left out or replaced as unreadable (data.on_bad_sample)."),
     ("started", "janus_train_start_time_seconds", "gauge",
      "Unix time the rank's process started training; a change is a restart."),
 )

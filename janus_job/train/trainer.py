@@ -107,15 +107,19 @@ class Trainer:
         torch.distributed.barrier()
         qwen_dir = local_copy(spec.model.qwen, endpoint_url=endpoint)
         processor = load_processor(qwen_dir, spec.data.min_pixels, spec.data.max_pixels)
-        self.dataset = JanusDataset(annotations.samples, processor, features.source, spatial=features.spatial,
+        dropped = self._unreadable_samples(annotations.samples, features)
+        samples = [sample for sample in annotations.samples if sample.id not in dropped]
+        # over data.max_bad_fraction (dropped + quarantined) this refuses, on every rank, before the model
+        self.dataset = JanusDataset(samples, processor, features.source, spatial=features.spatial,
                                     vision=features.vision, target_width=features.target_width,
                                     on_bad_sample=spec.data.on_bad_sample,
-                                    max_bad_fraction=spec.data.max_bad_fraction)
+                                    max_bad_fraction=spec.data.max_bad_fraction, dropped=dropped)
+        self.dropped = len(dropped)
 
         self.global_batch_size = spec.global_batch_size
         sampler_cls = BalancedBatchSampler if t.balanced_sampler else LengthGroupedBatchSampler
         self.sampler = sampler_cls(
-            self._token_lengths(annotations.samples),
+            self._token_lengths(samples),
             micro_batch_size=t.micro_batch_size,
             world_size=self.ranks.world_size,
             rank=self.ranks.rank,
@@ -152,8 +156,35 @@ class Trainer:
         self.engine, self.deepspeed_config = build_engine(spec, model, self.ranks.world_size, self.total_steps,
                                                           accumulation=self.accumulation)
         self.step = 0
-        self.bad_samples = 0
+        self.bad_samples = self.dropped  # left out at start, then replaced ones are added at each log line
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+
+    def _unreadable_samples(self, samples: list, features: Any) -> dict[str, str]:
+        """sample id -> why, for the samples left out because a frame is missing or unreadable
+        (data.on_bad_sample skip): those precompute recorded in its completion marker, or, when
+        the encoders run online, those a pass over every frame's header finds (the frames split
+        over the ranks, the findings gathered, so every rank drops the same samples and its sampler
+        plans the same batch count)."""
+        import torch.distributed as dist
+
+        from janus_job.data.dataset import bad_frame_samples, unreadable_frames
+
+        spec = self.spec
+        found = dict(features.bad_samples)
+        if found:
+            origin = "precompute found missing or unreadable frames"
+        elif features.source is None and spec.data.on_bad_sample == "skip":
+            paths = sorted({path for sample in samples for path in sample.frame_paths})
+            mine = unreadable_frames(paths[self.ranks.rank::self.ranks.world_size])
+            parts: list = [None] * self.ranks.world_size
+            dist.all_gather_object(parts, mine)
+            problems = {path: why for part in parts for path, why in part.items()}
+            found = bad_frame_samples(samples, problems)
+            origin = f"{len(problems)} of {len(paths)} frames are missing or unreadable"
+        if found and self.ranks.prints:
+            print(f"train data: {len(found)} of {len(samples)} samples left out: {origin} (data.on_bad_sample: "
+                  f"skip; first: {next(iter(found.values()))})", flush=True)
+        return found
 
     def _token_lengths(self, samples: list) -> list[int]:
         """Per-sample load for the sampler. Visual tokens per image come from the first sample's
@@ -227,7 +258,7 @@ class Trainer:
         self._announce(latest)
         stats = RankStatsWriter.from_env(interval_seconds=self.spec.monitor.interval_seconds)
         # the figures the sidecar exports for this rank (monitor.gpustats.TRAINING_FIELDS)
-        self.figures = {"total_steps": self.total_steps, "started": time.time(), "bad_samples": 0,
+        self.figures = {"total_steps": self.total_steps, "started": time.time(), "bad_samples": self.dropped,
                         "last_checkpoint_step": None if latest is None else self.step}
         self.trackers = self._trackers()
         metrics = MetricsFile(metrics_path(self.ranks.rank))
@@ -373,7 +404,8 @@ class Trainer:
             f"global_batch={self.global_batch_size} steps={self.total_steps} warmup={self.warmup_steps} "
             f"samples={len(self.dataset)} zero={ds['zero_optimization']['stage']} "
             f"optimizer={'deepspeed' if 'optimizer' in ds else 'torch'} bf16={ds['bf16']['enabled']} "
-            f"sampler={type(self.sampler).__name__} spatial_merger={self.merger_source}{where}",
+            f"sampler={type(self.sampler).__name__} spatial_merger={self.merger_source}{where}"
+            + (f" bad_samples={self.dropped}" if self.dropped else ""),
             flush=True,
         )
 
@@ -417,7 +449,7 @@ class Trainer:
             "lr": interval.lr,
             "eta_s": (self.total_steps - self.step) * s_per_it,
             "grad_norm": self._grad_norm(),
-            "bad_samples": self.bad_samples + work.bad_samples,  # replaced since this run started
+            "bad_samples": self.bad_samples + work.bad_samples,  # left out at start + replaced since
             "rank": self.ranks.rank,
             "world_size": self.ranks.world_size,
             "time": time.time(),
@@ -451,7 +483,9 @@ class Trainer:
         return float(groups[0]["lr"])
 
     def _finish(self, metrics: MetricsFile) -> None:
-        """Prints the norm of all trainable parameters: equal on every rank when they agree."""
+        """Prints the norm of all trainable parameters (equal on every rank when they agree) and the
+        bad samples of the run (left out at start + replaced; as of the last log line, which the
+        last step always writes)."""
         import torch
 
         total = torch.zeros((), dtype=torch.float64)
@@ -459,8 +493,10 @@ class Trainer:
             if param.requires_grad:
                 total += param.detach().double().pow(2).sum().cpu()
         norm = float(total.sqrt())
-        record = {"event": "done", "step": self.step, "param_norm": norm, "rank": self.ranks.rank}
-        print(f"train done step={self.step} rank={self.ranks.rank} param_norm={norm:.10e}", flush=True)
+        record = {"event": "done", "step": self.step, "param_norm": norm, "rank": self.ranks.rank,
+                  "bad_samples": self.bad_samples}
+        bad = f" bad_samples={self.bad_samples}" if self.bad_samples else ""
+        print(f"train done step={self.step} rank={self.ranks.rank} param_norm={norm:.10e}{bad}", flush=True)
         metrics.write(record)
         self._close_trackers()
 
