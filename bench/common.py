@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,10 +44,11 @@ def results_path(card: str, gpus: int, out: str | None = None, prefix: str = "",
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Writes to a temporary name in the same folder, then renames: never half a file."""
+    """Writes to a temporary name in the same folder, then renames: never half a file. The name is the
+    writing thread's own (a heartbeat thread and the main thread may write the same file at once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=_jsonable) + "\n")
     os.replace(tmp, path)
 

@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,40 @@ S3_SECRET = "testing-secret"
 # The CLI through the interpreter running the tests: works wherever janus_job is importable, with or
 # without the `janus-job` console script installed beside that interpreter.
 JANUS_JOB = (sys.executable, "-m", "janus_job.cli")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked slow (multi-process runs: torchrun, DeepSpeed, the benches' "
+                          "tiny modes); CI runs them")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out the slow tests of a folder's run (`pytest`, `pytest tests`) unless --slow or -m asks for them;
+    a test file or node id named on the command line runs whole."""
+    if config.getoption("--slow") or config.option.markexpr:
+        return
+    if not all(Path(arg.split("::")[0]).is_dir() for arg in config.args):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_report_header(config):
+    if not (config.getoption("--slow") or config.option.markexpr) and all(Path(arg).is_dir() for arg in config.args):
+        return "slow tests left out: pytest --slow runs them too (CI does)"
+    return None
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per usable core, at most 4 (each slow test starts several processes itself)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 def load_scaled(seconds: float) -> float:

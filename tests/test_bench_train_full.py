@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train_full  # noqa: E402  (bench/train_full.py)
 
 
+@pytest.mark.slow
 def test_tiny_run_gives_the_same_step1_loss_from_the_store_and_online(tmp_path):
     out = tmp_path / "out"
     work = tmp_path / "work"

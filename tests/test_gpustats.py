@@ -175,6 +175,7 @@ def _extremes_rank(rank: int, world: int, store: str, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_memory_extremes_across_real_gloo_ranks(tmp_path):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

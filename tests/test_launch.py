@@ -104,6 +104,7 @@ def test_runtime_defaults_allocator_and_cpu_adam_threads():
     assert runtime_defaults(offload, nproc=8, cpus=4)["OMP_NUM_THREADS"] == "1"
 
 
+@pytest.mark.slow
 def test_two_nodes_started_like_the_pytorchjob_train_together(tmp_path):
     """Two `janus-job launch` processes with the operator's variables (PET_NNODES=2, PET_NODE_RANK,
     PET_NPROC_PER_NODE=1, PET_MASTER_ADDR/PORT, plus the pod-level RANK/WORLD_SIZE the operator also

@@ -220,6 +220,7 @@ def test_online_spatial_needs_an_aggregator(world):
         bare(**_batch(world, "online", "cached", [0]))
 
 
+@pytest.mark.slow
 def test_equivalence_bench_tiny_mode(tmp_path):
     import subprocess
     import sys

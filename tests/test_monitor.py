@@ -289,6 +289,7 @@ def test_spread_is_max_minus_min_over_max():
     assert [s.rank for s in a.ranks] == [2, 3]
 
 
+@pytest.mark.slow
 def test_gpu_balance_bench_tiny_runs_the_sidecar_module(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "bench" / "gpu_balance.py"), "--tiny", "--out", str(tmp_path)],

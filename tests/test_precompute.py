@@ -186,6 +186,7 @@ def _janus_job(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_killed_precompute_resumes_without_recomputing(tmp_path):
     spec = write_spec(tmp_path, f"file://{tmp_path}/store", batch=1)
     store = FeatureStore(str(tmp_path / "store"))
@@ -221,6 +222,7 @@ def test_killed_precompute_resumes_without_recomputing(tmp_path):
     assert store.completion(annotations.digest)["samples"] == 20
 
 
+@pytest.mark.slow
 def test_pod_runs_one_worker_process_per_gpu(tmp_path):
     spec = write_spec(tmp_path, str(tmp_path / "store"), gpus=2, vision=False)
     proc = _janus_job("precompute", "--spec", str(spec), "--index", "0")

@@ -55,6 +55,7 @@ def test_trace_summary_counts_idle_time_syncs_and_their_call_sites(tmp_path):
     assert out["idle_gap_sites"][0]["host_at_gap_start"].startswith("janus_job/model.py:300 forward")
 
 
+@pytest.mark.slow
 def test_tiny_profile_runs_the_products_step_beside_the_probe(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "step_profile.py"), "--tiny", "--out", str(tmp_path),
            "--variants", "before,no_syncs,compiled", "--passes", "1", "--profile-samples", "1",

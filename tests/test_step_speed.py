@@ -121,6 +121,7 @@ def test_to_device_keeps_the_host_metadata_on_the_host(world):
         assert moved[key] is batch[key]
 
 
+@pytest.mark.slow
 def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(world):
     from janus_job.models.janusvln.compile import compile_decoder_layers
 

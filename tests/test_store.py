@@ -286,6 +286,7 @@ def test_unsupported_url_scheme():
     assert Path(FeatureStore("file:///tmp/x").root) == Path("/tmp/x")
 
 
+@pytest.mark.slow
 def test_loader_bench_tiny_feeds_real_objects_through_the_trainers_loader(tmp_path):
     """bench/loader.py --tiny: the product's loader (dataset, collator, sampler, DataLoader workers,
     prefetcher) on a file:// store, against the step rate of a step-profile result."""

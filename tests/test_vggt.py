@@ -292,6 +292,7 @@ def test_reference_check_tiny_against_local_reference(tmp_path):
     assert result["state_dict"]["missing"] == [] and result["state_dict"]["unexpected"] == []
 
 
+@pytest.mark.slow
 def test_precompute_bench_tiny(tmp_path):
     import json
 

@@ -212,11 +212,13 @@ def _assert_stalled(result: dict, at_step: int) -> None:
     assert not (f"rank 0 step {at_step}" in out and f"rank 1 step {at_step}" in out), out[-3000:]
 
 
+@pytest.mark.slow
 def test_streaming_with_equal_frame_counts_completes():
     result = run_workers("3,3;3,3")
     assert result["completed"], result["output"][-3000:]
 
 
+@pytest.mark.slow
 def test_frame_count_changing_between_steps_alone_completes():
     """Trace invalidation (the recorded module order no longer matches) is harmless on its own:
     every rank invalidates at the same point and falls back to fetch-on-demand together."""
@@ -224,16 +226,19 @@ def test_frame_count_changing_between_steps_alone_completes():
     assert result["completed"], result["output"][-3000:]
 
 
+@pytest.mark.slow
 def test_streaming_with_unequal_frame_counts_stalls():
     """The hang: rank 0 streams 2 frames, rank 1 streams 5 -> unmatched parameter all-gathers."""
     _assert_stalled(run_workers("2,5"), at_step=0)
 
 
+@pytest.mark.slow
 def test_first_step_matches_by_chance_then_stalls():
     """The issue's pattern: micro-step 0 finishes (equal counts), the next one never does."""
     _assert_stalled(run_workers("3,3;2,5"), at_step=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fix", ["outside", "batched"])
 def test_fixes_complete_with_unequal_frame_counts(fix):
     result = run_workers("2,5;4,1;3,3", fix=fix)

@@ -449,7 +449,8 @@ class ClusterSpec(Section):
     )
     pod_annotations: k8s.Annotations = Field(
         default_factory=dict,
-        description="Extra annotations of the GPU pods (e.g. k8s.v1.cni.cncf.io/networks for Multus).",
+        description="Extra annotations of the GPU pods (e.g. k8s.v1.cni.cncf.io/networks for Multus: training pods "
+        "only, precompute pods request no RDMA device to attach).",
     )
     pod_labels: dict[k8s.LabelKey, k8s.LabelValue] = Field(
         default_factory=dict,

@@ -361,7 +361,7 @@ class CheckpointManager:
     def _write_small(self, path: str, obj: dict) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()
         if _is_local(self.fs):
-            tmp = f"{path}.tmp-{os.getpid()}"
+            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with self.fs.open(tmp, "wb") as f:
                 f.write(data)
