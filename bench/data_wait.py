@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,6 @@ RUNS = {
 LOADER_FIELDS = ("num_workers", "pin_memory", "prefetch_factor", "persistent_workers", "prefetch_batches")
 TINY_MAX_WORKERS = 2  # CI runs on a few cores
 LIMIT_S = {"checkpoints": 200, "precompute": 150, "train": 200}
-RESERVE_S = 20
 # Every child runs with these (no NVLink multicast/NVLS on the lent machines).
 FABRIC_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -105,20 +103,10 @@ def wait_summary(records: list[dict], skip: int) -> dict:
 
 def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.perf_counter()
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="data-wait-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    if any(workdir.iterdir()):
-        raise SystemExit(f"--workdir {workdir} is not empty; give a new or empty directory")
-    (workdir / "logs").mkdir()
+    workdir = train_full.new_workdir(args.workdir, "data-wait-")
     env = {**train_full.child_env(workdir), **FABRIC_ENV}
-    deadline = time.monotonic() + args.budget_s
-
-    def limit(stage: str) -> float:
-        own = train_full.TINY_LIMIT_S if args.tiny else LIMIT_S[stage]
-        left = deadline - RESERVE_S - time.monotonic()
-        if left < 10:
-            raise train_full.StageFailed(stage, f"--budget-s {args.budget_s:.0f} is spent before it could start")
-        return min(own, left)
+    limit = train_full.stage_limits(
+        args.budget_s, lambda stage: train_full.TINY_LIMIT_S if args.tiny else LIMIT_S[stage])
 
     report: dict[str, Any] = {
         "bench": "data_wait",

@@ -61,7 +61,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -349,22 +349,34 @@ def _versions() -> dict:
     return found
 
 
-def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
-    started = time.perf_counter()
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="train-full-"))
+def new_workdir(given: str | None, prefix: str) -> Path:
+    """--workdir (new or empty) or a fresh temporary folder, with its logs/ folder."""
+    workdir = Path(given) if given else Path(tempfile.mkdtemp(prefix=prefix))
     workdir.mkdir(parents=True, exist_ok=True)
     if any(workdir.iterdir()):
         raise SystemExit(f"--workdir {workdir} is not empty; give a new or empty directory")
     (workdir / "logs").mkdir()
-    env = child_env(workdir)
-    deadline = time.monotonic() + args.budget_s
+    return workdir
+
+
+def stage_limits(budget_s: float, own: Callable[[str], float]) -> Callable[[str], float]:
+    """A stage's time limit: its own, cut to what --budget-s leaves (RESERVE_S kept for the JSON)."""
+    deadline = time.monotonic() + budget_s
 
     def limit(stage: str) -> float:
-        own = TINY_LIMIT_S if args.tiny else LIMIT_S[stage] * args.limit_scale
         left = deadline - RESERVE_S - time.monotonic()
         if left < 10:
-            raise StageFailed(stage, f"--budget-s {args.budget_s:.0f} is spent before it could start")
-        return min(own, left)
+            raise StageFailed(stage, f"--budget-s {budget_s:.0f} is spent before it could start")
+        return min(own(stage), left)
+
+    return limit
+
+
+def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
+    started = time.perf_counter()
+    workdir = new_workdir(args.workdir, "train-full-")
+    env = child_env(workdir)
+    limit = stage_limits(args.budget_s, lambda stage: TINY_LIMIT_S if args.tiny else LIMIT_S[stage] * args.limit_scale)
 
     me = str(Path(__file__).resolve())
     report: dict[str, Any] = {
