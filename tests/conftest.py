@@ -26,12 +26,16 @@ def pytest_addoption(parser):
                           "tiny modes); CI runs them")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Leave out the slow tests of a folder's run (`pytest`, `pytest tests`) unless --slow or -m asks for them;
+def _leaves_out_slow(config) -> bool:
+    """A folder's run (`pytest`, `pytest tests`) leaves the slow tests out unless --slow or -m asks for them;
     a test file or node id named on the command line runs whole."""
     if config.getoption("--slow") or config.option.markexpr:
-        return
-    if not all(Path(arg.split("::")[0]).is_dir() for arg in config.args):
+        return False
+    return all(Path(arg.split("::")[0]).is_dir() for arg in config.args)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _leaves_out_slow(config):
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:
@@ -40,9 +44,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    if not (config.getoption("--slow") or config.option.markexpr) and all(Path(arg).is_dir() for arg in config.args):
-        return "slow tests left out: pytest --slow runs them too (CI does)"
-    return None
+    return "slow tests left out: pytest --slow runs them too (CI does)" if _leaves_out_slow(config) else None
 
 
 def pytest_xdist_auto_num_workers(config):
