@@ -103,6 +103,7 @@ def worker(args) -> None:
     from janus_job.train.checkpoint import CheckpointManager
     from janus_job.train.distributed import skip_cpu_shm_collectives
     from janus_job.train.engine import build_engine
+    from janus_job.train.shutdown import release_distributed
 
     cuda = torch.cuda.is_available() and not args.tiny
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -205,8 +206,7 @@ def worker(args) -> None:
             "ranks": rows,
         }
         Path(args.result).write_text(json.dumps(result, indent=2, default=str))
-    dist.barrier()
-    dist.destroy_process_group()
+    release_distributed(engine)
 
 
 def summarize(result: dict) -> list[dict]:

@@ -172,6 +172,7 @@ def bench(args) -> dict:
     from janus_job.train.checkpoint import CheckpointManager
     from janus_job.train.distributed import skip_cpu_shm_collectives
     from janus_job.train.engine import build_engine
+    from janus_job.train.shutdown import release_distributed
 
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
@@ -312,7 +313,7 @@ def bench(args) -> dict:
                           "model.qwen's frozen tensors, model.vggt's aggregator.* tensors; copies the base "
                           "tokenizer/processor/generation files",
     }
-    dist.destroy_process_group()
+    release_distributed()
     if not all(checks.values()):
         raise SystemExit(f"bench/export.py: exported tensors differ from their sources: {checks}")
     return result

@@ -20,7 +20,6 @@ import faulthandler
 import json
 import os
 import signal
-import sys
 
 import numpy as np
 import torch
@@ -165,6 +164,7 @@ def main() -> None:
     from janus_job.data.sampler import BalancedBatchSampler
     from janus_job.train.checkpoint import CheckpointManager
     from janus_job.train.distributed import skip_cpu_shm_collectives
+    from janus_job.train.shutdown import release_distributed
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = parse_args()
@@ -266,14 +266,7 @@ def main() -> None:
         if args.stop_after is not None and step >= args.stop_after:
             break
     manager.wait()
-    dist.barrier()
-    dist.destroy_process_group()
-    # Everything this worker reports is written above. Skip interpreter teardown: once in three
-    # full CI runs a C++ thread of the CPU collectives aborted there ("terminate called without an
-    # active exception"), turning a finished run into a failed one.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    release_distributed(engine)  # the product's end of run: every group and its threads released
 
 
 if __name__ == "__main__":

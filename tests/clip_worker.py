@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 
 import torch
 import torch.distributed as dist
@@ -43,6 +42,7 @@ def main() -> None:
 
     from janus_job.train.distributed import skip_cpu_shm_collectives
     from janus_job.train.engine import micro_step
+    from janus_job.train.shutdown import release_distributed
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--clip-mode", required=True)
@@ -103,9 +103,7 @@ def main() -> None:
             json.dump({"norm_of_sum": norm, "clip": clip, "deepspeed_norm": float(engine.get_global_grad_norm()),
                        "sum_coef": sum_coef, "mean_coef": mean_coef, "adamw_grad_norm": seen_norm,
                        "applied_coef": seen_norm / unclipped}, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    release_distributed(engine)  # the product's end of run: every group and its threads released
 
 
 if __name__ == "__main__":

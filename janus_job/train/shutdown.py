@@ -8,15 +8,20 @@ collective of a run it may still hold the last reference to a tensor whose Pytho
 keeps alive on the C++ side. When the rank returns from `main` at that moment, the worker frees
 that tensor during interpreter finalization, needs the GIL to do so, and the thread is torn down
 inside a C++ destructor: `terminate called without an active exception`, SIGABRT, a failed pod
-after a finished job. The worker threads are joined only by the process group's destructor, and
-DeepSpeed keeps its own clone of the world group alive in a module global, so
-`destroy_process_group()` alone does not stop them.
+after a finished job. The worker threads are joined only by the process group's destructor
+(`ProcessGroup.shutdown()` does not stop gloo's), and module-level references keep the groups
+alive past `destroy_process_group()`: DeepSpeed's own clone of the world group in
+`deepspeed.utils.groups`; default arguments bound to the world group at import time
+(`torch.distributed.nn.functional` declares `group=group.WORLD` on every collective, and DeepSpeed
+imports it during `initialize`, after the world group exists); and, under ZeRO-3, DeepSpeed's
+forward module stack, which keeps the wrapped model and through its hooks the engine.
 
 `finish_rank` therefore, after the last step: waits for the checkpoint upload, shuts the data
 loader's workers down, lines all ranks up (no rank tears down while another is still in a
-collective), destroys the DeepSpeed engine, drops DeepSpeed's group clone, destroys every process
-group and collects garbage (the process groups' destructors join their worker threads here, with
-the interpreter alive), then flushes stdout and stderr.
+collective), destroys the DeepSpeed engine, drops DeepSpeed's group clones, ZeRO-3's module
+stack and the group-valued default arguments of loaded modules, destroys every process group and collects garbage (the
+process groups' destructors join their worker threads here, with the interpreter alive), then
+flushes stdout and stderr. `gloo_worker_threads()` is 0 afterwards; the tests hold it to that.
 """
 
 from __future__ import annotations
@@ -24,25 +29,33 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import types
 from collections.abc import Iterator
 from typing import Any
 
 GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives ProcessGroupGloo's worker threads
 
 
-def finish_rank(owner: Any = None, *, checkpoints: Any = None, batches: Iterator | None = None) -> None:
+def finish_rank(owner: Any = None, *, checkpoints: Any = None, batches: Iterator | None = None) -> int:
     """The orderly end of a rank that finished its work; every rank calls it at the same point.
 
     `owner` holds the DeepSpeed engine as `.engine` (the trainer): the reference is dropped here,
     so the engine and the process groups it holds can be freed before the groups are destroyed.
+    Returns how many gloo worker threads are left (0 unless something still holds a process group,
+    which is then reported on stderr).
     """
     if checkpoints is not None:
         checkpoints.wait()  # the upload and, on rank 0, the COMPLETE marker
     if batches is not None and hasattr(batches, "close"):
         batches.close()  # ends the loader's iterator: its worker processes are shut down and joined
     release_distributed(_take_engine(owner))  # no frame here keeps a reference to the engine
+    left = gloo_worker_threads()
+    if left:
+        print(f"warning: {left} collective worker threads outlive the process groups (something still holds "
+              "a group); the rank may abort at exit", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
+    return left
 
 
 def _take_engine(owner: Any) -> Any:
@@ -66,7 +79,9 @@ def release_distributed(engine: Any = None) -> None:
         engine.destroy()
         del engine
     _drop_deepspeed_groups()
+    _drop_deepspeed_module_stack()
     dist.destroy_process_group()
+    _drop_group_defaults()
     gc.collect()
 
 
@@ -85,6 +100,39 @@ def _drop_deepspeed_groups() -> None:
             setattr(groups, name, None)
         elif isinstance(value, dict) and any(isinstance(v, ProcessGroup) for v in value.values()):
             value.clear()
+
+
+def _drop_deepspeed_module_stack() -> None:
+    """ZeRO-3 pushes the top module onto `parameter_offload.FWD_MODULE_STACK` when it wraps the model
+    and never pops it; through the module's hooks that entry holds the engine, its optimizer and
+    their process groups."""
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    stack = getattr(offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack.clear()
+
+
+_DEFAULT_HOLDERS = ("torch.distributed", "deepspeed", "janus_job")
+
+
+def _drop_group_defaults() -> None:
+    """Default arguments that hold a process group (`def broadcast(..., group=group.WORLD)` imported
+    after the group existed) are set to None, which every torch.distributed call reads as the default
+    group; the group itself can then be freed."""
+    from torch.distributed import ProcessGroup
+
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(_DEFAULT_HOLDERS):
+            continue
+        for value in list(vars(module).values()):
+            if not isinstance(value, types.FunctionType):
+                continue
+            defaults = value.__defaults__
+            if defaults and any(isinstance(d, ProcessGroup) for d in defaults):
+                value.__defaults__ = tuple(None if isinstance(d, ProcessGroup) else d for d in defaults)
+            kwdefaults = value.__kwdefaults__
+            if kwdefaults and any(isinstance(d, ProcessGroup) for d in kwdefaults.values()):
+                value.__kwdefaults__ = {k: None if isinstance(d, ProcessGroup) else d for k, d in kwdefaults.items()}
 
 
 def gloo_worker_threads() -> int:
