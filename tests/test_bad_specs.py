@@ -345,6 +345,7 @@ CASES: list[Case] = [
     _case("bf16-yes-string", {"deepspeed.bf16": "yes"}, "deepspeed.bf16", "schema", "use true or false, unquoted"),
     _case("bool-as-number", {"training.nodes": True}, "training.nodes", "schema", "use a whole number"),
     _case("seed-2-to-the-40", {"training.seed": 2**40}, "training.seed", "schema", "<= 4294967295"),
+    _case("precision-fp16", {"training.precision": "fp16"}, "training.precision", "schema", "'bf16' or 'fp8'"),
     _case("interval-fraction", {"training.checkpoint": {"url": "s3://ckpt/x", "interval_steps": 1.5}},
           "training.checkpoint.interval_steps", "schema", "whole number"),
     _case("gpu-memory-huge", {"cluster.resources.gpu_memory_gib": 1e12}, "cluster.resources.gpu_memory_gib",

@@ -79,7 +79,8 @@ class Owner:
     engine = None
 
 def train(owner, stage, own_optimizer):
-    model = torch.nn.Linear(8, 1)
+    # sub-modules: ZeRO-3 fetches and releases parameters per module (and caches what to release)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}
     if own_optimizer:  # the trainer's way: a torch optimizer handed to DeepSpeed
         config["zero_allow_untested_optimizer"] = True
@@ -88,9 +89,10 @@ def train(owner, stage, own_optimizer):
     else:
         config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
         owner.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    loss = owner.engine(torch.randn(1, 8)).sum()
-    owner.engine.backward(loss)
-    owner.engine.step()
+    for _ in range(3):  # from the second step ZeRO-3 follows its recorded trace
+        loss = owner.engine(torch.randn(1, 8)).sum()
+        owner.engine.backward(loss)
+        owner.engine.step()
 
 skip_cpu_shm_collectives()
 deepspeed.init_distributed(dist_backend="gloo")

@@ -58,7 +58,8 @@ def test_trace_summary_counts_idle_time_syncs_and_their_call_sites(tmp_path):
 @pytest.mark.slow
 def test_tiny_profile_runs_the_products_step_beside_the_probe(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "step_profile.py"), "--tiny", "--out", str(tmp_path),
-           "--variants", "before,no_syncs,compiled", "--passes", "1", "--profile-samples", "1",
+           "--variants", "before,no_syncs,compiled,fp8_tensorwise,fp8_rowwise", "--passes", "1",
+           "--profile-samples", "1",
            "--compile-backend", "aot_eager"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,7 +70,7 @@ def test_tiny_profile_runs_the_products_step_beside_the_probe(tmp_path):
     assert report["spec"]["zero_stage"] == 1 and report["spec"]["lean_activations"] is True
     probe = report["probe"]["s_per_micro_step"]
     assert probe["fwd_bwd"] == pytest.approx(probe["forward"] + probe["backward"])
-    assert set(report["variants"]) == {"before", "no_syncs", "compiled"}
+    assert set(report["variants"]) == {"before", "no_syncs", "compiled", "fp8_tensorwise", "fp8_rowwise"}
     for name, row in report["variants"].items():
         assert "error" not in row, row.get("traceback")
         s = row["s_per_micro_step"]
@@ -79,6 +80,8 @@ def test_tiny_profile_runs_the_products_step_beside_the_probe(tmp_path):
         assert row["fwd_bwd_vs_probe"] == pytest.approx(s["fwd_bwd"] / probe["fwd_bwd"])
         assert row["prediction"] and row["description"]
     assert "compile_s" in report["variants"]["compiled"]
+    # the tiny model's two inner decoder layers, 7 projections each, in float8 under both recipes
+    assert report["variants"]["fp8_tensorwise"]["fp8_linears"] == report["variants"]["fp8_rowwise"]["fp8_linears"] == 14
     for name in ("before", "no_syncs", "compiled"):
         assert report["variants"][name]["profile"]["micro_steps"] == 1
     assert "fwd+bwd" in proc.stdout and files[0].with_suffix(".txt").exists()

@@ -244,6 +244,18 @@ class TrainingSpec(Section):
         description="Compile each language-model decoder layer (torch.compile, dynamic sequence length): "
         "~17% faster forward+backward measured on one H200 at ZeRO-1, ~30 s more for the first step.",
     )
+    precision: Literal["bf16", "fp8"] = Field(
+        "bf16",
+        description="Matmul precision of the language model's decoder linears. fp8: torchao float8 training on "
+        "decoder layers 1..L-2 (embedding, LM head, mergers, first and last layer stay in deepspeed.bf16's "
+        "precision); needs compute capability 8.9+ (H100/H200); pair it with training.compile. "
+        "docs/performance.md has its speed and loss curves.",
+    )
+    fp8_recipe: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise",
+        description="Float8 scaling with training.precision fp8: tensorwise (one scale per tensor) or rowwise "
+        "(one per row: finer, slower).",
+    )
     balanced_sampler: bool = Field(True, description="Token-balanced distributed sampler (equal work per rank).")
     seed: int = Field(
         42, ge=0, le=SEED_MAX, description="Seed of data order and initialisation (numpy's range: < 2^32)."

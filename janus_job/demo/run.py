@@ -69,10 +69,12 @@ def synthesize_dataset(root: Path, episodes: int = DEMO_EPISODES, steps: int = D
     return annotations
 
 
-def write_tiny_models(root: Path, seed: int = TINY_MODEL_SEED) -> tuple[Path, Path]:
+def write_tiny_models(root: Path, seed: int = TINY_MODEL_SEED, *, text_hidden: int = 64,
+                      text_layers: int = 2) -> tuple[Path, Path]:
     """Seeded random checkpoints of the tiny flavor (janus_job.models.flavors): a Qwen2.5-VL directory
     (config, weights, tokenizer, image processor) and a VGGT aggregator checkpoint that describes its
-    own architecture. Every job step reads them as it reads the real ones."""
+    own architecture. Every job step reads them as it reads the real ones. `text_hidden` and
+    `text_layers` widen and deepen the language model (benches that need more than the demo's)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -84,7 +86,7 @@ def write_tiny_models(root: Path, seed: int = TINY_MODEL_SEED) -> tuple[Path, Pa
     aggregator = FrameCausalAggregator(vggt_config("tiny"))
     qwen_dir = root / "qwen-tiny"
     tokenizer = tiny_tokenizer()
-    config = tiny_qwen_config(tokenizer)
+    config = tiny_qwen_config(tokenizer, text_hidden=text_hidden, text_layers=text_layers)
     config.spatial_channels = 2 * int(aggregator.config.embed_dim)
     qwen = Qwen2_5_VLForConditionalGeneration(config)
     qwen.save_pretrained(qwen_dir)

@@ -14,14 +14,16 @@ alive past `destroy_process_group()`: DeepSpeed's own clone of the world group i
 `deepspeed.utils.groups`; default arguments bound to the world group at import time
 (`torch.distributed.nn.functional` declares `group=group.WORLD` on every collective, and DeepSpeed
 imports it during `initialize`, after the world group exists); and, under ZeRO-3, DeepSpeed's
-forward module stack, which keeps the wrapped model and through its hooks the engine.
+forward module stack and a method cache keyed by module, which keep the wrapped model and through
+its hooks the engine.
 
 `finish_rank` therefore, after the last step: waits for the checkpoint upload, shuts the data
 loader's workers down, lines all ranks up (no rank tears down while another is still in a
 collective), destroys the DeepSpeed engine, drops DeepSpeed's group clones, ZeRO-3's module
-stack and the group-valued default arguments of loaded modules, destroys every process group and collects garbage (the
-process groups' destructors join their worker threads here, with the interpreter alive), then
-flushes stdout and stderr. `gloo_worker_threads()` is 0 afterwards; the tests hold it to that.
+stack and method caches and the group-valued default arguments of loaded modules, destroys every
+process group and collects garbage (the process groups' destructors join their worker threads
+here, with the interpreter alive), then flushes stdout and stderr. `gloo_worker_threads()` is 0
+afterwards; the tests hold it to that.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def release_distributed(engine: Any = None) -> None:
         del engine
     _drop_deepspeed_groups()
     _drop_deepspeed_module_stack()
+    _clear_deepspeed_caches()
     dist.destroy_process_group()
     _drop_group_defaults()
     gc.collect()
@@ -112,6 +115,36 @@ def _drop_deepspeed_module_stack() -> None:
         stack.clear()
 
 
+def _clear_deepspeed_caches() -> None:
+    """Empties the `functools.lru_cache`s of DeepSpeed's functions and methods: ZeRO-3's parameter
+    coordinator caches `__params_to_release(self, module, step)` on the class, so its keys hold the
+    coordinator, the wrapped modules and through their hooks the engine for the life of the process."""
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("deepspeed"):
+            continue
+        for value in list(vars(module).values()):
+            members = vars(value).values() if isinstance(value, type) and value.__module__ == name else (value,)
+            for member in list(members):
+                for cache in _lru_caches(member):
+                    cache.cache_clear()
+
+
+def _lru_caches(value: Any, depth: int = 0) -> Iterator[Any]:
+    """The lru_cache wrappers in `value` or in the closures of the decorators wrapped around it."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    if hasattr(value, "cache_clear") and hasattr(value, "cache_info"):
+        yield value
+    if depth < 3 and isinstance(value, types.FunctionType):
+        for cell in value.__closure__ or ():
+            try:
+                inner = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(inner):
+                yield from _lru_caches(inner, depth + 1)
+
+
 _DEFAULT_HOLDERS = ("torch.distributed", "deepspeed", "janus_job")
 
 
@@ -125,7 +158,7 @@ def _drop_group_defaults() -> None:
         if module is None or not name.startswith(_DEFAULT_HOLDERS):
             continue
         for value in list(vars(module).values()):
-            if not isinstance(value, types.FunctionType):
+            if type(value) is not types.FunctionType:  # type(): no attribute access on lazy objects
                 continue
             defaults = value.__defaults__
             if defaults and any(isinstance(d, ProcessGroup) for d in defaults):

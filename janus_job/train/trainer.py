@@ -143,6 +143,11 @@ class Trainer:
             gradient_checkpointing=t.gradient_checkpointing,
             endpoint_url=endpoint,
         )
+        if t.precision == "fp8":  # before compile, which fuses float8's casts into the layers' kernels
+            from janus_job.models.janusvln.fp8 import check_fp8_device, convert_to_fp8
+
+            check_fp8_device(self.device)
+            convert_to_fp8(model.model.language_model, t.fp8_recipe)
         if t.compile:
             from janus_job.models.janusvln.compile import compile_decoder_layers
 
@@ -404,6 +409,7 @@ class Trainer:
             f"global_batch={self.global_batch_size} steps={self.total_steps} warmup={self.warmup_steps} "
             f"samples={len(self.dataset)} zero={ds['zero_optimization']['stage']} "
             f"optimizer={'deepspeed' if 'optimizer' in ds else 'torch'} bf16={ds['bf16']['enabled']} "
+            f"precision={t.precision}{'/' + t.fp8_recipe if t.precision == 'fp8' else ''} compile={t.compile} "
             f"sampler={type(self.sampler).__name__} spatial_merger={self.merger_source}{where}"
             + (f" bad_samples={self.dropped}" if self.dropped else ""),
             flush=True,
