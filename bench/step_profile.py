@@ -157,9 +157,10 @@ def span_hooks(module, clock: Clock, name: str) -> list:
 # ---------------------------------------------------------------- the samples
 
 
-def make_batches(args, qwen_config, vggt_config, tiny: bool) -> list[dict]:
+def make_batches(args, qwen_config, vggt_config, tiny: bool, pad_to_multiple_of: int = 1) -> list[dict]:
     """The collated micro-batches (one sample each) of `--samples` synthetic samples, with loader
-    positions (`position_ids`); the `before` variant drops them."""
+    positions (`position_ids`); the `before` variant drops them. The fp8 variants take them padded to
+    16 tokens, as the trainer collates them under training.precision fp8."""
     import step  # bench/step.py
 
     from janus_job.data import frames
@@ -177,7 +178,8 @@ def make_batches(args, qwen_config, vggt_config, tiny: bool) -> list[dict]:
     dataset = step.SyntheticDataset(samples, setup, geometry, ids, 2 * vggt_config.embed_dim,
                                     qwen_config.vision_config.hidden_size, source, seed=args.seed)
     collate = JanusCollator(0, image_token_id=qwen_config.image_token_id,
-                            spatial_merge_size=qwen_config.vision_config.spatial_merge_size)
+                            spatial_merge_size=qwen_config.vision_config.spatial_merge_size,
+                            pad_to_multiple_of=pad_to_multiple_of)
     return [collate([dataset[i]]) for i in range(len(samples))]
 
 
@@ -587,8 +589,10 @@ def run_product(args, batches, device, clock: Clock, tiny: bool, workdir: Path, 
             plain_linears(language)
             row_names = convert_to_fp8(language, name.removeprefix("fp8_"))
             compile_decoder_layers(language, backend=args.compile_backend)
-            measure(name, same, compile_first=True)
+            padded = iter(args.fp8_batches)
+            measure(name, lambda _: next(padded), compile_first=True)
             variants[name]["fp8_linears"] = len(row_names)
+            variants[name]["padded_tokens"] = [int(b["input_ids"].shape[1]) for b in args.fp8_batches]
         elif name == "compiled_stock":
             if not any(getattr(layer, "_compiled_call_impl", None) for layer in language.layers):
                 compile_decoder_layers(language, backend=args.compile_backend)
@@ -709,6 +713,10 @@ def main() -> int:
     clock = Clock(device.type == "cuda")
     qwen_config = qwen_config_of(tiny)
     batches = make_batches(args, qwen_config, vggt_config_of(tiny), tiny)
+    if any(v.startswith("fp8_") for v in args.variants.split(",")):
+        from janus_job.models.janusvln.fp8 import FP8_MULTIPLE
+
+        args.fp8_batches = make_batches(args, qwen_config, vggt_config_of(tiny), tiny, FP8_MULTIPLE)
     shapes = [sample_shape(b) for b in batches]
     import transformers
 

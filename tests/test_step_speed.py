@@ -97,6 +97,34 @@ def test_loss_and_gradients_equal_with_and_without_loader_indices(world):
         assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
 
 
+@pytest.mark.parametrize("indices", [[1], [0, 1, 2]], ids=["one_sample", "padded_micro_batch"])
+def test_padding_to_a_multiple_of_16_changes_no_loss_or_gradient(world, indices):
+    """training.precision fp8 collates to a multiple of 16 tokens: pads after every real token, unseen by
+    them (causal attention), unlabelled; a one-sample batch keeps an all-ones mask (no masked kernels)."""
+    model, items = world["model"], [world["items"][i] for i in indices]
+    plain = world["collate"](items)
+    padded = data.JanusCollator(world["pad"], image_token_id=model.config.image_token_id,
+                                spatial_merge_size=model.config.vision_config.spatial_merge_size,
+                                pad_to_multiple_of=16)(items)
+    longest = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] % 16 == 0 and longest < padded["input_ids"].shape[1] < longest + 16
+    assert bool((padded["labels"][:, longest:] == -100).all())
+    assert bool((padded["input_ids"][:, longest:] == world["pad"]).all())
+    if len(indices) == 1:
+        assert bool(padded["attention_mask"].all())
+    losses, grads = [], []
+    for batch in (plain, padded):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=0)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
 def test_collator_refuses_image_tokens_that_disagree_with_the_grid(world):
     item = dict(world["items"][1])
     grid = item["image_grid_thw"].clone()

@@ -530,14 +530,21 @@ class JanusCollator:
 
     With `image_token_id` the batch also carries `position_ids`, `image_index` and `label_index`
     (`step_indices`): the model then runs its forward and backward without a host synchronisation.
+
+    `pad_to_multiple_of` (float8 matmuls need every dimension, the token count included, divisible by
+    16) appends pad tokens up to that multiple. They sit after every real token, so causal attention
+    never lets a real token see them, and their labels are ignored: the loss and every real token's
+    output are unchanged. In a row that needs no padding of its own (every row of a one-sample
+    batch) their attention-mask entries are 1, so the attention kernels still run without a mask.
     """
 
     def __init__(self, pad_token_id: int, max_length: int | None = None, image_token_id: int | None = None,
-                 spatial_merge_size: int = 2):
+                 spatial_merge_size: int = 2, pad_to_multiple_of: int = 1):
         self.pad_token_id = int(pad_token_id)
         self.max_length = max_length
         self.image_token_id = image_token_id
         self.spatial_merge_size = spatial_merge_size
+        self.pad_to_multiple_of = max(1, int(pad_to_multiple_of))
 
     def __call__(self, items: Sequence[dict]) -> dict:
         import torch
@@ -553,14 +560,16 @@ class JanusCollator:
                 "fewer frames"
             )
         batch_size = len(items)
-        input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)
+        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
         for b, item in enumerate(items):
             n = item["input_ids"].shape[0]
             input_ids[b, :n] = item["input_ids"]
             labels[b, :n] = item["labels"]
-            attention_mask[b, :n] = 1
+            # a row without padding of its own keeps an all-ones mask over the multiple's padding (see above)
+            attention_mask[b, :n if n < longest else length] = 1
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

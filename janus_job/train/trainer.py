@@ -29,6 +29,7 @@ from typing import Any
 
 from janus_job.deploy.network import NetworkSettings, check_process_group
 from janus_job.errors import JobError
+from janus_job.models.janusvln.fp8 import FP8_MULTIPLE
 from janus_job.train.distributed import init_distributed
 from janus_job.train.metrics import (
     GIB,
@@ -155,7 +156,8 @@ class Trainer:
         self.image_token_id = int(model.config.image_token_id)
         # the loader computes the mRoPE positions and index tensors (no host synchronisations in the forward)
         self.collator = JanusCollator(processor.tokenizer.pad_token_id, image_token_id=self.image_token_id,
-                                      spatial_merge_size=model.config.vision_config.spatial_merge_size)
+                                      spatial_merge_size=model.config.vision_config.spatial_merge_size,
+                                      pad_to_multiple_of=FP8_MULTIPLE if t.precision == "fp8" else 1)
         self.merger_source = getattr(model, "merger_source", "fresh")
         self.params = ParamCounts.of(model)
         self.engine, self.deepspeed_config = build_engine(spec, model, self.ranks.world_size, self.total_steps,

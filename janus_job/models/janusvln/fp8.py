@@ -7,7 +7,8 @@ ZeRO partitions, checkpoints and the export see exactly what they see in bf16. T
 `tensorwise` (one scale per tensor) and `rowwise` (one per row: finer, a little more work).
 
 What is converted: the q/k/v/o and MLP projections of decoder layers 1..L-2, where both
-dimensions are multiples of 16 (what `_scaled_mm` requires). The embedding, the LM head, the
+dimensions are multiples of 16 (what `_scaled_mm` requires; the trainer pads each micro-batch's
+token count to a multiple of 16 as well, `FP8_MULTIPLE`). The embedding, the LM head, the
 vision tower and both mergers and the first and last decoder layer stay bf16: the layers nearest
 the input and the output are where float8's rounding costs the most accuracy for the least time.
 Convert before `torch.compile`: compile fuses the casts and scales into the surrounding kernels.
@@ -20,6 +21,7 @@ from typing import Any
 from janus_job.errors import JobError
 
 FP8_RECIPES = ("tensorwise", "rowwise")
+FP8_MULTIPLE = 16  # `_scaled_mm` wants every dimension divisible by 16: the token count too (data.JanusCollator)
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 
 
