@@ -104,7 +104,8 @@ def baseline() -> dict:
     spec["network"] = {"preset": "infiniband", "ib_hca": "=mlx5_0", "socket_ifname": "eth0", "check": "error",
                        "gdr_level": "PHB", "env": {"NCCL_IB_TIMEOUT": "22"}}
     spec["data"]["on_bad_sample"] = "fail"
-    spec["training"].update({"clip_mode": "sum", "report_to": ["tensorboard"], "tracker_secret": "janus-trackers"})
+    spec["training"].update({"clip_mode": "sum", "precision": "fp8", "fp8_recipe": "tensorwise",
+                             "report_to": ["tensorboard"], "tracker_secret": "janus-trackers"})
     spec["monitor"] = {"scraper_namespace": "monitoring"}
     return json.loads(json.dumps(spec))  # no shared objects, so the YAML has no anchors
 
