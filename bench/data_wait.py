@@ -149,21 +149,13 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
         report["fit_check"] = train_full.fit_estimates({run: paths[run] for run in args.runs[:1]})
 
         stage = "precompute"
-        command = [sys.executable, "-m", "janus_job.cli", "precompute", "--spec", str(paths[args.runs[0]]),
-                   "--index", "0", "--progress-interval", "10"]
-        _, report["stages_s"]["precompute"] = train_full.run_stage(stage, command, env, limit(stage), workdir / "logs")
+        report["stages_s"][stage] = train_full.precompute_store(paths[args.runs[0]], env, limit(stage),
+                                                                 workdir / "logs")
 
         for run in args.runs:
             stage = f"train-{run}"
-            metrics = str(workdir / f"metrics-{run}-rank{{rank}}.jsonl")
-            run_env = {**env, "JANUS_METRICS_FILE": metrics, "JANUS_PRECOMPUTE_WAIT_S": "60"}
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                       str(args.gpus), "-m", "janus_job.cli", "train", "--spec", str(paths[run])]
-            lines, wall = train_full.run_stage(stage, command, run_env, limit("train"), workdir / "logs")
+            lines, wall, records = train_full.train_run(stage, paths[run], args.gpus, env, limit("train"), workdir)
             report["stages_s"][stage] = wall
-            records = [r for r in train_full.read_metrics(metrics, args.gpus) if r.get("event") == "train"]
-            if not records:
-                raise train_full.StageFailed(stage, "the trainer wrote no `train` metrics record")
             report["runs"][run] = {
                 "description": RUNS[run][1],
                 "loader": {name: specs[run]["data"][name] for name in LOADER_FIELDS},
@@ -175,12 +167,8 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
             }
             write_json_atomic(results_path(report["card"], args.gpus, args.out, prefix="data_wait-",
                                            tag="tiny" if args.tiny else ""), report)  # a killed run keeps these
-    except train_full.StageFailed as err:
-        report.update(status="failed", failed_stage=err.stage, error=str(err))
-        print(f"error: {err}", file=sys.stderr, flush=True)
-    except Exception as err:  # anything else still ends in a JSON naming the stage
-        report.update(status="failed", failed_stage=stage, error=f"{type(err).__name__}: {err}")
-        print(f"error: stage {stage} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    except Exception as err:  # a failed stage (or anything else) still ends in a JSON naming the stage
+        train_full.record_failure(report, stage, err)
     report["wall_s"] = time.perf_counter() - started
 
     if report["runs"]:

@@ -305,6 +305,38 @@ def fit_estimates(spec_paths: dict[str, Path]) -> dict:
     return out
 
 
+def precompute_store(spec_path: Path, env: dict, limit_s: float, log_dir: Path) -> float:
+    """`janus-job precompute` of the spec's whole dataset in one worker (the `precompute` stage); its wall time."""
+    command = [sys.executable, "-m", "janus_job.cli", "precompute", "--spec", str(spec_path), "--index", "0",
+               "--progress-interval", "10"]
+    return run_stage("precompute", command, env, limit_s, log_dir)[1]
+
+
+def train_run(stage: str, spec_path: Path, gpus: int, env: dict, limit_s: float,
+              workdir: Path) -> tuple[list, float, list]:
+    """One `torchrun -m janus_job.cli train` on the spec (stage `stage`, log in workdir/logs); returns its lines,
+    its wall time and the trainer's `train` metrics records of every rank, by step. No record fails the stage."""
+    metrics = str(workdir / f"metrics-{stage}-rank{{rank}}.jsonl")
+    run_env = {**env, "JANUS_METRICS_FILE": metrics, "JANUS_PRECOMPUTE_WAIT_S": "60"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+               "-m", "janus_job.cli", "train", "--spec", str(spec_path)]
+    lines, wall = run_stage(stage, command, run_env, limit_s, workdir / "logs")
+    records = sorted((r for r in read_metrics(metrics, gpus) if r.get("event") == "train"), key=lambda r: r["step"])
+    if not records:
+        raise StageFailed(stage, "the trainer wrote no `train` metrics record")
+    return lines, wall, records
+
+
+def record_failure(report: dict, stage: str, err: Exception) -> None:
+    """A stage's failure into the report and one line on stderr (the bench still writes its JSON)."""
+    if isinstance(err, StageFailed):
+        report.update(status="failed", failed_stage=err.stage, error=str(err))
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    else:
+        report.update(status="failed", failed_stage=stage, error=f"{type(err).__name__}: {err}")
+        print(f"error: stage {stage} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+
+
 def read_metrics(path_template: str, gpus: int) -> list[dict]:
     records = []
     for rank in range(gpus):
@@ -422,10 +454,8 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
                                **fit_estimates(spec_paths)}
 
         stage = "precompute"
-        command = [sys.executable, "-m", "janus_job.cli", "precompute", "--spec", str(spec_paths["precomputed"]),
-                   "--index", "0", "--progress-interval", "10"]
-        _, report["stages_s"]["precompute"] = run_stage("precompute", command, env, limit("precompute"),
-                                                        workdir / "logs")
+        report["stages_s"]["precompute"] = precompute_store(spec_paths["precomputed"], env, limit("precompute"),
+                                                            workdir / "logs")
 
         report["runs"] = {}
         for mode in MODES:
@@ -444,12 +474,8 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
             saved = [path for path in (workdir / "checkpoints").glob("*") if path.name != STATUS_FILE]
             if saved:  # the next run would resume from it instead of starting from the same weights
                 raise StageFailed(stage, f"the run wrote checkpoints ({saved[:2]}); training.checkpoint.interval_steps")
-    except StageFailed as err:
-        report.update(status="failed", failed_stage=err.stage, error=str(err))
-        print(f"error: {err}", file=sys.stderr, flush=True)
-    except Exception as err:  # anything else still ends in a JSON naming the stage
-        report.update(status="failed", failed_stage=stage, error=f"{type(err).__name__}: {err}")
-        print(f"error: stage {stage} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    except Exception as err:  # a failed stage (or anything else) still ends in a JSON naming the stage
+        record_failure(report, stage, err)
     report["wall_s"] = time.perf_counter() - started
 
     if report["status"] != "failed":
