@@ -53,8 +53,8 @@ def finish_rank(owner: Any = None, *, checkpoints: Any = None, batches: Iterator
     release_distributed(_take_engine(owner))  # no frame here keeps a reference to the engine
     left = gloo_worker_threads()
     if left:
-        print(f"warning: {left} collective worker threads outlive the process groups (something still holds "
-              "a group); the rank may abort at exit", file=sys.stderr)
+        sys.stderr.write(f"warning: {left} collective worker threads outlive the process groups (something still "
+                         "holds a group); the rank may abort at exit\n")  # one write: ranks share the stream
     sys.stdout.flush()
     sys.stderr.flush()
     return left

@@ -504,7 +504,10 @@ class Trainer:
         record = {"event": "done", "step": self.step, "param_norm": norm, "rank": self.ranks.rank,
                   "bad_samples": self.bad_samples}
         bad = f" bad_samples={self.bad_samples}" if self.bad_samples else ""
-        print(f"train done step={self.step} rank={self.ranks.rank} param_norm={norm:.10e}{bad}", flush=True)
+        # every rank prints this line: one write of the whole line, so ranks sharing a stdout (PYTHONUNBUFFERED,
+        # as the image sets it) never glue their lines together
+        sys.stdout.write(f"train done step={self.step} rank={self.ranks.rank} param_norm={norm:.10e}{bad}\n")
+        sys.stdout.flush()
         metrics.write(record)
         self._close_trackers()
 
