@@ -37,7 +37,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -193,11 +192,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
                   f"{'PASS' if passed else 'FAIL'}", flush=True)
     path = results_path(report["card"] or "unknown", args.gpus, args.out, prefix="data_wait-",
                         tag="tiny" if args.tiny else "")
-    write_json_atomic(path, report)
-    shutil.copytree(workdir / "logs", path.with_name(path.stem + "-logs"), dirs_exist_ok=True)
-    print(f"wrote {path} and the stages' logs in {path.stem}-logs/", flush=True)
-    if not (args.keep_workdir or args.workdir):
-        shutil.rmtree(workdir, ignore_errors=True)
+    train_full.finish_report(path, report, workdir, args)
     return {"passed": 0, "wait_over_goal": 1}.get(report["status"], 2)
 
 

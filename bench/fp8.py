@@ -41,7 +41,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -210,11 +209,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"fp8 mean loss within {100 * TOLERANCE:.0f}% of bf16's over the window: {'PASS' if passed else 'FAIL'}",
               flush=True)
     path = result_file(args, report["card"] or "unknown")
-    write_json_atomic(path, report)
-    shutil.copytree(workdir / "logs", path.with_name(path.stem + "-logs"), dirs_exist_ok=True)
-    print(f"wrote {path} and the stages' logs in {path.stem}-logs/", flush=True)
-    if not (args.keep_workdir or args.workdir):
-        shutil.rmtree(workdir, ignore_errors=True)
+    train_full.finish_report(path, report, workdir, args)
     return {"passed": 0, "over_tolerance": 1}.get(report["status"], 2)
 
 

@@ -453,10 +453,11 @@ def plain_linears(language_model) -> int:
     starts from the bf16 model); returns how many."""
     import torch
 
+    from janus_job.models.janusvln.fp8 import fp8_converted
+
     count = 0
-    for name, module in list(language_model.named_modules()):
-        if type(module).__name__ != "Float8Linear":
-            continue
+    for name in fp8_converted(language_model):
+        module = language_model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         with torch.device("meta"):
             plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)

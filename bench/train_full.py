@@ -337,6 +337,16 @@ def record_failure(report: dict, stage: str, err: Exception) -> None:
         print(f"error: stage {stage} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
+def finish_report(path: Path, report: dict, workdir: Path, args: argparse.Namespace) -> None:
+    """Writes the report to `path`, copies the stages' logs beside it (`<stem>-logs/`) and removes the work
+    directory unless it was given (--workdir) or is to be kept (--keep-workdir)."""
+    write_json_atomic(path, report)
+    shutil.copytree(workdir / "logs", path.with_name(path.stem + "-logs"), dirs_exist_ok=True)
+    print(f"wrote {path} and the stages' logs in {path.stem}-logs/", flush=True)
+    if not (args.keep_workdir or args.workdir):  # a temp dir of ours (~20 GB at full size)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def read_metrics(path_template: str, gpus: int) -> list[dict]:
     records = []
     for rank in range(gpus):
@@ -522,11 +532,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> int:
     path = results_path(
         report["card"] or "unknown", args.gpus, args.out, prefix="train_full-", tag="tiny" if args.tiny else ""
     )
-    write_json_atomic(path, report)
-    shutil.copytree(workdir / "logs", path.with_name(path.stem + "-logs"), dirs_exist_ok=True)
-    print(f"wrote {path} and the stages' logs in {path.stem}-logs/", flush=True)
-    if not (args.keep_workdir or args.workdir):  # a temp dir of ours (~20 GB at full size)
-        shutil.rmtree(workdir, ignore_errors=True)
+    finish_report(path, report, workdir, args)
     return {"passed": 0, "loss_mismatch": 1, "mfu_implausible": 1}.get(report["status"], 2)
 
 

@@ -68,8 +68,9 @@ def _take_engine(owner: Any) -> Any:
 
 
 def release_distributed(engine: Any = None) -> None:
-    """Barrier, DeepSpeed engine, DeepSpeed's world-group clone, every process group, then a
-    garbage collection so the process groups' destructors join their threads now."""
+    """Barrier, DeepSpeed engine, the module-level references that hold process groups (this module's
+    docstring), every process group, then a garbage collection so the process groups' destructors
+    join their threads now."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -119,14 +120,19 @@ def _clear_deepspeed_caches() -> None:
     """Empties the `functools.lru_cache`s of DeepSpeed's functions and methods: ZeRO-3's parameter
     coordinator caches `__params_to_release(self, module, step)` on the class, so its keys hold the
     coordinator, the wrapped modules and through their hooks the engine for the life of the process."""
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("deepspeed"):
-            continue
+    for name, module in _loaded_modules(("deepspeed",)):
         for value in list(vars(module).values()):
             members = vars(value).values() if isinstance(value, type) and value.__module__ == name else (value,)
             for member in list(members):
                 for cache in _lru_caches(member):
                     cache.cache_clear()
+
+
+def _loaded_modules(prefixes: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    """(name, module) of every loaded module whose name starts with one of `prefixes`."""
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.startswith(prefixes):
+            yield name, module
 
 
 def _lru_caches(value: Any, depth: int = 0) -> Iterator[Any]:
@@ -154,9 +160,7 @@ def _drop_group_defaults() -> None:
     group; the group itself can then be freed."""
     from torch.distributed import ProcessGroup
 
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(_DEFAULT_HOLDERS):
-            continue
+    for _, module in _loaded_modules(_DEFAULT_HOLDERS):
         for value in list(vars(module).values()):
             if type(value) is not types.FunctionType:  # type(): no attribute access on lazy objects
                 continue

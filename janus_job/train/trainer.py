@@ -29,7 +29,7 @@ from typing import Any
 
 from janus_job.deploy.network import NetworkSettings, check_process_group
 from janus_job.errors import JobError
-from janus_job.models.janusvln.fp8 import FP8_MULTIPLE
+from janus_job.models.janusvln.fp8 import FP8_MULTIPLE, check_fp8_device, convert_to_fp8
 from janus_job.train.distributed import init_distributed
 from janus_job.train.metrics import (
     GIB,
@@ -145,8 +145,6 @@ class Trainer:
             endpoint_url=endpoint,
         )
         if t.precision == "fp8":  # before compile, which fuses float8's casts into the layers' kernels
-            from janus_job.models.janusvln.fp8 import check_fp8_device, convert_to_fp8
-
             check_fp8_device(self.device)
             convert_to_fp8(model.model.language_model, t.fp8_recipe)
         if t.compile:

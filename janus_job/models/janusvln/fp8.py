@@ -51,7 +51,7 @@ def fp8_targets(language_model: Any) -> list[str]:
         if len(parts) < 3 or parts[0] != "layers" or not isinstance(module, torch.nn.Linear):
             continue
         index = int(parts[1])
-        if 0 < index < last and module.in_features % 16 == 0 and module.out_features % 16 == 0:
+        if 0 < index < last and module.in_features % FP8_MULTIPLE == 0 and module.out_features % FP8_MULTIPLE == 0:
             names.append(name)
     return names
 
